@@ -1,0 +1,123 @@
+"""Activation statistics per call site, and threshold initialisation from them.
+
+The QCFS network runs as the original ANN (``as_ann``) while observers on its units keep a bounded
+random subsample of every site's input; thresholds are then set per site (or per channel) by a
+percentile of the positive inputs or by the value that minimises the site's quantization error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, qcfs
+
+THRESHOLD_INITS = ("percentile", "mse")
+
+
+class SiteObserver:
+    """Keeps up to ``max_values`` randomly chosen inputs of one site, per channel (``(C, n)``)."""
+
+    def __init__(self, max_values: int, generator: torch.Generator):
+        self.max_values = max_values
+        self.generator = generator
+        self.chunks: list[torch.Tensor] = []
+        self.count = 0
+
+    def __call__(self, unit: QCFSActivation, z: torch.Tensor) -> None:
+        values = z.detach().transpose(0, 1).reshape(z.shape[1], -1).float().cpu()
+        keep = min(values.shape[1], max(1, self.max_values // 4))
+        index = torch.randperm(values.shape[1], generator=self.generator)[:keep]
+        self.chunks.append(values[:, index])
+        self.count += values.shape[1]
+
+    def values(self) -> torch.Tensor:
+        values = torch.cat(self.chunks, dim=1)
+        if values.shape[1] > self.max_values:
+            index = torch.randperm(values.shape[1], generator=self.generator)[: self.max_values]
+            values = values[:, index]
+        return values
+
+
+@torch.no_grad()
+def collect_site_inputs(
+    qnet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_values: int = 4096, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Run the original network on ``(sample, timestep)`` batches; return each site's inputs as ``(C, n)``."""
+    generator = torch.Generator().manual_seed(seed)
+    units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, QCFSActivation)}
+    observers = {name: SiteObserver(max_values, generator) for name in units}
+    for name, unit in units.items():
+        unit.observers.append(observers[name])
+    try:
+        with qnet.as_ann():
+            for sample, timestep in batches:
+                qnet(sample, timestep)
+    finally:
+        for unit in units.values():
+            unit.observers.clear()
+    return {name: observer.values() for name, observer in observers.items()}
+
+
+def percentile_threshold(
+    values: torch.Tensor, percentile: float = 99.9, per_channel: bool = False
+) -> torch.Tensor:
+    """The ``percentile`` of the positive inputs, per channel (``(C,)``) or for the whole site (``(1,)``)."""
+    q = percentile / 100.0
+    if per_channel:
+        positive = values.clamp_min(0)
+        return torch.quantile(positive, q, dim=1).clamp_min(MIN_THRESHOLD)
+    flat = values.flatten().clamp_min(0)
+    return torch.quantile(flat, q).reshape(1).clamp_min(MIN_THRESHOLD)
+
+
+def mse_threshold(
+    values: torch.Tensor,
+    activation: torch.nn.Module,
+    levels: int,
+    phi: float = 0.5,
+    per_channel: bool = False,
+    num_candidates: int = 64,
+) -> torch.Tensor:
+    """The threshold minimising ``mean((qcfs(z) - activation(z))^2)`` over a grid of candidates.
+
+    Candidates run from 1 % to 100 % of the largest input (per channel or for the whole site).
+    """
+    data = values.t() if per_channel else values.reshape(-1, 1)  # (n, C): channels on dim 1
+    target = activation(data)
+    top = data.amax(dim=0).clamp_min(MIN_THRESHOLD)
+    best_error = torch.full_like(top, float("inf"))
+    best = top.clone()
+    for fraction in torch.linspace(0.01, 1.0, num_candidates):
+        lam = top * fraction
+        error = (qcfs(data, lam, levels, phi) - target).pow(2).mean(dim=0)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better, lam, best)
+    return best.clamp_min(MIN_THRESHOLD)
+
+
+def quantization_error(values: torch.Tensor, unit: QCFSActivation) -> float:
+    """Mean squared difference between the site's QCFS output and its original activation."""
+    lam = unit.threshold.detach().float().clamp_min(MIN_THRESHOLD)
+    z = values.t()  # (n, C): channels on dim 1, as the unit expects
+    return float((qcfs(z, lam, unit.levels, unit.phi) - unit.original(z)).pow(2).mean())
+
+
+@torch.no_grad()
+def init_thresholds(
+    qnet, site_inputs: dict[str, torch.Tensor], method: str = "percentile", percentile: float = 99.9
+) -> None:
+    """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse)."""
+    if method not in THRESHOLD_INITS:
+        raise ValueError(f"Unknown threshold init {method!r}; choose one of {THRESHOLD_INITS}.")
+    for name, unit in qnet.sites().items():
+        if name not in site_inputs:
+            continue
+        values = site_inputs[name]
+        if method == "percentile":
+            lam = percentile_threshold(values, percentile, unit.per_channel)
+        else:
+            lam = mse_threshold(values, unit.original, unit.levels, unit.phi, unit.per_channel)
+        unit.threshold.copy_(lam.to(unit.threshold))

@@ -1,0 +1,99 @@
+"""Module surgery shared by quantization, conversion and loading: only activation call sites and the
+non-linear ops are touched; the rest of the diffusers UNet, and its forward code, stays as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .neurons import IFNeuron
+from .qcfs import QCFSActivation
+from .sites import CallSiteRouter, SiteSpec, install_units, iter_site_specs, site_name
+from .support import check_structure
+from .temporal import TemporalOp
+
+TIME_EMBEDDING_MODES = ("auto", "spiking", "analog")
+
+
+def unet_config_dict(unet: UNet2DModel) -> dict[str, Any]:
+    """The UNet's config as a plain JSON-able dict, without diffusers' private bookkeeping keys."""
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")
+    }
+
+
+def move_like(module: nn.Module, reference: nn.Module) -> None:
+    """Move ``module`` to the device and dtype of ``reference`` (before weights are copied into it)."""
+    param = next(reference.parameters())
+    module.to(param.device)
+    if param.dtype != torch.float32:
+        module.to(param.dtype)
+
+
+def build_qcfs_unet(unet_config: dict[str, Any], levels: int, phi: float, per_channel: bool) -> UNet2DModel:
+    """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site."""
+    unet = UNet2DModel.from_config(dict(unet_config))
+    check_structure(unet)
+
+    def make_unit(name: str, spec: SiteSpec, original: nn.Module, channels: int) -> QCFSActivation:
+        return QCFSActivation(original, channels, levels=levels, phi=phi, per_channel=per_channel)
+
+    install_units(unet, make_unit)
+    return unet
+
+
+def resolve_time_embedding(unet: nn.Module, time_embedding: str) -> str:
+    """``"auto"`` keeps the time embedding analog only where the UNet multiplies it with feature maps.
+
+    With ``resnet_time_scale_shift="scale_shift"`` the embedding scales the normalised features; two
+    time-varying signals multiplied do not average to the product of their means, so there the
+    embedding's sites stay QCFS units (constant over time, counted as real-valued work).
+    """
+    if time_embedding not in TIME_EMBEDDING_MODES:
+        raise ValueError(f"Unknown time_embedding {time_embedding!r}; choose one of {TIME_EMBEDDING_MODES}.")
+    if time_embedding != "auto":
+        return time_embedding
+    scale_shift = any(getattr(m, "time_embedding_norm", None) == "scale_shift" for m in unet.modules())
+    return "analog" if scale_shift else "spiking"
+
+
+def spike_sites(unet: nn.Module, time_embedding: str) -> set[str]:
+    """Names of the sites that become IF neurons (all of them, unless the time embedding stays analog)."""
+    analog_temb = resolve_time_embedding(unet, time_embedding) == "analog"
+    return {
+        site_name(parent_name, spec)
+        for parent_name, _, spec in iter_site_specs(unet)
+        if not (analog_temb and spec.kind == "temb")
+    }
+
+
+def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str) -> None:
+    """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied)
+    and every GroupNorm and attention module outside attention becomes a :class:`TemporalOp`."""
+    spiking = spike_sites(unet, time_embedding)
+    for parent_name, parent, spec in list(iter_site_specs(unet)):
+        name = site_name(parent_name, spec)
+        if name not in spiking:
+            continue
+        holder = getattr(parent, spec.activation)
+        unit = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron)
+        neuron_module.threshold.data.copy_(unit.threshold.data)
+        if isinstance(holder, CallSiteRouter):
+            holder.units[spec.name] = neuron_module
+        else:
+            setattr(parent, spec.activation, neuron_module)
+    _wrap_nonlinear_ops(unet, nonlinear_mode)
+
+
+def _wrap_nonlinear_ops(module: nn.Module, nonlinear_mode: str) -> None:
+    for child_name, child in list(module.named_children()):
+        if isinstance(child, (nn.GroupNorm, Attention)):
+            # An attention module is one op as a whole: its inner GroupNorm is not wrapped again.
+            setattr(module, child_name, TemporalOp(child, nonlinear_mode))
+        elif not isinstance(child, (TemporalOp, QCFSActivation, IFNeuron)):
+            _wrap_nonlinear_ops(child, nonlinear_mode)

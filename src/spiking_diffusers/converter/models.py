@@ -1,0 +1,200 @@
+"""The QCFS network and the spiking network as diffusers models (``ModelMixin`` + ``ConfigMixin``).
+
+Both hold an ordinary ``UNet2DModel`` whose activation call sites were replaced, and call its forward
+unchanged, so they fit every diffusers pipeline that takes a UNet. Their config carries everything
+needed to rebuild them; the weights, thresholds included, go to safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from .building import build_qcfs_unet, install_neurons, resolve_time_embedding
+from .neurons import NEURON_TYPES, IFNeuron
+from .qcfs import QCFSActivation
+from .sites import site_units
+from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule
+
+THRESHOLD_FORMS = ("lambda", "unit")
+
+
+class _SiteModelMixin:
+    """Helpers shared by both models: site lookup and the UNet-like ``config`` surface pipelines read."""
+
+    unet: torch.nn.Module
+
+    def sites(self) -> dict[str, torch.nn.Module]:
+        """Every activation call site by name, mapped to its unit (QCFS unit or IF neuron)."""
+        return site_units(self.unet)
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        """Each site's threshold lambda (a copy), for reports and plots."""
+        return {name: unit.threshold.detach().clone() for name, unit in self.sites().items()}
+
+
+class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
+    """A ``UNet2DModel`` whose every activation call site is a QCFS unit with its own threshold.
+
+    ``forward`` has the signature of ``UNet2DModel.forward``. :meth:`as_ann` runs the original
+    activations instead, giving the unquantized network from the same weights.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        levels: int = 8,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        sample_size: int | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple:
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+
+    @contextlib.contextmanager
+    def as_ann(self) -> Iterator[QCFSUNet2DModel]:
+        """Run the original activations (SiLU, ...) instead of the QCFS units inside this context."""
+        units = [unit for unit in self.unet.modules() if isinstance(unit, QCFSActivation)]
+        for unit in units:
+            unit.mode = "ann"
+        try:
+            yield self
+        finally:
+            for unit in units:
+                unit.mode = "qcfs"
+
+
+@dataclass
+class SpikingUNet2DOutput(UNet2DOutput):
+    """``UNet2DOutput`` of the spiking model: ``sample`` is its output layer averaged over time steps."""
+
+
+class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
+    """An integrate-and-fire spiking network converted from a :class:`QCFSUNet2DModel`.
+
+    One ``forward`` simulates ``timesteps`` (T) time steps and returns the mean of the output layer over
+    them. ``execution="batched"`` folds time into the batch (each weight layer runs once on ``T * B``
+    samples); ``"stepwise"`` runs T passes of batch B with neuron state kept in between, so its memory
+    does not grow with T. Both give the same result to float tolerance.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        levels: int = 8,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        timesteps: int = 8,
+        neuron: str = "if",
+        nonlinear_mode: str = "compensated",
+        execution: str = "batched",
+        threshold_form: str = "lambda",
+        time_embedding: str = "auto",
+        sample_size: int | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        _check_choice("neuron", neuron, NEURON_TYPES)
+        _check_choice("nonlinear_mode", nonlinear_mode, NONLINEAR_MODES)
+        _check_choice("execution", execution, EXECUTION_MODES)
+        _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
+        if int(timesteps) < 1:
+            raise ValueError(f"timesteps must be at least 1, got {timesteps}.")
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel)
+        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding)
+        self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
+
+    @property
+    def analog_time_embedding(self) -> bool:
+        """Whether the time-embedding sites stay QCFS units (see ``resolve_time_embedding``)."""
+        return resolve_time_embedding(self.unet, self.config.time_embedding) == "analog"
+
+    def neurons(self) -> dict[str, IFNeuron]:
+        """The sites that are spiking neurons, by name."""
+        return {name: unit for name, unit in self.sites().items() if isinstance(unit, IFNeuron)}
+
+    def set_execution(self, execution: str) -> None:
+        """Switch between ``"batched"`` and ``"stepwise"`` simulation (recorded in the config)."""
+        _check_choice("execution", execution, EXECUTION_MODES)
+        self.register_to_config(execution=execution)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        snn_timesteps: int | None = None,
+    ) -> SpikingUNet2DOutput | tuple:
+        """Simulate ``snn_timesteps`` (default: the configured T) spiking steps on ``sample``."""
+        num_steps = int(snn_timesteps or self.config.timesteps)
+        if num_steps < 1:
+            raise ValueError(f"snn_timesteps must be at least 1, got {num_steps}.")
+        execution = self.config.execution
+        for module in self.temporal_modules:
+            module.begin(num_steps, execution)
+        try:
+            if execution == "batched":
+                out = self._forward_batched(sample, timestep, class_labels, num_steps)
+            else:
+                out = self._forward_stepwise(sample, timestep, class_labels, num_steps)
+        finally:
+            for module in self.temporal_modules:
+                module.reset_state()
+        if not return_dict:
+            return (out,)
+        return SpikingUNet2DOutput(sample=out)
+
+    def _forward_batched(self, sample, timestep, class_labels, num_steps: int) -> torch.Tensor:
+        batch = sample.shape[0]
+        folded = sample.repeat(num_steps, *([1] * (sample.dim() - 1)))
+        out = self.unet(
+            folded,
+            _repeat_batched(timestep, num_steps, batch),
+            class_labels=_repeat_batched(class_labels, num_steps, batch),
+        ).sample
+        return out.unflatten(0, (num_steps, batch)).mean(0)
+
+    def _forward_stepwise(self, sample, timestep, class_labels, num_steps: int) -> torch.Tensor:
+        total = None
+        for _ in range(num_steps):
+            out = self.unet(sample, timestep, class_labels=class_labels).sample
+            total = out if total is None else total + out
+        return total / num_steps
+
+
+def _repeat_batched(value, num_steps: int, batch: int):
+    """Repeat a per-sample tensor (timesteps, class labels) over the folded time dimension."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(num_steps, *([1] * (value.dim() - 1)))
+    return value
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")

@@ -1,0 +1,77 @@
+"""Quantization clip-floor-shift (QCFS) activation units (Bu et al., ICLR 2022).
+
+A QCFS unit replaces one activation *call site* of the original network:
+
+    a(z) = lambda / L * clip(floor(z * L / lambda + phi), 0, L)
+
+It is the function whose expectation an integrate-and-fire neuron with threshold ``lambda`` and initial
+membrane ``phi * lambda`` reproduces, which is what makes the later conversion to spikes nearly lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Thresholds are kept positive at use; calibration clamps the parameters themselves after each step.
+MIN_THRESHOLD = 1e-4
+
+
+def _floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """Floor in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.floor(x) - x).detach()
+
+
+def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5) -> torch.Tensor:
+    """The QCFS function with straight-through gradients.
+
+    ``d a / d z`` is 1 inside ``(-phi * lambda / L, (L - phi) * lambda / L)`` and 0 outside; ``lambda``
+    gets 1 where the unit saturates and the LSQ-style quantization-error gradient inside the range.
+    ``threshold`` broadcasts against ``z`` on the channel dimension (dim 1) when it has one value per channel.
+    """
+    lam = _broadcast_channels(threshold, z)
+    level = _floor_ste(z * levels / lam + phi)
+    return lam / levels * torch.clamp(level, 0, levels)
+
+
+def _broadcast_channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-channel vector (or a single value) to broadcast against ``like`` on dim 1."""
+    if values.numel() == 1:
+        return values.reshape(()).to(like.dtype)
+    return values.reshape(1, -1, *([1] * (like.dim() - 2))).to(like.dtype)
+
+
+class QCFSActivation(nn.Module):
+    """One activation call site turned into a QCFS unit with its own trainable threshold.
+
+    The original activation is kept (it has no parameters) so that the same network can run as the
+    original ANN (``mode = "ann"``), which calibration uses as its teacher and for statistics.
+    """
+
+    def __init__(
+        self, original: nn.Module, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False
+    ):
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
+        self.original = original
+        self.channels = channels
+        self.levels = int(levels)
+        self.phi = float(phi)
+        self.per_channel = bool(per_channel)
+        self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
+        self.mode = "qcfs"
+        self.observers: list = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for observer in self.observers:
+            observer(self, z)
+        if self.mode == "ann":
+            return self.original(z)
+        return qcfs(z, self.threshold.clamp_min(MIN_THRESHOLD), self.levels, self.phi)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}, "
+            f"original={type(self.original).__name__}"
+        )

@@ -1,0 +1,164 @@
+"""Where the activation call sites of a diffusers `UNet2DModel` are, and how each one is wired.
+
+Diffusers blocks call one activation module several times: `ResnetBlock2D.nonlinearity` runs after
+`norm1`, on the time embedding and after `norm2`. Every *call* must become its own unit with its own
+threshold, so a shared activation is replaced by a :class:`CallSiteRouter` that hands each call, in
+order, to its own unit. The table below is the registry of known call sites per module type (in the
+spirit of torchao's per-module handlers); a module type that is not in it, and holds an activation, is
+rejected by :mod:`spiking_diffusers.converter.support` rather than silently left analog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.models.unets.unet_2d_blocks import AttnSkipUpBlock2D, SkipUpBlock2D
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One activation call site inside a parent module.
+
+    ``activation`` is the attribute holding the activation module that is called, ``consumer`` the
+    weight layer its output feeds (it absorbs the threshold in the unit-threshold form), ``source`` a
+    layer private to the site whose output is the site's only input (``None`` when the input is shared
+    or mixed), and ``kind`` is ``"spatial"`` for feature maps or ``"temb"`` for the time embedding.
+    """
+
+    name: str
+    activation: str
+    consumer: str
+    source: str | None
+    kind: str
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self.kind == "temb" else 4
+
+
+def _resnet_sites(block: ResnetBlock2D) -> list[SiteSpec]:
+    sites = [SiteSpec("act1", "nonlinearity", "conv1", "norm1", "spatial")]
+    if block.time_emb_proj is not None and not block.skip_time_act:
+        sites.append(SiteSpec("temb_act", "nonlinearity", "time_emb_proj", None, "temb"))
+    # With "scale_shift" the time embedding modulates norm2's output, so act2's input is not norm2's alone.
+    act2_source = "norm2" if block.time_embedding_norm == "default" else None
+    sites.append(SiteSpec("act2", "nonlinearity", "conv2", act2_source, "spatial"))
+    return sites
+
+
+def _timestep_embedding_sites(block: TimestepEmbedding) -> list[SiteSpec]:
+    return [SiteSpec("act", "act", "linear_2", "linear_1", "temb")]
+
+
+def _unet_sites(unet: UNet2DModel) -> list[SiteSpec]:
+    return [SiteSpec("conv_act", "conv_act", "conv_out", "conv_norm_out", "spatial")]
+
+
+def _skip_up_sites(block: nn.Module) -> list[SiteSpec]:
+    if getattr(block, "act", None) is None:
+        return []
+    return [SiteSpec("act", "act", "skip_conv", "skip_norm", "spatial")]
+
+
+SITE_REGISTRY: dict[type, Callable[[nn.Module], list[SiteSpec]]] = {
+    ResnetBlock2D: _resnet_sites,
+    TimestepEmbedding: _timestep_embedding_sites,
+    UNet2DModel: _unet_sites,
+    SkipUpBlock2D: _skip_up_sites,
+    AttnSkipUpBlock2D: _skip_up_sites,
+}
+
+
+def iter_site_specs(model: nn.Module) -> Iterator[tuple[str, nn.Module, SiteSpec]]:
+    """Yield ``(parent_name, parent, spec)`` for every registered call site in ``model``."""
+    for name, module in model.named_modules():
+        handler = SITE_REGISTRY.get(type(module))
+        if handler is None:
+            continue
+        for spec in handler(module):
+            yield name, module, spec
+
+
+def site_name(parent_name: str, spec: SiteSpec) -> str:
+    """The user-facing name of a site, e.g. ``down_blocks.0.resnets.1.temb_act``."""
+    return f"{parent_name}.{spec.name}" if parent_name else spec.name
+
+
+class CallSiteRouter(nn.Module):
+    """Stands in for an activation module that its parent calls several times.
+
+    Each call goes to the next unit in call order; the parent's forward pre-hook rewinds the order, so
+    every forward of the parent uses ``units[order[0]]`` first. The expected tensor rank of every call is
+    checked, so a change in the parent's call pattern fails loudly instead of mixing thresholds up.
+    """
+
+    def __init__(self, units: dict[str, nn.Module], ndims: list[int]):
+        super().__init__()
+        self.units = nn.ModuleDict(units)
+        self.order = list(units)
+        self.ndims = list(ndims)
+        self.position = 0
+
+    def rewind(self, *_args) -> None:
+        self.position = 0
+
+    def forward(self, x):
+        if self.position >= len(self.order):
+            raise RuntimeError(
+                f"Activation called more often than the {len(self.order)} known call sites {self.order}; "
+                "this diffusers version calls it differently, please report it."
+            )
+        name, ndim = self.order[self.position], self.ndims[self.position]
+        if x.dim() != ndim:
+            raise RuntimeError(
+                f"Call site {name!r} expected a {ndim}-d input, got {x.dim()}-d: the parent module calls its "
+                "activation in an unexpected order."
+            )
+        self.position += 1
+        return self.units[name](x)
+
+
+def install_units(model: nn.Module, make_unit: Callable[[str, SiteSpec, nn.Module, int], nn.Module]) -> None:
+    """Replace every registered activation call site of ``model`` by ``make_unit(name, spec, original, channels)``.
+
+    Sites that share an activation attribute are grouped under a :class:`CallSiteRouter`.
+    """
+    grouped: dict[tuple[str, str], list[tuple[nn.Module, SiteSpec]]] = {}
+    for parent_name, parent, spec in list(iter_site_specs(model)):
+        grouped.setdefault((parent_name, spec.activation), []).append((parent, spec))
+    for (parent_name, attr), entries in grouped.items():
+        parent = entries[0][0]
+        original = getattr(parent, attr)
+        units = {}
+        for _, spec in entries:
+            consumer = getattr(parent, spec.consumer)
+            channels = consumer.weight.shape[1]
+            units[spec.name] = make_unit(site_name(parent_name, spec), spec, original, channels)
+        if len(entries) == 1:
+            setattr(parent, attr, next(iter(units.values())))
+        else:
+            router = CallSiteRouter(units, [spec.ndim for _, spec in entries])
+            setattr(parent, attr, router)
+            parent.register_forward_pre_hook(router.rewind)
+
+
+def site_units(model: nn.Module) -> dict[str, nn.Module]:
+    """Map every site name to the unit currently installed there (QCFS unit or neuron)."""
+    units = {}
+    for parent_name, parent, spec in iter_site_specs(model):
+        holder = getattr(parent, spec.activation)
+        unit = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+        units[site_name(parent_name, spec)] = unit
+    return units
+
+
+def site_wiring(model: nn.Module) -> dict[str, tuple[nn.Module, SiteSpec]]:
+    """Map every site name to ``(parent, spec)``, for code that needs the consumer or source layer."""
+    return {
+        site_name(parent_name, spec): (parent, spec) for parent_name, parent, spec in iter_site_specs(model)
+    }

@@ -1,0 +1,49 @@
+"""Threshold balancing into the unit-threshold form that neuromorphic hardware wants.
+
+Every neuron gets threshold 1 and emits binary spikes; its calibrated lambda moves into the weights:
+the consumer layer's input columns are multiplied by lambda, and 1 / lambda is folded into the private
+layer feeding the neuron (its GroupNorm affine or linear layer). Where the input is shared (the time
+embedding feeds every ResNet block) or mixed (scale-shift modulation), 1 / lambda stays as the neuron's
+input gain. The outputs are those of the lambda form up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .neurons import IFNeuron
+from .sites import CallSiteRouter, iter_site_specs
+from .temporal import TemporalOp
+
+
+def _channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * weight.dim()
+    shape[dim] = -1
+    return values.reshape(shape) if values.numel() > 1 else values.reshape(())
+
+
+@torch.no_grad()
+def fold_unit_thresholds(unet: nn.Module) -> None:
+    """Rewrite the weights of a spiking UNet (lambda form) in place so that every threshold is 1."""
+    for _, parent, spec in list(iter_site_specs(unet)):
+        holder = getattr(parent, spec.activation)
+        neuron = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+        if not isinstance(neuron, IFNeuron):
+            continue
+        lam = neuron.threshold.detach().clone()
+        consumer = getattr(parent, spec.consumer)
+        consumer.weight.mul_(_channel_view(lam, consumer.weight, 1))
+        source = getattr(parent, spec.source) if spec.source else None
+        if isinstance(source, TemporalOp):
+            source = source.op
+        if isinstance(source, nn.GroupNorm) and source.affine:
+            source.weight.div_(lam.expand(source.num_channels))
+            source.bias.div_(lam.expand(source.num_channels))
+        elif isinstance(source, nn.Linear):
+            source.weight.div_(_channel_view(lam, source.weight, 0))
+            if source.bias is not None:
+                source.bias.div_(lam.expand_as(source.bias))
+        else:
+            neuron.input_gain.div_(lam)
+        neuron.threshold.fill_(1.0)
