@@ -63,9 +63,7 @@ def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bunch.images, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
 
 
-def split_indices(
-    labels: np.ndarray, split: Split, seed: int = 0, test_fraction: float = TEST_FRACTION
-) -> np.ndarray:
+def split_indices(labels: np.ndarray, split: Split, seed: int = 0, test_fraction: float = TEST_FRACTION) -> np.ndarray:
     """Indices of a deterministic stratified train/test split.
 
     For every class, its indices are shuffled with ``numpy.random.default_rng(seed)``
@@ -90,9 +88,7 @@ def split_indices(
     return np.flatnonzero(mask)
 
 
-def load_digit_dataset(
-    size: int = 16, split: Split = "all", seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digit_dataset(size: int = 16, split: Split = "all", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Digit images and their labels.
 
     Args:

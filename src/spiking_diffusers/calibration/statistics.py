@@ -42,9 +42,9 @@ class SiteObserver:
 
 @torch.no_grad()
 def collect_site_inputs(
-    qnet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_values: int = 4096, seed: int = 0
+    qnet, batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], max_values: int = 4096, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Run the original network on ``(sample, timestep)`` batches; return each site's inputs as ``(C, n)``."""
+    """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
     generator = torch.Generator().manual_seed(seed)
     units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, QCFSActivation)}
     observers = {name: SiteObserver(max_values, generator) for name in units}
@@ -52,17 +52,15 @@ def collect_site_inputs(
         unit.observers.append(observers[name])
     try:
         with qnet.as_ann():
-            for sample, timestep in batches:
-                qnet(sample, timestep)
+            for sample, timestep, kwargs in batches:
+                qnet(sample, timestep, **kwargs)
     finally:
         for unit in units.values():
             unit.observers.clear()
     return {name: observer.values() for name, observer in observers.items()}
 
 
-def percentile_threshold(
-    values: torch.Tensor, percentile: float = 99.9, per_channel: bool = False
-) -> torch.Tensor:
+def percentile_threshold(values: torch.Tensor, percentile: float = 99.9, per_channel: bool = False) -> torch.Tensor:
     """The ``percentile`` of the positive inputs, per channel (``(C,)``) or for the whole site (``(1,)``)."""
     q = percentile / 100.0
     if per_channel:

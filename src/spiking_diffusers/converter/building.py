@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -21,17 +20,14 @@ TIME_EMBEDDING_MODES = ("auto", "spiking", "analog")
 
 def unet_config_dict(unet: UNet2DModel) -> dict[str, Any]:
     """The UNet's config as a plain JSON-able dict, without diffusers' private bookkeeping keys."""
-    return {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")
-    }
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
 
 
 def move_like(module: nn.Module, reference: nn.Module) -> None:
     """Move ``module`` to the device and dtype of ``reference`` (before weights are copied into it)."""
     param = next(reference.parameters())
-    module.to(param.device)
-    if param.dtype != torch.float32:
-        module.to(param.dtype)
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules these models do not have.
+    nn.Module.to(module, device=param.device, dtype=param.dtype)
 
 
 def build_qcfs_unet(unet_config: dict[str, Any], levels: int, phi: float, per_channel: bool) -> UNet2DModel:

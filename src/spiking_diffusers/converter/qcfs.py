@@ -48,9 +48,7 @@ class QCFSActivation(nn.Module):
     original ANN (``mode = "ann"``), which calibration uses as its teacher and for statistics.
     """
 
-    def __init__(
-        self, original: nn.Module, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False
-    ):
+    def __init__(self, original: nn.Module, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False):
         super().__init__()
         if levels < 1:
             raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")

@@ -159,6 +159,4 @@ def site_units(model: nn.Module) -> dict[str, nn.Module]:
 
 def site_wiring(model: nn.Module) -> dict[str, tuple[nn.Module, SiteSpec]]:
     """Map every site name to ``(parent, spec)``, for code that needs the consumer or source layer."""
-    return {
-        site_name(parent_name, spec): (parent, spec) for parent_name, parent, spec in iter_site_specs(model)
-    }
+    return {site_name(parent_name, spec): (parent, spec) for parent_name, parent, spec in iter_site_specs(model)}

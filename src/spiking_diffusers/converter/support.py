@@ -36,6 +36,8 @@ LINEAR_MODULES: tuple[type, ...] = (
     nn.Conv2d,
     nn.Linear,
     nn.Dropout,
+    nn.AvgPool2d,
+    nn.Upsample,
     nn.Identity,
     nn.Embedding,
     nn.ModuleList,
@@ -86,18 +88,16 @@ _NONLINEAR_FUNCTIONS = {
 
 def supported_summary() -> str:
     """A one-line list of the supported block types, for error messages."""
-    names = sorted(
-        cls.__name__ for cls in BLOCKS if cls not in (UNet2DModel, ResnetBlock2D, TimestepEmbedding)
-    )
+    names = sorted(cls.__name__ for cls in BLOCKS if cls not in (UNet2DModel, ResnetBlock2D, TimestepEmbedding))
     return ", ".join(names)
 
 
 def check_structure(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModuleError` naming the first module the converter cannot handle."""
-    if not isinstance(model, UNet2DModel):
+    if type(model) is not UNet2DModel:
         raise UnsupportedModuleError(
-            f"Only diffusers UNet2DModel is supported, got {type(model).__name__}. "
-            "Conditional UNets (UNet2DConditionModel) and other architectures are not."
+            f"Only diffusers UNet2DModel is supported, got {type(model).__name__}. Conditional UNets "
+            "(UNet2DConditionModel), subclasses with their own forward and other architectures are not."
         )
     registered = {f"{parent}.{spec.activation}".lstrip(".") for parent, _, spec in iter_site_specs(model)}
     handled_inside: list[str] = []
@@ -174,9 +174,7 @@ def _module_stack(model: nn.Module):
             handle.remove()
 
 
-def check_functional_activations(
-    model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **kwargs
-) -> None:
+def check_functional_activations(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> None:
     """Run one forward and raise if a non-linear function is called where no unit can replace it."""
     with _module_stack(model) as stack, torch.no_grad():
         probe = _FunctionalActivationProbe(stack)

@@ -1,0 +1,95 @@
+"""Tiny diffusers UNets shared by the tests: every supported block type, and the real CIFAR-10 layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+CIFAR10_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    norm_num_groups=32,
+    attention_head_dim=None,
+)
+"""The exact architecture of google/ddpm-cifar10-32."""
+
+_TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1)
+
+TINY_CONFIGS = {
+    "attention": dict(
+        _TINY,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
+    "resnet_resample": dict(
+        _TINY,
+        down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "ResnetUpsampleBlock2D"),
+        norm_num_groups=8,
+        downsample_type="resnet",
+        upsample_type="resnet",
+        time_embedding_type="learned",
+        num_train_timesteps=1000,
+    ),
+    "skip_fourier": dict(
+        _TINY,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),  # the skip blocks hard-code 32 groups in their attention
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        time_embedding_type="fourier",
+    ),
+    "scale_shift": dict(
+        _TINY,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        num_class_embeds=3,
+    ),
+    "no_mid": dict(
+        _TINY,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        mid_block_type=None,
+        act_fn="mish",
+    ),
+}
+
+
+def make_unet(config: dict, seed: int = 0, dtype: torch.dtype = torch.float64) -> UNet2DModel:
+    """A randomly initialised UNet in eval mode (float64 so spike decisions do not hinge on rounding)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(**config).to(dtype).eval()
+
+
+def make_inputs(unet: UNet2DModel, batch: int = 2, seed: int = 0):
+    """Noisy samples, diffusion timesteps and (for class-conditional configs) labels for ``unet``."""
+    generator = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    sample = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
+    timestep = torch.linspace(5, 900, batch).long()
+    kwargs = {"class_labels": torch.arange(batch) % cfg.num_class_embeds} if cfg.num_class_embeds else {}
+    return sample.to(unet.dtype), timestep, kwargs
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_config(request) -> dict:
+    return TINY_CONFIGS[request.param]
