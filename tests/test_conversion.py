@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR10_CONFIG, TINY_CONFIGS, make_inputs, make_unet, relative_error
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DConditionModel, UNet2DModel
 
+from conftest import CIFAR10_CONFIG, TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, UnsupportedModuleError, convert, quantize
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.qcfs import QCFSActivation

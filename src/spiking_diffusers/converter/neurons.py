@@ -55,17 +55,10 @@ class IFNeuron(TemporalModule):
         current = current * _broadcast_channels(self.input_gain, current)
         if self.execution == "batched":
             steps = self.split_time(current)
-            membrane = (firing * self.phi).expand_as(steps[0])
-            count = torch.zeros_like(steps[0]) if self.neuron == "signed_if" else None
-            spikes = []
-            for t in range(self.num_steps):
-                membrane, spike, count = self._integrate(membrane, steps[t], firing.detach(), count)
-                spikes.append(spike)
-            spikes = torch.stack(spikes)
-            out = spikes * amplitude
             if torch.is_grad_enabled():
-                out = out + self._surrogate(steps, amplitude)
-            return out.flatten(0, 1)
+                spikes = self._run_differentiable(steps, firing.detach())
+                return (spikes * amplitude + self._surrogate(steps, amplitude)).flatten(0, 1)
+            return self._run_inplace(steps, firing).mul_(amplitude).flatten(0, 1)
         if self.membrane is None:
             self.membrane = (firing * self.phi).expand_as(current).detach()
             self.spike_count = torch.zeros_like(current) if self.neuron == "signed_if" else None
@@ -83,6 +76,30 @@ class IFNeuron(TemporalModule):
             spike = spike - ((membrane < 0) & (count > 0)).to(membrane.dtype)
             count = count + spike
         return membrane - spike * firing, spike, count
+
+    def _run_differentiable(self, steps: torch.Tensor, firing: torch.Tensor) -> torch.Tensor:
+        """All T steps of ``(T, B, ...)`` currents; returns the spikes (+1 / 0 / -1) as a new tensor."""
+        membrane = (firing * self.phi).expand_as(steps[0])
+        count = torch.zeros_like(steps[0]) if self.neuron == "signed_if" else None
+        spikes = []
+        for t in range(self.num_steps):
+            membrane, spike, count = self._integrate(membrane, steps[t], firing, count)
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+    def _run_inplace(self, steps: torch.Tensor, firing: torch.Tensor) -> torch.Tensor:
+        """The same dynamics without autograd, updating preallocated buffers in place (inference path)."""
+        spikes = torch.empty_like(steps)
+        membrane = (firing * self.phi).expand_as(steps[0]).clone()
+        count = torch.zeros_like(steps[0]) if self.neuron == "signed_if" else None
+        for t in range(self.num_steps):
+            membrane.add_(steps[t])
+            spike = torch.sub(membrane, firing, out=spikes[t]).ge_(0)  # 1.0 where it fires, without a bool copy
+            if count is not None:
+                spike.sub_(((membrane < 0) & (count > 0)).to(spike.dtype))
+                count.add_(spike)
+            membrane.addcmul_(spike, firing, value=-1)
+        return spikes
 
     @staticmethod
     def _surrogate(steps: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
