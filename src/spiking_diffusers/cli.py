@@ -1,0 +1,132 @@
+"""What every ``sdm-*`` command shares: error handling with documented exit codes, the common options,
+and atomic output directories.
+
+Exit codes: 0 success, 2 usage mistake (bad option, wrong path, not a model, unsupported architecture),
+1 runtime failure. Expected mistakes print one line, ``Error: ...``, and no traceback (set
+``SDM_DEBUG=1`` to see one). Outputs are written to a temporary directory beside the target and renamed
+into place only when complete, so an interrupted or failed run leaves the previous result or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import torch
+
+from .converter.support import UnsupportedModuleError
+from .loading import ModelLoadError, resolve_device
+
+
+class CommandError(click.ClickException):
+    """A one-line error with an exit code (2: usage mistake, 1: runtime failure)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SdmCommand(click.Command):
+    """A click command that turns expected exceptions into one-line errors with the right exit code."""
+
+    def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt as err:
+            raise CommandError("Interrupted; nothing was written to the output path.", exit_code=130) from err
+        except ModelLoadError as err:
+            raise CommandError(str(err), exit_code=err.exit_code) from err
+        except UnsupportedModuleError as err:
+            raise CommandError(str(err), exit_code=2) from err
+        except Exception as err:
+            if os.environ.get("SDM_DEBUG"):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CommandError(f"{message} (set SDM_DEBUG=1 for the traceback)", exit_code=1) from err
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def sdm_command(**kwargs) -> Callable:
+    """``@click.command`` with :class:`SdmCommand` and a ``--help`` that shows option defaults."""
+    kwargs.setdefault("context_settings", {"show_default": True, "max_content_width": 100})
+    return click.command(cls=SdmCommand, **kwargs)
+
+
+def model_option(
+    help_text: str = "Hub id or local directory; default: the digits DDPM shipped in the package.",
+) -> Callable:
+    return click.option("--model", "model", default=None, metavar="ID_OR_DIR", help=help_text)
+
+
+def device_option() -> Callable:
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+        default="auto",
+        help="Where to run: auto picks CUDA, then MPS, then CPU.",
+    )
+
+
+def get_device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except ModelLoadError as err:
+        raise CommandError(str(err), exit_code=2) from err
+
+
+def parse_float_list(value: str, name: str, positive: bool = True) -> list[float]:
+    """``"0.99,1.0"`` -> ``[0.99, 1.0]``, with a usage error naming the option on bad input."""
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=name) from err
+    if not values:
+        raise click.BadParameter("expected at least one number", param_hint=name)
+    if positive and any(not (v > 0) or v != v or v == float("inf") for v in values):
+        raise click.BadParameter(f"every value must be a finite number > 0, got {value!r}", param_hint=name)
+    return values
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; rename it to ``target`` only on success.
+
+    On any failure (including Ctrl-C / SIGTERM) the temporary directory is removed and ``target`` keeps
+    its previous content, or does not exist.
+    """
+    target = Path(target).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise CommandError(f"--output {target} exists and is a file; pass a directory path.", exit_code=2)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise CommandError(f"--output {target} exists and is not empty; pass --overwrite to replace it.", exit_code=2)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"Cannot create the parent of --output {target}: {err.strerror}.", exit_code=2) from err
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / "previous")
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
