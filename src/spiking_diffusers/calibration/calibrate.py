@@ -1,0 +1,165 @@
+"""The calibration recipe: data-free inputs, threshold initialisation, distillation of the QCFS network,
+then fine-tuning of the spiking network itself at its target T. One code path for ``sdm-calibrate`` and
+for the default calibration that ``sdm-convert`` runs on an uncalibrated model."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
+from ..converter.temporal import TemporalOp
+from .data import NoisedBatches, load_image_folder, sample_model_images
+from .distill import DistillHistory, DistillSettings, distill
+from .statistics import collect_site_inputs, init_thresholds, quantization_error
+
+
+@dataclass
+class CalibrationConfig:
+    """Every knob of a calibration run (all of them go into the report)."""
+
+    timesteps: int = 4
+    levels: int | None = None
+    per_channel: bool = True
+    phi: float = 0.5
+    neuron: str = "if"
+    threshold_init: str = "mse"
+    percentile: float = 99.9
+    num_samples: int = 256
+    sampler_steps: int = 20
+    image_dir: str | None = None
+    stats_batches: int = 4
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=2e-4))
+    seed: int = 0
+    cache_dir: str | None = None
+
+    @property
+    def resolved_levels(self) -> int:
+        return int(self.levels or self.timesteps)
+
+    def validate(self) -> None:
+        if self.timesteps < 1 or self.resolved_levels < 1:
+            raise ValueError("timesteps and levels must be at least 1.")
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be at least 1.")
+        for phase in (self.distill, self.snn):
+            if phase.steps < 0 or phase.batch_size < 1 or phase.lr <= 0:
+                raise ValueError("steps must be >= 0, batch size >= 1 and learning rate > 0.")
+
+
+@dataclass
+class CalibrationResult:
+    """The calibrated QCFS network (convert it at ``config.timesteps``) and the report of the run."""
+
+    qnet: QCFSUNet2DModel
+    report: dict[str, Any]
+
+
+def calibration_data(
+    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool
+) -> torch.Tensor:
+    """The x0 pool: the model's own DDIM samples (cached), or the images of ``config.image_dir``."""
+    if config.image_dir:
+        return load_image_folder(config.image_dir, unet.config.sample_size, unet.config.in_channels)
+    return sample_model_images(
+        unet,
+        scheduler_config,
+        config.num_samples,
+        sampler_steps=config.sampler_steps,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+        progress=progress,
+    )
+
+
+def calibrate(
+    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig | None = None, progress: bool = True
+) -> CalibrationResult:
+    """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it."""
+    config = config or CalibrationConfig()
+    config.validate()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    teacher = unet.eval()
+    device = next(unet.parameters()).device
+    x0 = calibration_data(unet, scheduler_config, config, progress)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = NoisedBatches(x0, DDPMScheduler.from_config(scheduler_config), generator)
+
+    qnet = quantize(unet, levels=config.resolved_levels, phi=config.phi, per_channel=config.per_channel, init=None)
+    stats_batches = [
+        (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
+    ]
+    inputs_before = collect_site_inputs(qnet, stats_batches, seed=config.seed)
+    init_thresholds(qnet, inputs_before, method=config.threshold_init, percentile=config.percentile)
+    before = _site_report(qnet, inputs_before)
+
+    histories: dict[str, DistillHistory] = {}
+    if config.distill.steps:
+        histories["distill"] = distill(qnet, teacher, data, config.distill, "distill QCFS", progress)
+    if config.snn.steps:
+        snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron)
+        histories["snn"] = distill(snn, teacher, data, config.snn, f"fine-tune SNN (T={config.timesteps})", progress)
+        load_snn_weights_into_qcfs(snn, qnet)
+
+    after = _site_report(qnet, collect_site_inputs(qnet, stats_batches, seed=config.seed))
+    report = {
+        "settings": _settings(config),
+        "calibration_samples": {"count": len(x0), "source": config.image_dir or "model samples (DDIM)"},
+        "sites": {name: {"before": before[name], "after": after[name]} for name in before},
+        "loss_curves": {phase: h.output_loss for phase, h in histories.items()},
+        "phase_wall_time_s": {phase: h.wall_time_s for phase, h in histories.items()},
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return CalibrationResult(qnet.eval(), report)
+
+
+def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:
+    """Copy a (lambda-form) spiking model's weights and thresholds back into the QCFS network they came from."""
+    if snn.config.threshold_form != "lambda":
+        raise ValueError("Only lambda-form spiking models map back onto a QCFS network.")
+    wrapped = [name for name, module in snn.unet.named_modules() if isinstance(module, TemporalOp)]
+    state = {}
+    for key, value in snn.unet.state_dict().items():
+        if key.endswith("input_gain"):
+            continue
+        for prefix in wrapped:
+            if key.startswith(prefix + ".op."):
+                key = prefix + "." + key[len(prefix) + 4 :]
+                break
+        state[key] = value
+    qnet.unet.load_state_dict(state)
+
+
+def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    report = {}
+    for name, unit in qnet.sites().items():
+        values = site_inputs[name]
+        lam = unit.threshold.detach().float()
+        above = values > (lam.reshape(-1, 1) if unit.per_channel else lam)
+        report[name] = {
+            "threshold": lam.tolist() if lam.numel() > 1 else lam.item(),
+            "threshold_mean": lam.mean().item(),
+            "clipped_fraction": above.float().mean().item(),
+            "quantization_mse": quantization_error(values, unit),
+        }
+    return report
+
+
+def _settings(config: CalibrationConfig) -> dict[str, Any]:
+    settings = asdict(config)
+    settings["levels"] = config.resolved_levels
+    return settings
+
+
+def snn_from_calibration(result: CalibrationResult, **convert_options) -> SpikingUNet2DModel:
+    """Convert a calibration result at the T it was fine-tuned for (options as for ``convert``)."""
+    options = {"timesteps": result.report["settings"]["timesteps"], "neuron": result.report["settings"]["neuron"]}
+    options.update(convert_options)
+    return convert(copy.deepcopy(result.qnet), **options)

@@ -1,0 +1,113 @@
+"""Calibration inputs: clean images x0, noised to x_t at diffusion timesteps across the whole schedule.
+
+By default the x0 come from the original model itself (data-free): a short deterministic DDIM run of the
+ANN, cached on disk so that later calibrations of the same model reuse it. Alternatively, a folder of
+PNG/JPEG images resized to the model's sample size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file, save_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def default_cache_dir() -> Path:
+    """``$SDM_CACHE_DIR`` or ``~/.cache/spiking-diffusers``."""
+    return Path(os.environ.get("SDM_CACHE_DIR", Path.home() / ".cache" / "spiking-diffusers"))
+
+
+def _model_fingerprint(unet: UNet2DModel) -> str:
+    """A hash of the UNet's config and weights, so a cache entry belongs to exactly one model."""
+    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for tensor in unet.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def sample_model_images(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    num_samples: int,
+    sampler_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 64,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``num_samples`` images in [-1, 1] drawn from ``unet`` with DDIM (eta 0), cached on disk."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = f"{_model_fingerprint(unet)}-n{num_samples}-s{sampler_steps}-seed{seed}"
+    path = cache_dir / "calibration" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(path)["x0"]
+        except Exception:  # a damaged cache entry is simply rebuilt
+            path.unlink(missing_ok=True)
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    chunks = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=num_samples, desc="calibration samples (DDIM)", disable=not progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(count)]
+            images = pipe(batch_size=count, generator=generators, num_inference_steps=sampler_steps, output_type="np")
+            chunks.append(torch.from_numpy(np.asarray(images.images)).permute(0, 3, 1, 2) * 2 - 1)
+            bar.update(count)
+    x0 = torch.cat(chunks).float().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    save_file({"x0": x0}, staging)
+    staging.replace(path)
+    return x0
+
+
+def load_image_folder(folder: str | Path, sample_size: int, channels: int) -> torch.Tensor:
+    """Every PNG/JPEG in ``folder`` (recursively), resized to ``sample_size`` and scaled to [-1, 1]."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"No PNG or JPEG images in {folder}.")
+    mode = "L" if channels == 1 else "RGB"
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            resized = image.convert(mode).resize((sample_size, sample_size), Image.Resampling.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+        images.append(torch.from_numpy(array.reshape(sample_size, sample_size, channels)).permute(2, 0, 1))
+    return torch.stack(images)
+
+
+class NoisedBatches:
+    """Draws ``(x_t, t)`` batches: x0 from the pool, fresh noise, stratified timesteps over the schedule."""
+
+    def __init__(self, x0: torch.Tensor, noise_scheduler: DDPMScheduler, generator: torch.Generator):
+        self.x0 = x0
+        self.scheduler = noise_scheduler
+        self.generator = generator
+        self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def stratified_timesteps(self, count: int) -> torch.Tensor:
+        """One timestep per equal slice of the schedule, in random order."""
+        edges = torch.arange(count) + torch.rand(count, generator=self.generator)
+        timesteps = (edges * self.num_train_timesteps / count).long().clamp(0, self.num_train_timesteps - 1)
+        return timesteps[torch.randperm(count, generator=self.generator)]
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(0, len(self.x0), (batch_size,), generator=self.generator)
+        x0 = self.x0[index]
+        noise = torch.randn(x0.shape, generator=self.generator)
+        timesteps = self.stratified_timesteps(batch_size)
+        return self.scheduler.add_noise(x0, noise, timesteps), timesteps

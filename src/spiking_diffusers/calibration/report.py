@@ -1,0 +1,57 @@
+"""Writing a calibration: the QCFS model and scheduler as a pipeline directory, the JSON report, and a
+PNG with the per-site thresholds and the loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import SchedulerMixin
+
+from .calibrate import CalibrationResult
+
+REPORT_FILE = "calibration_report.json"
+PLOT_FILE = "calibration.png"
+
+
+def save_calibration(result: CalibrationResult, scheduler: SchedulerMixin, directory: str | Path) -> None:
+    """Save a calibrated model so that ``sdm-convert --model DIR`` and ``from_pretrained`` load it directly."""
+    from ..pipelines import SpikingDiffusionPipeline
+
+    directory = Path(directory)
+    SpikingDiffusionPipeline(unet=result.qnet, scheduler=scheduler).save_pretrained(directory)
+    (directory / REPORT_FILE).write_text(json.dumps(result.report, indent=2))
+    plot_calibration(result.report, directory / PLOT_FILE)
+
+
+def plot_calibration(report: dict, path: str | Path) -> None:
+    """Thresholds per site (mean with per-channel range, before and after) and the loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["sites"])
+    fig, (ax_sites, ax_loss) = plt.subplots(2, 1, figsize=(max(8, len(names) * 0.22), 8), constrained_layout=True)
+    for stage, color in (("before", "tab:gray"), ("after", "tab:blue")):
+        means = [report["sites"][n][stage]["threshold_mean"] for n in names]
+        ax_sites.plot(range(len(names)), means, "o-", color=color, label=f"lambda {stage}", markersize=3)
+        values = [report["sites"][n][stage]["threshold"] for n in names]
+        if isinstance(values[0], list):
+            ax_sites.fill_between(
+                range(len(names)), [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15
+            )
+    ax_sites.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax_sites.set_ylabel("threshold lambda (per-channel range shaded)")
+    ax_sites.set_yscale("log")
+    ax_sites.legend()
+    offset = 0
+    for phase, losses in report["loss_curves"].items():
+        ax_loss.plot(range(offset, offset + len(losses)), losses, label=phase, linewidth=0.8)
+        offset += len(losses)
+    ax_loss.set_xlabel("training step")
+    ax_loss.set_ylabel("noise-prediction MSE vs the original")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

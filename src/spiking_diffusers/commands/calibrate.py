@@ -1,0 +1,104 @@
+"""``sdm-calibrate``: fit the QCFS thresholds (and weights) of a diffusers UNet so that its spiking
+network reproduces the original at few time steps, without the original training data."""
+
+from __future__ import annotations
+
+import click
+
+from ..calibration.calibrate import CalibrationConfig, calibrate
+from ..calibration.distill import DistillSettings
+from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
+from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..loading import load_model
+
+EXAMPLES = """
+\b
+Examples:
+  sdm-calibrate --output digits-calibrated                      # the shipped model, default recipe
+  sdm-calibrate --model google/ddpm-cifar10-32 --timesteps 8 --output cifar-t8
+  sdm-calibrate --threshold-init percentile --distill-steps 0 --snn-steps 0 --output init-only
+  sdm-convert --model digits-calibrated --output digits-snn     # then convert the result
+"""
+
+
+@sdm_command(epilog=EXAMPLES)
+@model_option()
+@click.option("--output", required=True, type=click.Path(), help="Directory for the calibrated model and report.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1), help="SNN time steps T to calibrate for.")
+@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: T].")
+@click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or per site.")
+@click.option("--neuron", type=click.Choice(["if", "signed_if"]), default="if", help="Neuron of the fine-tuned SNN.")
+@click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default="mse")
+@click.option("--percentile", default=99.9, type=click.FloatRange(0, 100, min_open=True), help="For percentile init.")
+@click.option("--num-samples", default=256, type=click.IntRange(min=1), help="Calibration images drawn from the model.")
+@click.option("--sampler-steps", default=20, type=click.IntRange(min=1), help="DDIM steps for those images.")
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), help="Use these images instead.")
+@click.option("--distill-steps", default=400, type=click.IntRange(min=0), help="QCFS distillation steps (0: skip).")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True), help="Weight learning rate.")
+@click.option("--threshold-lr", default=None, type=click.FloatRange(min=0, min_open=True), help="[default: --lr]")
+@click.option(
+    "--train", type=click.Choice(["weights", "thresholds"]), default="weights", help="What distillation fits."
+)
+@click.option("--block-loss-weight", default=0.0, type=click.FloatRange(min=0), help="Weight of block-output matching.")
+@click.option("--grad-clip", default=1.0, type=click.FloatRange(min=0, min_open=True))
+@click.option("--snn-steps", default=100, type=click.IntRange(min=0), help="SNN-aware fine-tuning steps (0: skip).")
+@click.option("--snn-batch-size", default=16, type=click.IntRange(min=1))
+@click.option("--snn-lr", default=2e-4, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, type=int)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of calibration samples [~/.cache/...].")
+@device_option()
+def main(model, output, overwrite, device, **options) -> None:
+    """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
+    config = build_config(**options)
+    loaded = load_model(model, get_device(device))
+    if loaded.kind != "ann":
+        raise CommandError(f"{loaded.source} is already a {loaded.kind.upper()} model; calibrate the original.", 2)
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        result = calibrate(loaded.unet, dict(loaded.scheduler.config), config)
+        save_calibration(result, loaded.scheduler, staging)
+    print_summary(result.report, output)
+
+
+def build_config(
+    timesteps, levels, per_channel, neuron, threshold_init, percentile, num_samples, sampler_steps, image_dir,
+    distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps, snn_batch_size,
+    snn_lr, seed, cache_dir,
+) -> CalibrationConfig:  # fmt: skip
+    """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
+    return CalibrationConfig(
+        timesteps=timesteps,
+        levels=levels,
+        per_channel=per_channel,
+        neuron=neuron,
+        threshold_init=threshold_init,
+        percentile=percentile,
+        num_samples=num_samples,
+        sampler_steps=sampler_steps,
+        image_dir=image_dir,
+        distill=DistillSettings(
+            steps=distill_steps,
+            batch_size=batch_size,
+            lr=lr,
+            threshold_lr=threshold_lr,
+            train=train,
+            block_loss_weight=block_loss_weight,
+            grad_clip=grad_clip,
+        ),
+        snn=DistillSettings(steps=snn_steps, batch_size=snn_batch_size, lr=snn_lr, train=train, grad_clip=grad_clip),
+        seed=seed,
+        cache_dir=cache_dir,
+    )
+
+
+def print_summary(report: dict, output: str) -> None:
+    sites = report["sites"]
+    before = sum(s["before"]["quantization_mse"] for s in sites.values()) / len(sites)
+    after = sum(s["after"]["quantization_mse"] for s in sites.values()) / len(sites)
+    click.echo(f"Calibrated {len(sites)} activation sites in {report['wall_time_s']:.0f} s.")
+    click.echo(f"  mean per-site quantization MSE: {before:.4g} -> {after:.4g}")
+    for phase, losses in report["loss_curves"].items():
+        if losses:
+            click.echo(f"  {phase}: output MSE {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
+    click.echo(f"Wrote {output} (model, {REPORT_FILE}, {PLOT_FILE}); convert it with: sdm-convert --model {output}")
