@@ -7,7 +7,15 @@ from .converter import (
     convert,
     quantize,
 )
+from .pipelines import SpikingDiffusionPipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["QCFSUNet2DModel", "SpikingUNet2DModel", "UnsupportedModuleError", "convert", "quantize"]
+__all__ = [
+    "QCFSUNet2DModel",
+    "SpikingDiffusionPipeline",
+    "SpikingUNet2DModel",
+    "UnsupportedModuleError",
+    "convert",
+    "quantize",
+]

@@ -1,0 +1,22 @@
+"""Sampling with spiking UNets: the diffusers pipeline and threshold guidance."""
+
+from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
+from .threshold_guidance import (
+    GROUPS,
+    ThresholdScale,
+    get_threshold_scales,
+    scaled_thresholds,
+    set_threshold_scale,
+    site_group,
+)
+
+__all__ = [
+    "GROUPS",
+    "SpikingDiffusionPipeline",
+    "ThresholdScale",
+    "get_threshold_scales",
+    "scaled_thresholds",
+    "set_threshold_scale",
+    "site_group",
+    "step_accepts",
+]

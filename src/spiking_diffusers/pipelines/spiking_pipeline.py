@@ -1,0 +1,155 @@
+"""``SpikingDiffusionPipeline``: unconditional image sampling with a spiking (or plain) UNet and any scheduler.
+
+It differs from diffusers' ``DDPMPipeline`` in what a spiking UNet and the full range of schedulers need:
+
+- ``init_noise_sigma`` and ``scale_model_input`` are applied, so Euler-type schedulers work;
+- ``eta`` and ``generator`` reach ``scheduler.step`` only where its signature takes them;
+- ``threshold_scale`` (threshold guidance) and ``snn_timesteps`` are set per call, and the previous
+  thresholds are restored afterwards;
+- a list of generators, one per image, makes every image independent of how a run is split in batches.
+
+Each denoising step is one ``SpikingUNet2DModel.forward``, which begins a fresh simulation (every neuron
+and compensated op is reset), so no spiking state leaks from one denoising step to the next.
+
+A plain ``UNet2DModel`` or a ``QCFSUNet2DModel`` works too, so one pipeline compares ANN and SNN from the
+same noise; they have no spiking thresholds or simulation time, and a ``threshold_scale`` other than 1 or
+an ``snn_timesteps`` is rejected with a ``ValueError`` rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def step_accepts(scheduler: SchedulerMixin, argument: str) -> bool:
+    """Whether ``scheduler.step`` takes ``argument`` (``"eta"``, ``"generator"``)."""
+    return argument in inspect.signature(scheduler.step).parameters
+
+
+class SpikingDiffusionPipeline(DiffusionPipeline):
+    """Unconditional image generation with a ``SpikingUNet2DModel`` (or a ``UNet2DModel`` / QCFS model).
+
+    Save it with ``save_pretrained`` and load it back with ``SpikingDiffusionPipeline.from_pretrained`` or
+    ``DiffusionPipeline.from_pretrained`` (once ``spiking_diffusers`` is imported).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def is_spiking(self) -> bool:
+        return isinstance(self.unet, SpikingUNet2DModel)
+
+    def _check_arguments(self, output_type: str, threshold_scale: ThresholdScale | None, snn_timesteps, eta) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        is_identity(threshold_scale)  # validates the values for every UNet type
+        if not self.is_spiking:
+            kind = type(self.unet).__name__
+            if not is_identity(threshold_scale):
+                raise ValueError(f"threshold_scale applies to spiking UNets only; this pipeline holds a {kind}.")
+            if snn_timesteps is not None:
+                raise ValueError(f"snn_timesteps applies to spiking UNets only; this pipeline holds a {kind}.")
+        if snn_timesteps is not None and int(snn_timesteps) < 1:
+            raise ValueError(f"snn_timesteps must be at least 1, got {snn_timesteps}.")
+        if eta != 0 and not step_accepts(self.scheduler, "eta"):
+            raise ValueError(f"eta applies to DDIM-type schedulers; {type(self.scheduler).__name__} has no eta.")
+
+    def _image_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = self.unet.config
+        size = config.sample_size
+        spatial = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, *spatial)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        threshold_scale: ThresholdScale | None = None,
+        snn_timesteps: int | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample ``batch_size`` images.
+
+        Args:
+            batch_size: number of images (ignored when ``latents`` are given).
+            generator: one generator, or a list with one per image (results then do not depend on how
+                the images are split into batches).
+            num_inference_steps: denoising steps of the scheduler.
+            output_type: ``"pil"`` (list of images), ``"np"`` (NHWC array in [0, 1]) or ``"pt"`` (NCHW tensor
+                in [0, 1]).
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            threshold_scale: threshold guidance for this call: a float for every neuron or a dict per block
+                group (``{"down": 0.99, "mid": 1.0, "up": 0.995}``; see ``threshold_guidance``).
+                ``None`` keeps the model's current factors.
+            snn_timesteps: simulation steps T per UNet call (default: the model's configured T).
+            eta: DDIM-type stochasticity; an error for schedulers whose ``step`` has no ``eta``.
+            latents: initial noise of shape ``(B, C, H, W)`` (unscaled; ``init_noise_sigma`` is applied).
+            class_labels: labels for class-conditional UNets.
+        """
+        self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
+        device = self._execution_device
+        dtype = self.unet.dtype
+        if latents is None:
+            latents = randn_tensor(self._image_shape(batch_size), generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+
+        step_kwargs = {}
+        if step_accepts(self.scheduler, "eta"):
+            step_kwargs["eta"] = eta
+        if step_accepts(self.scheduler, "generator"):
+            step_kwargs["generator"] = generator
+        unet_kwargs = {"class_labels": class_labels.to(device) if class_labels is not None else None}
+        if self.is_spiking:
+            unet_kwargs["snn_timesteps"] = snn_timesteps
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        guidance = scaled_thresholds(self.unet, threshold_scale) if self.is_spiking else contextlib.nullcontext()
+        with guidance:
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                noise_pred = self.unet(model_input, t, **unet_kwargs).sample
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        images = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def register_with_diffusers() -> None:
+    """Make ``DiffusionPipeline.from_pretrained`` find this class by the name in ``model_index.json``.
+
+    diffusers looks the pipeline class of a saved pipeline up in its own namespace only (the components
+    are found through the library named in ``model_index.json``); registering the class there lets the
+    generic loader return a ``SpikingDiffusionPipeline`` in any process that imported ``spiking_diffusers``.
+    """
+    setattr(diffusers, SpikingDiffusionPipeline.__name__, SpikingDiffusionPipeline)
+
+
+register_with_diffusers()
