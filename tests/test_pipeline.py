@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler
 
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
-from spiking_diffusers.pipelines import GROUPS, get_threshold_scales, scaled_thresholds, set_threshold_scale, site_group
-
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "pndm": partial(PNDMScheduler, skip_prk_steps=True),  # with Runge-Kutta warm-up steps PNDM needs >= 4 steps
-    "euler": EulerDiscreteScheduler,
-    "euler-a": EulerAncestralDiscreteScheduler,
-}
+from spiking_diffusers.pipelines import (
+    GROUPS,
+    SCHEDULERS,
+    get_threshold_scales,
+    make_scheduler,
+    scaled_thresholds,
+    set_threshold_scale,
+    site_group,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def sample(pipe, n: int = 2, seed: int = 0, **kwargs) -> np.ndarray:
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_scheduler_gives_finite_images_of_the_right_shape(snn, name):
-    pipe = SpikingDiffusionPipeline(unet=snn, scheduler=SCHEDULERS[name]())
+    pipe = SpikingDiffusionPipeline(unet=snn, scheduler=make_scheduler(name, DDPMScheduler().config))
     images = sample(pipe, eta=0.5 if name == "ddim" else 0.0)
     assert images.shape == (2, 8, 8, 1)
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1

@@ -1,5 +1,6 @@
 """Sampling with spiking UNets: the diffusers pipeline and threshold guidance."""
 
+from .schedulers import SCHEDULERS, make_scheduler
 from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
 from .threshold_guidance import (
     GROUPS,
@@ -12,9 +13,11 @@ from .threshold_guidance import (
 
 __all__ = [
     "GROUPS",
+    "SCHEDULERS",
     "SpikingDiffusionPipeline",
     "ThresholdScale",
     "get_threshold_scales",
+    "make_scheduler",
     "scaled_thresholds",
     "set_threshold_scale",
     "site_group",
