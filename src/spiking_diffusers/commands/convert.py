@@ -1,0 +1,146 @@
+"""``sdm-convert``: a diffusers UNet (original or calibrated QCFS) in, a spiking diffusion pipeline out.
+
+The output directory is a saved ``SpikingDiffusionPipeline`` (``model_index.json``, ``unet/``,
+``scheduler/`` with the source model's scheduler) plus ``conversion.json`` with the summary printed here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..converter import convert
+from ..converter.models import THRESHOLD_FORMS
+from ..converter.neurons import NEURON_TYPES
+from ..converter.temporal import NONLINEAR_MODES
+from ..loading import LoadedModel, load_model
+from ..pipelines import SpikingDiffusionPipeline
+from ..pipelines.conversion import conversion_summary, noise_prediction_errors, prepare_qcfs
+
+EXAMPLES = """
+\b
+Examples:
+  sdm-convert --output digits-snn                                # the shipped digits model, T = L = 4
+  sdm-convert --model google/ddpm-cifar10-32 --timesteps 8 --output cifar-snn-t8
+  sdm-convert --model digits-calibrated --timesteps 4 --output digits-snn   # a model from sdm-calibrate
+  sdm-convert --model my-ddpm --neuron signed_if --threshold-form unit --per-channel --output my-snn
+  sdm-sample --model digits-snn --output samples                 # then sample from it
+"""
+
+
+@sdm_command(epilog=EXAMPLES)
+@model_option("Hub id or local directory of a UNet2DModel (either layout) or of a calibrated QCFS model; "
+              "default: the digits DDPM shipped in the package.")  # fmt: skip
+@click.option("--output", required=True, type=click.Path(), help="Directory for the spiking pipeline.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1), help="SNN time steps T per UNet call.")
+@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
+@click.option(
+    "--nonlinear-mode",
+    type=click.Choice(NONLINEAR_MODES),
+    default="compensated",
+    help="GroupNorm and attention: expectation-compensated or applied per time step.",
+)
+@click.option(
+    "--threshold-form",
+    type=click.Choice(THRESHOLD_FORMS),
+    default="lambda",
+    help="Thresholds = lambda, or all 1 with lambda folded into the weights.",
+)
+@click.option("--per-channel/--per-layer", default=False, help="One threshold per channel, or one per site (ANN only).")
+@click.option("--seed", default=0, type=int, help="Seed of the threshold probes and of the fidelity check inputs.")
+@device_option()
+def main(
+    model, output, overwrite, timesteps, levels, neuron, nonlinear_mode, threshold_form, per_channel, seed, device
+) -> None:
+    """Convert a diffusers UNet2DModel into an integrate-and-fire spiking network."""
+    device = get_device(device)
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        loaded = load_model(model, device)
+        qnet, ann = _qcfs_network(loaded, timesteps, levels, per_channel, seed)
+        snn = convert(
+            qnet, timesteps=timesteps, neuron=neuron, nonlinear_mode=nonlinear_mode, threshold_form=threshold_form
+        )
+        report = {
+            "source": loaded.source,
+            "source_kind": loaded.kind,
+            "settings": {
+                "timesteps": timesteps,
+                "levels": qnet.config.levels,
+                "per_channel": qnet.config.per_channel,
+                "neuron": neuron,
+                "nonlinear_mode": nonlinear_mode,
+                "threshold_form": threshold_form,
+                "seed": seed,
+            },
+            "summary": conversion_summary(qnet, snn),
+            "fidelity": noise_prediction_errors(snn, qnet, dict(loaded.scheduler.config), ann=ann, seed=seed),
+        }
+        SpikingDiffusionPipeline(unet=snn, scheduler=loaded.scheduler).save_pretrained(staging)
+        (Path(staging) / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_report(report, output)
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` was passed on the command line (not left at its default)."""
+    return click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def _qcfs_network(loaded: LoadedModel, timesteps: int, levels: int | None, per_channel: bool, seed: int):
+    """The QCFS network to convert, and the ANN reference of the fidelity check (``None``: use ``as_ann``)."""
+    if loaded.kind == "snn":
+        raise CommandError(
+            f"{loaded.source} is already a spiking network (SpikingUNet2DModel); pass the original model or "
+            "a calibrated QCFS model to convert it again.",
+            exit_code=2,
+        )
+    if loaded.kind == "qcfs":
+        qnet = loaded.unet
+        if _given("levels") and levels != qnet.config.levels:
+            raise CommandError(f"--levels {levels} conflicts with the QCFS model's L = {qnet.config.levels}.", 2)
+        if _given("per_channel") and per_channel != qnet.config.per_channel:
+            raise CommandError("--per-channel/--per-layer conflicts with the QCFS model's thresholds.", 2)
+        return qnet, None
+    qnet = prepare_qcfs(
+        loaded.unet,
+        levels=levels or timesteps,
+        per_channel=per_channel,
+        seed=seed,
+        timesteps=timesteps,
+        scheduler_config=dict(loaded.scheduler.config),
+    )
+    return qnet, loaded.unet
+
+
+def _print_report(report: dict[str, Any], output: str) -> None:
+    settings, summary = report["settings"], report["summary"]
+    source = "a QCFS model" if report["source_kind"] == "qcfs" else "an uncalibrated ANN"
+    click.echo(f"Converted {source} ({report['source']})")
+    click.echo(
+        f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
+        f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
+    )
+    if report["source_kind"] == "ann":
+        click.echo("  thresholds: 99.9th percentile on noised inputs, not calibrated (see sdm-calibrate)")
+    sites = summary["sites"]
+    click.echo(f"Sites: {sum(sites.values())} ({', '.join(f'{count} {kind}' for kind, count in sites.items())})")
+    lam = summary["thresholds"]
+    per = "per channel" if lam["per_channel"] else "per site"
+    click.echo(
+        f"Thresholds lambda ({lam['count']} values, {per}): "
+        f"min {lam['min']:.4g}, median {lam['median']:.4g}, max {lam['max']:.4g}"
+    )
+    ops = ", ".join(f"{count} {name}" for name, count in summary["nonlinear_ops"].items()) or "none"
+    click.echo(f"Real-valued non-linear ops ({summary['nonlinear_mode']}): {ops}")
+    reference = "the ANN" if report["source_kind"] == "ann" else "the QCFS weights with the original activations"
+    click.echo(f"Fidelity: relative error of the noise prediction vs {reference} (4 fixed-seed noised inputs)")
+    click.echo(f"  {'t':>5}  {'QCFS L=' + str(settings['levels']):>10}  {'SNN T=' + str(settings['timesteps']):>10}")
+    for row in report["fidelity"]:
+        click.echo(f"  {row['t']:>5}  {row['qcfs_vs_ann']:>10.4f}  {row['snn_vs_ann']:>10.4f}")
+    click.echo(f"Wrote {output}; sample it with: sdm-sample --model {output}")

@@ -1,0 +1,125 @@
+"""The conversion workflow behind ``sdm-convert``, as library functions: get a QCFS network from an ANN,
+describe what the conversion did, and measure how closely the spiking network follows the original.
+
+:func:`prepare_qcfs` is the single place where an uncalibrated ANN becomes a QCFS network; it is meant to
+become the default calibration once that is ready, without its callers changing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, TemporalOp, quantize
+from ..converter.neurons import IFNeuron
+from ..converter.quantize import conditioning_kwargs
+from ..converter.sites import site_wiring
+
+FIDELITY_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
+"""Where the fidelity check probes the schedule: t = 50, 250, 500, 750, 950 of 1000 training steps."""
+
+
+def prepare_qcfs(
+    unet: UNet2DModel,
+    levels: int,
+    per_channel: bool = False,
+    seed: int = 0,
+    timesteps: int | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+) -> QCFSUNet2DModel:
+    """The QCFS network that ``sdm-convert`` converts when it is given an uncalibrated ANN.
+
+    For now: :func:`~spiking_diffusers.quantize` with thresholds at the 99.9th percentile of each site's
+    input on noised probes (a first guess, no calibration). ``timesteps`` (the target T) and
+    ``scheduler_config`` are not used yet; they are what the default calibration will need when it
+    replaces this body.
+    """
+    return quantize(unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed)
+
+
+def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[str, Any]:
+    """What the conversion did: sites by kind, the range of the thresholds lambda, and the real-valued ops."""
+    wiring = site_wiring(snn.unet)
+    kinds = Counter()
+    for name, unit in snn.sites().items():
+        if isinstance(unit, IFNeuron):
+            kinds["time-embedding IF" if wiring[name][1].kind == "temb" else "spatial IF"] += 1
+        else:
+            kinds["analog QCFS"] += 1
+    lambdas = torch.cat([value.flatten().float().cpu() for value in qnet.thresholds().values()]).tolist()
+    ops = Counter(type(module.op).__name__ for module in snn.unet.modules() if isinstance(module, TemporalOp))
+    return {
+        "sites": {kind: kinds[kind] for kind in ("spatial IF", "time-embedding IF", "analog QCFS")},
+        "thresholds": {
+            "min": min(lambdas),
+            "median": statistics.median(lambdas),
+            "max": max(lambdas),
+            "count": len(lambdas),
+            "per_channel": bool(qnet.config.per_channel),
+        },
+        "nonlinear_ops": dict(sorted(ops.items())),
+        "nonlinear_mode": snn.config.nonlinear_mode,
+    }
+
+
+def _relative_error(prediction: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((prediction - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def noise_prediction_errors(
+    snn: SpikingUNet2DModel,
+    qnet: QCFSUNet2DModel,
+    scheduler_config: dict[str, Any],
+    ann: UNet2DModel | None = None,
+    num_samples: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Relative error ``||eps - eps_ann|| / ||eps_ann||`` of the QCFS and the spiking noise prediction.
+
+    The inputs are ``num_samples`` fixed-seed images (smooth random patterns in [-1, 1]) noised by the
+    model's own schedule at the :data:`FIDELITY_FRACTIONS` of its training steps. The reference is
+    ``ann``, or, when the original is not at hand (a calibrated QCFS model), ``qnet`` with its original
+    activations (``as_ann``).
+    """
+    param = next(snn.parameters())
+    config = qnet.config.unet_config
+    noise_schedule = DDPMScheduler.from_config(scheduler_config)
+    train_steps = noise_schedule.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    size = config.get("sample_size") or 32
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    coarse = torch.rand(
+        num_samples, config["in_channels"], max(height // 4, 1), max(width // 4, 1), generator=generator
+    )
+    x0 = torch.nn.functional.interpolate(coarse * 2 - 1, size=(height, width), mode="bilinear", align_corners=False)
+    noise = torch.randn(x0.shape, generator=generator)
+    kwargs = {
+        key: value.to(param.device, param.dtype) if value.is_floating_point() else value.to(param.device)
+        for key, value in conditioning_kwargs(config, num_samples, generator).items()
+    }
+
+    rows = []
+    for fraction in tqdm(FIDELITY_FRACTIONS, desc="fidelity check", disable=not progress, leave=False):
+        t = torch.full((num_samples,), min(round(fraction * train_steps), train_steps - 1), dtype=torch.long)
+        sample = noise_schedule.add_noise(x0, noise, t).to(param.device, param.dtype)
+        t = t.to(param.device)
+        if ann is not None:
+            reference = ann(sample, t, **kwargs).sample
+        else:
+            with qnet.as_ann():
+                reference = qnet(sample, t, **kwargs).sample
+        rows.append(
+            {
+                "t": int(t[0]),
+                "qcfs_vs_ann": _relative_error(qnet(sample, t, **kwargs).sample, reference),
+                "snn_vs_ann": _relative_error(snn(sample, t, **kwargs).sample, reference),
+            }
+        )
+    return rows
