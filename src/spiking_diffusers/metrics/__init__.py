@@ -1,0 +1,22 @@
+"""Sample-quality metrics that run offline: Fréchet distance on classifier (or Inception) features,
+paired PSNR, and the relative error of noise predictions across the diffusion schedule."""
+
+from .features import DigitFeatures, FeatureExtractorError, InceptionFeatures
+from .frechet import FrechetDistance, ReferenceStatistics, reference_statistics
+from .noise_prediction import NoisedInputs, noise_prediction_errors, noised_inputs, predict_noise, relative_error
+from .psnr import paired_psnr
+
+__all__ = [
+    "DigitFeatures",
+    "FeatureExtractorError",
+    "FrechetDistance",
+    "InceptionFeatures",
+    "NoisedInputs",
+    "ReferenceStatistics",
+    "noise_prediction_errors",
+    "noised_inputs",
+    "paired_psnr",
+    "predict_noise",
+    "reference_statistics",
+    "relative_error",
+]
