@@ -1,0 +1,107 @@
+"""``sdm-eval``: how much sample quality the QCFS and spiking networks lose against the original ANN."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..evaluation import (
+    GRID_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    SCHEDULERS,
+    EvaluationConfig,
+    VariantError,
+    evaluate,
+    markdown_report,
+    write_report,
+)
+from ..loading import load_model
+from ..metrics import FeatureExtractorError
+
+EXAMPLES = """
+\b
+Examples:
+  sdm-eval --output eval                                   # shipped model, T = 1,2,4,8,16, L = T
+  sdm-eval --timesteps 4,8 --levels 8 --num-images 200 --fd-splits 4 --output eval-l8
+  sdm-eval --model digits-calibrated --output eval-cal     # a calibrated QCFS model vs the shipped ANN
+  sdm-eval --model my-ddpm --real-images real/ --inception-weights weights-inception-2015-12-05-6726825d.pth \\
+      --output eval-fid
+"""
+
+
+def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (each >= 1, duplicates dropped, order kept)."""
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
+    return list(dict.fromkeys(values))
+
+
+@sdm_command(epilog=EXAMPLES)
+@model_option("ANN, QCFS or spiking model (hub id or directory); default: the shipped digits DDPM.")
+@click.option(
+    "--reference-model",
+    default=None,
+    metavar="ID_OR_DIR",
+    help="The original ANN, when --model is a QCFS or spiking model [default: the shipped digits DDPM].",
+)
+@click.option("--output", required=True, type=click.Path(), help="Directory for report.json, report.md, grid.png.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--timesteps", "-T", default="1,2,4,8,16", callback=parse_int_list, help="SNN time steps T to compare.")
+@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: L = T].")
+@click.option(
+    "--neuron", type=click.Choice(["if", "signed_if"]), default=None, help="Neuron for conversions [default: if]."
+)
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler (ddim: deterministic).")
+@click.option("--steps", default=20, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--num-images", "-n", default=1000, type=click.IntRange(min=2), help="Samples per network.")
+@click.option("--batch-size", default=100, type=click.IntRange(min=1))
+@click.option("--seed", default=0, type=int, help="Seed of the initial noise (shared by every network).")
+@click.option("--fd-splits", default=1, type=click.IntRange(min=1), help="Also report FD over K disjoint subsets.")
+@click.option("--noise-timesteps", default=10, type=click.IntRange(min=1), help="Diffusion timesteps in the sweep.")
+@click.option("--noise-images", default=64, type=click.IntRange(min=1), help="Real images per sweep timestep.")
+@click.option(
+    "--inception-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="torch-fidelity's Inception-v3 weights (.pth) for true FID instead of digit-classifier features.",
+)
+@click.option(
+    "--real-images",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of real PNG/JPEG images for the FD reference [default: the scikit-learn digits].",
+)
+@click.option("--grid-rows", default=8, type=click.IntRange(min=1), help="Rows (noises) in grid.png.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of real-data FD statistics [~/.cache/...].")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@device_option()
+def main(model, reference_model, output, overwrite, device, **options) -> None:
+    """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
+    report Fréchet distance, paired PSNR and noise-prediction error."""
+    config = EvaluationConfig(**options)
+    torch_device = get_device(device)
+    loaded = load_model(model, torch_device)
+    reference = None
+    if loaded.kind != "ann":
+        reference = load_model(reference_model, torch_device)
+        if reference.kind != "ann":
+            raise CommandError(f"--reference-model {reference.source} is a {reference.kind.upper()} model.", 2)
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        try:
+            result = evaluate(
+                loaded.unet,
+                reference.unet if reference else None,
+                dict(loaded.scheduler.config),
+                config,
+            )
+        except (VariantError, FeatureExtractorError) as err:
+            raise CommandError(str(err), exit_code=2) from err
+        result.report["settings"].update(model=loaded.source, reference_model=reference.source if reference else None)
+        write_report(result.report, result.samples, staging, config.grid_rows)
+    click.echo(markdown_report(result.report))
+    click.echo(f"Wrote {output}/{REPORT_JSON}, {REPORT_MD} and {GRID_PNG}.")

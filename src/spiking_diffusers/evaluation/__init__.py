@@ -1,0 +1,24 @@
+"""Sample-quality evaluation of the ANN, its QCFS network and its spiking network from the same noise."""
+
+from .report import GRID_PNG, REPORT_JSON, REPORT_MD, markdown_report, write_report
+from .run import EvaluationConfig, EvaluationResult, evaluate
+from .sampling import SCHEDULERS, image_generators, make_scheduler, sample_variant
+from .variants import Variant, VariantError, prepare_variants
+
+__all__ = [
+    "GRID_PNG",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "SCHEDULERS",
+    "EvaluationConfig",
+    "EvaluationResult",
+    "Variant",
+    "VariantError",
+    "evaluate",
+    "image_generators",
+    "make_scheduler",
+    "markdown_report",
+    "prepare_variants",
+    "sample_variant",
+    "write_report",
+]

@@ -1,0 +1,85 @@
+"""Sampling every variant from the same noise: per-image generators, one scheduler by name.
+
+Image ``i`` of a run always uses a generator seeded from ``(seed, i)``, fresh for every variant, so the
+ANN, QCFS and spiking networks start from the same initial noise and (for stochastic schedulers) draw the
+same step noise; the pipeline makes each image independent of how the run is split into batches. The seed
+stream is derived through ``numpy.random.SeedSequence``, apart from the ``seed + i`` streams that
+calibration draws its data from, so evaluation noise never coincides with calibration noise.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+)
+from tqdm.auto import tqdm
+
+from ..pipelines import SpikingDiffusionPipeline
+from .variants import Variant
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS: the Runge-Kutta warm-up alone takes 4 steps
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+}
+"""Scheduler names of the command line (as in ``sdm-sample``): class and settings that override the model's."""
+
+_EVAL_STREAM = 0x5D3E7A1  # keeps evaluation seeds apart from other uses of the same --seed
+
+
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
+    """The scheduler called ``name`` (see :data:`SCHEDULERS`), configured like the model's own."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(dict(config), **overrides)
+
+
+def image_generators(seed: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per image index, seeded from ``(seed, index)`` only."""
+    states = (np.random.SeedSequence((_EVAL_STREAM, seed, i)).generate_state(1, np.uint64)[0] for i in indices)
+    return [torch.Generator().manual_seed(int(state)) for state in states]
+
+
+@torch.no_grad()
+def sample_variant(
+    variant: Variant,
+    scheduler: SchedulerMixin,
+    num_images: int,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """``num_images`` images of ``variant`` in ``[-1, 1]`` (CPU, float32) and the wall time in seconds."""
+    pipe = SpikingDiffusionPipeline(unet=variant.unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(leave=False, desc="denoising", disable=not progress)
+    snn_timesteps = variant.timesteps if variant.kind == "snn" else None
+    images = []
+    start = time.perf_counter()
+    with tqdm(total=num_images, desc=f"sampling {variant.name}", unit="img", disable=not progress) as bar:
+        for first in range(0, num_images, batch_size):
+            indices = range(first, min(first + batch_size, num_images))
+            out = pipe(
+                batch_size=len(indices),
+                generator=image_generators(seed, indices),
+                num_inference_steps=steps,
+                output_type="pt",
+                snn_timesteps=snn_timesteps,
+            ).images
+            images.append(out.float().cpu() * 2 - 1)
+            bar.update(len(indices))
+    return torch.cat(images), time.perf_counter() - start

@@ -1,0 +1,125 @@
+"""The networks an evaluation compares: the ANN, its QCFS network at each L and its spiking network at each T.
+
+:func:`prepare_variants` is the one place where they are built, whatever the user passed:
+
+- an original ``UNet2DModel``: it is the ANN; QCFS networks come from :func:`~spiking_diffusers.quantize`
+  (percentile thresholds, a first guess; calibration is a separate step) and spiking networks from
+  :func:`~spiking_diffusers.convert`;
+- a ``QCFSUNet2DModel`` (e.g. a calibrated one): it is the QCFS network at its own L, converted at each T;
+  it does not contain the original network, so the ANN comes from ``reference`` (the shipped model by
+  default) and must have the same architecture;
+- a ``SpikingUNet2DModel``: it is simulated at each T; its QCFS network is recovered from its weights
+  (lambda threshold form only), and the ANN again comes from ``reference``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from diffusers import UNet2DModel
+from torch import nn
+
+from ..calibration.calibrate import load_snn_weights_into_qcfs
+from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
+from ..converter.building import move_like, unet_config_dict
+
+
+class VariantError(ValueError):
+    """The requested comparison does not fit the given models; the message says why."""
+
+
+@dataclass
+class Variant:
+    """One network to sample from: ``kind`` is "ann", "qcfs" or "snn"; ``timesteps`` is the SNN's T."""
+
+    name: str
+    kind: str
+    unet: nn.Module
+    levels: int | None = None
+    timesteps: int | None = None
+
+    @property
+    def forward_kwargs(self) -> dict:
+        """Extra arguments of every UNet call (the simulation length of a spiking UNet)."""
+        return {"snn_timesteps": self.timesteps} if self.kind == "snn" else {}
+
+
+def prepare_variants(
+    model: nn.Module,
+    reference: UNet2DModel | None,
+    timesteps: list[int],
+    levels: int | None = None,
+    neuron: str | None = None,
+) -> list[Variant]:
+    """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T.
+
+    ``model`` is the network the user passed (ANN, QCFS or SNN); ``reference`` is the ANN to compare a
+    QCFS or SNN model against (ignored for an ANN ``model``). ``neuron`` ("if" or "signed_if") applies to
+    conversions; a spiking ``model`` keeps its own. A QCFS network shared by several T appears once.
+    """
+    if not timesteps or min(timesteps) < 1:
+        raise VariantError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps}.")
+    if isinstance(model, SpikingUNet2DModel):
+        return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron)
+    if isinstance(model, QCFSUNet2DModel):
+        return _from_qcfs(model, _checked_reference(model, reference), timesteps, levels, neuron or "if")
+    variants = [Variant("ANN", "ann", model)]
+    qnets: dict[int, QCFSUNet2DModel] = {}
+    snns: dict[int, SpikingUNet2DModel] = {}
+    for t in timesteps:
+        level = int(levels or t)
+        if level not in qnets:
+            qnets[level] = quantize(model, levels=level, init="percentile")
+            snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if")
+            variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
+        variants.append(Variant(f"SNN T={t}", "snn", snns[level], levels=level, timesteps=t))
+    return variants
+
+
+def _from_qcfs(qnet, ann, timesteps, levels, neuron) -> list[Variant]:
+    level = int(qnet.config.levels)
+    if levels is not None and levels != level:
+        raise VariantError(f"The QCFS model has L = {level}; --levels {levels} cannot change it.")
+    snn = convert(qnet, timesteps=max(timesteps), neuron=neuron)
+    variants = [Variant("ANN", "ann", ann), Variant(f"QCFS L={level}", "qcfs", qnet, levels=level)]
+    return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
+
+
+def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
+    config = snn.config
+    level = int(config.levels)
+    if levels is not None and levels != level:
+        raise VariantError(f"The spiking model has L = {level}; --levels {levels} cannot change it.")
+    if neuron is not None and neuron != config.neuron:
+        raise VariantError(f"The spiking model has {config.neuron} neurons; --neuron {neuron} cannot change them.")
+    variants = [Variant("ANN", "ann", ann)]
+    if config.threshold_form == "lambda":
+        qnet = QCFSUNet2DModel(
+            unet_config=config.unet_config,
+            levels=level,
+            phi=config.phi,
+            per_channel=config.per_channel,
+            sample_size=config.sample_size,
+            in_channels=config.in_channels,
+            out_channels=config.out_channels,
+        )
+        move_like(qnet, snn)
+        load_snn_weights_into_qcfs(snn, qnet)
+        variants.append(Variant(f"QCFS L={level}", "qcfs", qnet.eval(), levels=level))
+    return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
+
+
+def _checked_reference(model, reference: UNet2DModel | None) -> UNet2DModel:
+    kind = type(model).__name__
+    if not isinstance(reference, UNet2DModel):
+        raise VariantError(f"A {kind} does not contain the original network; pass the ANN as the reference model.")
+    ours = json.loads(json.dumps(dict(model.config.unet_config), sort_keys=True, default=str))
+    theirs = json.loads(json.dumps(unet_config_dict(reference), sort_keys=True, default=str))
+    if ours != theirs:
+        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise VariantError(
+            f"The reference ANN's architecture differs from the {kind}'s ({', '.join(differing)}); "
+            "pass the model it was converted from with --reference-model."
+        )
+    return reference
