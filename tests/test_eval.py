@@ -14,8 +14,8 @@ from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
 from spiking_diffusers.commands.evaluate import main
 from spiking_diffusers.evaluation import Variant, VariantError, image_generators, prepare_variants, sample_variant
-from spiking_diffusers.evaluation.sampling import make_scheduler
 from spiking_diffusers.metrics import paired_psnr
+from spiking_diffusers.pipelines import make_scheduler
 
 DIGIT_UNET = dict(TINY_CONFIGS["attention"], sample_size=16)
 """1-channel 16x16, so the shipped digit classifier applies."""

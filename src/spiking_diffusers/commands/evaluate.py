@@ -9,7 +9,6 @@ from ..evaluation import (
     GRID_PNG,
     REPORT_JSON,
     REPORT_MD,
-    SCHEDULERS,
     EvaluationConfig,
     VariantError,
     evaluate,
@@ -18,6 +17,7 @@ from ..evaluation import (
 )
 from ..loading import load_model
 from ..metrics import FeatureExtractorError
+from ..pipelines import SCHEDULERS
 
 EXAMPLES = """
 \b

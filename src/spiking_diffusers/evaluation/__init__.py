@@ -2,21 +2,19 @@
 
 from .report import GRID_PNG, REPORT_JSON, REPORT_MD, markdown_report, write_report
 from .run import EvaluationConfig, EvaluationResult, evaluate
-from .sampling import SCHEDULERS, image_generators, make_scheduler, sample_variant
+from .sampling import image_generators, sample_variant
 from .variants import Variant, VariantError, prepare_variants
 
 __all__ = [
     "GRID_PNG",
     "REPORT_JSON",
     "REPORT_MD",
-    "SCHEDULERS",
     "EvaluationConfig",
     "EvaluationResult",
     "Variant",
     "VariantError",
     "evaluate",
     "image_generators",
-    "make_scheduler",
     "markdown_report",
     "prepare_variants",
     "sample_variant",

@@ -39,7 +39,8 @@ from ..metrics import (
     predict_noise,
     reference_statistics,
 )
-from .sampling import make_scheduler, sample_variant
+from ..pipelines import make_scheduler
+from .sampling import sample_variant
 from .variants import Variant, prepare_variants
 
 MIN_FD_SAMPLES = 1000

@@ -1,10 +1,10 @@
-"""Sampling every variant from the same noise: per-image generators, one scheduler by name.
+"""Sampling every variant from the same noise, through per-image generators.
 
 Image ``i`` of a run always uses a generator seeded from ``(seed, i)``, fresh for every variant, so the
 ANN, QCFS and spiking networks start from the same initial noise and (for stochastic schedulers) draw the
 same step noise; the pipeline makes each image independent of how the run is split into batches. The seed
-stream is derived through ``numpy.random.SeedSequence``, apart from the ``seed + i`` streams that
-calibration draws its data from, so evaluation noise never coincides with calibration noise.
+stream is derived through ``numpy.random.SeedSequence``, apart from the plainly seeded generators that
+calibration draws its data from, so evaluation noise does not coincide with calibration noise.
 """
 
 from __future__ import annotations
@@ -13,39 +13,13 @@ import time
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    SchedulerMixin,
-)
+from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from ..pipelines import SpikingDiffusionPipeline
 from .variants import Variant
 
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS: the Runge-Kutta warm-up alone takes 4 steps
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-}
-"""Scheduler names of the command line (as in ``sdm-sample``): class and settings that override the model's."""
-
 _EVAL_STREAM = 0x5D3E7A1  # keeps evaluation seeds apart from other uses of the same --seed
-
-
-def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """The scheduler called ``name`` (see :data:`SCHEDULERS`), configured like the model's own."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
-    cls, overrides = SCHEDULERS[name]
-    return cls.from_config(dict(config), **overrides)
 
 
 def image_generators(seed: int, indices: range) -> list[torch.Generator]:
