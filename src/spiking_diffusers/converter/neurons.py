@@ -58,6 +58,8 @@ class IFNeuron(TemporalModule):
             if torch.is_grad_enabled():
                 spikes = self._run_differentiable(steps, firing.detach())
                 return (spikes * amplitude + self._surrogate(steps, amplitude)).flatten(0, 1)
+            if torch.jit.is_tracing():  # ONNX export: the tracer does not record the in-place path's out= writes
+                return (self._run_differentiable(steps, firing) * amplitude).flatten(0, 1)
             return self._run_inplace(steps, firing).mul_(amplitude).flatten(0, 1)
         if self.membrane is None:
             self.membrane = (firing * self.phi).expand_as(current).detach()

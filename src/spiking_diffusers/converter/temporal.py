@@ -34,8 +34,12 @@ class TemporalModule(nn.Module):
         """Drop the state carried between time steps (overridden by stateful modules)."""
 
     def split_time(self, x: torch.Tensor) -> torch.Tensor:
-        """View a time-folded ``(T * B, ...)`` tensor as ``(T, B, ...)``."""
-        return x.unflatten(0, (self.num_steps, -1))
+        """View a time-folded ``(T * B, ...)`` tensor as ``(T, B, ...)``.
+
+        ``reshape`` rather than ``unflatten``: the ONNX exporter's tracer fixes the batch size of an
+        ``unflatten`` with -1, which breaks export with a dynamic batch (see ``spiking_diffusers.export``).
+        """
+        return x.reshape(self.num_steps, -1, *x.shape[1:])
 
 
 class TemporalOp(TemporalModule):
