@@ -1,0 +1,112 @@
+"""``sdm-energy``: how much of a spiking UNet's work is driven by spikes, and its energy against the ANN.
+
+The spiking network samples real images with a diffusers scheduler while every layer's work is counted
+(see :mod:`spiking_diffusers.energy`); the ANN's MACs are counted on a forward pass of the same
+architecture. The output directory holds ``energy.json`` (every layer, every site, the totals),
+``firing_rates.png`` and ``energy_breakdown.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from diffusers import UNet2DModel
+
+from ..cli import atomic_directory, device_option, get_device, model_option, sdm_command
+from ..converter import convert
+from ..energy.measure import measure_energy
+from ..energy.plots import plot_energy_breakdown, plot_firing_rates
+from ..energy.report import EnergyModel, EnergyReport, format_summary, format_table
+from ..loading import LoadedModel, load_model
+from ..pipelines import SCHEDULERS, make_scheduler
+from ..pipelines.conversion import prepare_qcfs
+
+EXAMPLES = """
+\b
+Examples:
+  sdm-energy --output energy                                # the shipped digits model, T = 4, DDIM 50 steps
+  sdm-energy --model digits-snn --timesteps 8 --output energy-t8      # a model saved by sdm-convert
+  sdm-energy --model google/ddpm-cifar10-32 --steps 20 --num-images 1 --output cifar-energy
+"""
+
+
+@sdm_command(epilog=EXAMPLES)
+@model_option(
+    "Hub id or local directory of an ANN, QCFS or spiking model; an ANN or QCFS model is converted first "
+    "(IF neurons, compensated GroupNorm/attention). Default: the digits DDPM shipped in the package."
+)
+@click.option("--output", required=True, type=click.Path(), help="Directory for energy.json and the plots.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1),
+              help="SNN time steps T per UNet call (for a spiking model: its own T unless given).")  # fmt: skip
+@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler of the run.")
+@click.option("--steps", default=50, type=click.IntRange(min=1), help="Denoising steps of the sampling run.")
+@click.option("--num-images", default=4, type=click.IntRange(min=1), help="Images sampled while counting.")
+@click.option("--mac-pj", default=4.6, type=click.FloatRange(min=0), help="Energy per MAC (pJ).")
+@click.option("--ac-pj", default=0.9, type=click.FloatRange(min=0), help="Energy per AC (pJ).")
+@click.option("--rows", default=30, type=click.IntRange(min=1), help="Table rows to print (all go to energy.json).")
+@click.option("--seed", default=0, type=int, help="Seed of the sampling run and the threshold probes.")
+@device_option()
+def main(
+    model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed, device
+) -> None:
+    """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
+    device = get_device(device)
+    loaded = load_model(model, device)
+    snn, ann, snn_timesteps = _networks(loaded, timesteps, levels, seed)
+    report = measure_energy(
+        snn,
+        ann,
+        make_scheduler(scheduler, dict(loaded.scheduler.config)),
+        steps,
+        num_images=num_images,
+        seed=seed,
+        snn_timesteps=snn_timesteps,
+        energy_model=EnergyModel(mac_pj=mac_pj, ac_pj=ac_pj),
+    )
+    settings = {
+        "source": loaded.source,
+        "source_kind": loaded.kind,
+        "thresholds": "99.9th percentile on noised inputs, not calibrated" if loaded.kind == "ann" else "as given",
+        "timesteps": report.timesteps,
+        "levels": snn.config.levels,
+        "neuron": snn.config.neuron,
+        "nonlinear_mode": snn.config.nonlinear_mode,
+        "threshold_form": snn.config.threshold_form,
+        "scheduler": scheduler,
+        "steps": steps,
+        "num_images": num_images,
+        "seed": seed,
+    }
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        _write(report, settings, Path(staging))
+    click.echo(format_table(report, max_rows=rows))
+    click.echo()
+    click.echo(format_summary(report))
+    click.echo(f"Wrote {output}/energy.json, firing_rates.png, energy_breakdown.png")
+
+
+def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int):
+    """``(snn, ann, snn_timesteps)``: the spiking network to measure, a network with the ANN's layers, and
+    the T override for a spiking model given with ``--timesteps``.
+
+    Only the ANN's MAC count is used, which depends on its architecture alone, so for a QCFS or spiking
+    model a freshly initialised ``UNet2DModel`` of the same config stands in for the original.
+    """
+    if loaded.kind == "ann":
+        qnet = prepare_qcfs(loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps)
+        return convert(qnet, timesteps=timesteps), loaded.unet, None
+    ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
+    if loaded.kind == "qcfs":
+        return convert(loaded.unet, timesteps=timesteps), ann, None
+    given = click.get_current_context().get_parameter_source("timesteps") is click.core.ParameterSource.COMMANDLINE
+    return loaded.unet, ann, timesteps if given else None
+
+
+def _write(report: EnergyReport, settings: dict, directory: Path) -> None:
+    (directory / "energy.json").write_text(json.dumps({"settings": settings, **report.to_dict()}, indent=2) + "\n")
+    plot_firing_rates(report, directory / "firing_rates.png")
+    plot_energy_breakdown(report, directory / "energy_breakdown.png")
