@@ -1,0 +1,141 @@
+"""``sdm-export``: a converted UNet as ONNX graphs, each checked against PyTorch with onnxruntime.
+
+Writes, per ``--which``: ``qcfs.onnx`` (the QCFS network as a quantized ANN), ``snn_T<T>.onnx`` (the
+spiking network with its T time steps unrolled), ``snn_step.onnx`` with ``snn_step_initial_state.npz``
+(one time step, state in and out; the initial state is for batch 1, repeat it along axis 0), and
+``export.json`` (opset, inputs, outputs, state names, the errors measured).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..cli import CommandError, atomic_directory, model_option, sdm_command
+from ..converter import convert
+from ..export import OPSET, ExportCheck, export_qcfs, export_snn, export_step
+from ..export.onnx_export import step_io_names
+from ..export.stepping import SpikingStep
+from ..loading import LoadedModel, load_model
+from ..pipelines.conversion import prepare_qcfs
+
+GRAPHS = ("qcfs", "snn", "step")
+
+EXAMPLES = """
+\b
+Examples:
+  sdm-export --output onnx                                  # the shipped digits model, T = 4, all three graphs
+  sdm-export --model digits-snn --which snn,step --output onnx-snn     # a model saved by sdm-convert
+"""
+
+
+def parse_which(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GRAPHS]
+    if unknown or not names:
+        raise click.BadParameter(f"expected a comma-separated subset of {','.join(GRAPHS)}, got {value!r}")
+    return [name for name in GRAPHS if name in names]
+
+
+@sdm_command(epilog=EXAMPLES)
+@model_option(
+    "Hub id or local directory of an ANN, QCFS or spiking model (an ANN is quantized with percentile "
+    "thresholds and converted first). Default: the digits DDPM shipped in the package."
+)
+@click.option("--output", required=True, type=click.Path(), help="Directory for the ONNX files.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option(
+    "--timesteps",
+    "-T",
+    default=4,
+    type=click.IntRange(min=1),
+    help="SNN time steps T, unrolled in the snn graph (for a spiking model: its own T unless given).",
+)
+@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@click.option("--which", default=",".join(GRAPHS), help="Graphs to export: a comma-separated subset of qcfs,snn,step.")
+@click.option("--seed", default=0, type=int, help="Seed of the threshold probes and the random check inputs.")
+def main(model, output, overwrite, timesteps, levels, which, seed) -> None:
+    """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
+    graphs = parse_which(which)
+    loaded = load_model(model, "cpu")
+    qnet, snn = _networks(loaded, timesteps, levels, seed)
+    if qnet is None:
+        if _given("which") and "qcfs" in graphs:
+            raise CommandError(
+                f"{loaded.source} is a spiking model; the qcfs graph needs the original or the QCFS model.", 2
+            )
+        graphs = [name for name in graphs if name != "qcfs"]
+    checks: list[ExportCheck] = []
+    manifest = {"source": loaded.source, "source_kind": loaded.kind, "opset": OPSET, "graphs": {}}
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        staging = Path(staging)
+        if "qcfs" in graphs:
+            checks.append(export_qcfs(qnet, staging / "qcfs.onnx", seed))
+            manifest["graphs"]["qcfs"] = _entry(checks[-1], ["sample", "timestep"], ["output"])
+        if "snn" in graphs:
+            checks.append(export_snn(snn, staging / f"snn_T{snn.config.timesteps}.onnx", seed))
+            manifest["graphs"]["snn"] = _entry(checks[-1], ["sample", "timestep"], ["output"])
+            manifest["graphs"]["snn"]["timesteps"] = snn.config.timesteps
+        if "step" in graphs:
+            check, initial = export_step(snn, staging / "snn_step.onnx", seed)
+            checks.append(check)
+            np.savez(staging / "snn_step_initial_state.npz", **initial)
+            inputs, outputs = step_io_names(SpikingStep(snn))
+            manifest["graphs"]["step"] = _entry(check, inputs, outputs)
+            manifest["graphs"]["step"]["initial_state"] = "snn_step_initial_state.npz (batch 1; repeat along axis 0)"
+        for check in checks:  # paths as they will be after the rename into place
+            manifest["graphs"][check.name]["file"] = check.path.name
+        (staging / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _print(checks, snn, output)
+    failed = [check.name for check in checks if not check.passed]
+    if failed:
+        raise CommandError(f"{', '.join(failed)}: onnxruntime differs from PyTorch beyond the tolerance (see above).")
+
+
+def _given(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
+def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int):
+    """``(qnet, snn)``: the QCFS network (``None`` for a spiking model) and the spiking network."""
+    if loaded.kind == "snn":
+        snn = loaded.unet
+        if _given("timesteps"):
+            snn.register_to_config(timesteps=timesteps)
+        return None, snn
+    if loaded.kind == "qcfs":
+        qnet = loaded.unet
+    else:
+        qnet = prepare_qcfs(loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps)
+    return qnet, convert(qnet, timesteps=timesteps)
+
+
+def _entry(check: ExportCheck, inputs: list[str], outputs: list[str]) -> dict:
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "max_abs_error": check.max_abs_error,
+        "mean_abs_error": check.mean_abs_error,
+        "tolerance": check.tolerance,
+        "passed": check.passed,
+        "export_batch": check.export_batch,
+        "check_batch": check.check_batch,
+        "export_seconds": round(check.seconds, 2),
+    }
+
+
+def _print(checks: list[ExportCheck], snn, output: str) -> None:
+    click.echo(f"ONNX opset {OPSET}; each graph exported at batch 2 and checked at batch 3 with onnxruntime")
+    for check in checks:
+        if check.tolerance is None:
+            verdict = "no tolerance: a membrane within rounding of its threshold may fire in one runtime only"
+        else:
+            verdict = f"tolerance {check.tolerance:g}: {'ok' if check.passed else 'FAILED'}"
+        click.echo(
+            f"  {check.name:<5} {check.path.name:<16} max abs error {check.max_abs_error:.3g} "
+            f"(mean {check.mean_abs_error:.3g}; {verdict})"
+        )
+    click.echo(f"T = {snn.config.timesteps}. Wrote {output}/ (export.json lists inputs, outputs and state names)")

@@ -1,0 +1,171 @@
+"""ONNX export of the three forms of a converted UNet, each checked against PyTorch with onnxruntime.
+
+- ``qcfs``: the QCFS network as a quantized ANN (clip-floor activations, ONNX ``Floor`` / ``Clip``).
+- ``snn``: the spiking network with its T time steps unrolled (batched execution: every weight layer runs
+  once on ``T * B`` samples); T is fixed in the graph.
+- ``step``: one time step with the state as explicit inputs and outputs (see :mod:`.stepping`).
+
+All graphs take ``sample`` ``(B, C, H, W)`` float32 and ``timestep`` ``(B,)`` int64 (the diffusion
+timestep, as DDPM / DDIM schedulers give it), with a dynamic batch size B. Exported with the TorchScript-based exporter
+(``torch.onnx.export(dynamo=False)``) at opset :data:`OPSET`: the dynamo exporter produces the same
+graphs but took 25x longer on a tiny UNet at T = 4 (51 s against 2 s), most of it decomposing the T
+unrolled neuron loops. Limits: unconditional UNets only (no ``class_labels`` input); float32; threshold
+guidance is baked in at export time; the batched graph's memory grows with T like the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from .stepping import SpikingStep
+
+OPSET = 17
+TOLERANCE = 1e-4
+"""Max abs error allowed between onnxruntime and PyTorch for the QCFS and single-step graphs."""
+UNBATCHED = ("step", "next.step")
+"""Graph inputs and outputs without a batch dimension: the step index of the single-step graph."""
+
+
+class _SampleOnly(nn.Module):
+    """``(sample, timestep) -> output``: the diffusers model call as a graph with plain tensor outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.model(sample, timestep, return_dict=False)[0]
+
+
+@dataclass
+class ExportCheck:
+    """One exported graph and how closely onnxruntime reproduced PyTorch on fresh random inputs."""
+
+    name: str
+    path: Path
+    max_abs_error: float
+    mean_abs_error: float
+    tolerance: float | None
+    export_batch: int
+    check_batch: int
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.tolerance is None or self.max_abs_error <= self.tolerance
+
+
+def _float32_cpu(model: nn.Module) -> nn.Module:
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules these models do not have.
+    return nn.Module.to(copy.deepcopy(model), device="cpu", dtype=torch.float32).eval()
+
+
+def random_inputs(model: nn.Module, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normal random ``sample`` and uniform random diffusion timesteps for ``model``."""
+    config = model.unet.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, config.in_channels, height, width, generator=generator)
+    timestep = torch.randint(1, config.num_train_timesteps or 1000, (batch,), generator=generator)
+    return sample, timestep
+
+
+def _export(module: nn.Module, inputs: tuple, path: Path, input_names: list[str], output_names: list[str]) -> None:
+    batched = {name: {0: "batch"} for name in input_names + output_names if name not in UNBATCHED}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values taken as constants, all intended
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=batched,
+            do_constant_folding=False,
+        )
+
+
+def _compare(path: Path, module: nn.Module, inputs: tuple, input_names: list[str]) -> tuple[float, float]:
+    """Max and mean abs difference between onnxruntime and PyTorch over every output."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {name: value.numpy() for name, value in zip(input_names, inputs, strict=True)}
+    onnx_outputs = session.run(None, feeds)
+    with torch.no_grad():
+        torch_outputs = module(*inputs)
+    torch_outputs = torch_outputs if isinstance(torch_outputs, tuple) else (torch_outputs,)
+    errors = np.concatenate(
+        [np.abs(got - want.numpy()).ravel() for got, want in zip(onnx_outputs, torch_outputs, strict=True)]
+    )
+    return float(errors.max()), float(errors.mean())
+
+
+def export_qcfs(qnet: QCFSUNet2DModel, path: Path, seed: int = 0) -> ExportCheck:
+    """Export the QCFS network (export batch 2, checked at batch 3)."""
+    module = _SampleOnly(_float32_cpu(qnet))
+    return _export_and_check("qcfs", module, qnet, path, TOLERANCE, seed)
+
+
+def export_snn(snn: SpikingUNet2DModel, path: Path, seed: int = 0) -> ExportCheck:
+    """Export the spiking network unrolled over its configured T in batched execution.
+
+    No tolerance: a membrane within float rounding of its threshold fires in one runtime and not the
+    other, and the flip propagates; the reported error says how much that moved the output.
+    """
+    model = _float32_cpu(snn)
+    model.set_execution("batched")
+    return _export_and_check("snn", _SampleOnly(model), snn, path, None, seed)
+
+
+def _export_and_check(
+    name: str, module: nn.Module, model: nn.Module, path: Path, tolerance: float | None, seed: int
+) -> ExportCheck:
+    start = time.perf_counter()
+    _export(module, random_inputs(model, 2, seed), path, ["sample", "timestep"], ["output"])
+    seconds = time.perf_counter() - start
+    max_error, mean_error = _compare(path, module, random_inputs(model, 3, seed + 1), ["sample", "timestep"])
+    return ExportCheck(name, path, max_error, mean_error, tolerance, 2, 3, seconds)
+
+
+def step_io_names(step: SpikingStep) -> tuple[list[str], list[str]]:
+    """Input and output names of the single-step graph."""
+    states = step.state_names()
+    return ["sample", "timestep", "step", *states], ["output", "next.step", *(f"next.{name}" for name in states)]
+
+
+@torch.no_grad()
+def export_step(snn: SpikingUNet2DModel, path: Path, seed: int = 0) -> tuple[ExportCheck, dict[str, np.ndarray]]:
+    """Export one time step with explicit state; returns the check and the initial state for batch 1.
+
+    The check runs at batch 3 from the state PyTorch reaches after T // 2 steps on the check inputs, so
+    the membranes and sums are those of a real simulation, not arbitrary numbers.
+    """
+    step = SpikingStep(_float32_cpu(snn)).eval()
+    input_names, output_names = step_io_names(step)
+    sample, timestep = random_inputs(snn, 2, seed)
+    start = time.perf_counter()
+    _export(step, (sample, timestep, *step.initial_state(sample, timestep)), path, input_names, output_names)
+    seconds = time.perf_counter() - start
+
+    sample, timestep = random_inputs(snn, 3, seed + 1)
+    state = step.initial_state(sample, timestep)
+    for _ in range(int(snn.config.timesteps) // 2):
+        state = step(sample, timestep, *state)[1:]
+    max_error, mean_error = _compare(path, step, (sample, timestep, *state), input_names)
+    check = ExportCheck("step", path, max_error, mean_error, TOLERANCE, 2, 3, seconds)
+    one = random_inputs(snn, 1, seed)
+    initial = dict(zip(input_names[2:], (value.numpy() for value in step.initial_state(*one)), strict=True))
+    return check, initial

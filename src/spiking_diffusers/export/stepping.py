@@ -1,0 +1,147 @@
+"""One simulation time step of a spiking UNet as a pure function of its state, for stateful runtimes.
+
+``SpikingUNet2DModel`` keeps its state (membrane potentials, compensation sums, a Python step counter)
+inside its modules between calls. An exported graph cannot: :class:`SpikingStep` takes every state tensor
+as an input and returns the updated one as an output, so a runtime calls the same graph T times and owns
+the state in between. Numerically it is the model's ``"stepwise"`` execution.
+
+State, in :meth:`SpikingStep.state_names` order:
+
+- ``<site>.membrane`` for every IF neuron, and ``<site>.spike_count`` (the signed count) for signed
+  neurons; the neuron's own stepwise code updates them.
+- ``<op>.input_sum`` and ``<op>.output_sum`` for every compensated GroupNorm / attention. The model's own
+  stepwise path branches on the first step and, for GroupNorm, recomputes the previous total instead of
+  storing it; a graph that serves every step cannot branch on a step index that is an input, so here the
+  previous total is state too (zero before the first step) and step ``t`` emits
+  ``t * f(input_sum / t) - output_sum``: the same expectation compensation, branch-free.
+- the step index (steps done so far, a float tensor of shape ``(1,)``), shared by all compensated ops.
+
+The initial state (:meth:`SpikingStep.initial_state`) is zero everywhere except the membranes, which
+start at ``phi`` times the firing threshold.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..converter.models import SpikingUNet2DModel
+from ..converter.neurons import IFNeuron
+from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
+from ..converter.sites import site_units
+from ..converter.temporal import TemporalModule, TemporalOp
+
+
+class CompensatedStep(nn.Module):
+    """A compensated ``TemporalOp`` with explicit state: ``input_sum``, ``output_sum`` and ``step``
+    (steps done before this one) are set by :class:`SpikingStep` before the call and read after it."""
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+        self.input_sum: torch.Tensor | None = None
+        self.output_sum: torch.Tensor | None = None
+        self.step: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        count = self.step + 1
+        self.input_sum = self.input_sum + x
+        total = self.op(self.input_sum / count, *args, **kwargs) * count
+        out = total - self.output_sum
+        self.output_sum = total
+        return out
+
+
+class SpikingStep(nn.Module):
+    """``forward(sample, timestep, step, *state) -> (output, next_step, *next_state)`` for one time step.
+
+    ``output`` is this time step's output layer; the spiking model's output is its mean over the T steps.
+    ``snn`` is copied, not changed.
+    """
+
+    def __init__(self, snn: SpikingUNet2DModel):
+        super().__init__()
+        self.unet = copy.deepcopy(snn.unet)
+        self.neurons = {name: unit for name, unit in site_units(self.unet).items() if isinstance(unit, IFNeuron)}
+        self.ops: dict[str, CompensatedStep] = {}
+        for name, module in list(self.unet.named_modules()):
+            if isinstance(module, TemporalOp) and module.method == "compensated":
+                parent_name, _, attr = name.rpartition(".")
+                self.ops[name] = CompensatedStep(module.op)
+                setattr(self.unet.get_submodule(parent_name), attr, self.ops[name])
+        for module in self.unet.modules():
+            if isinstance(module, TemporalModule):
+                module.begin(1, "stepwise")
+
+    def state_names(self) -> list[str]:
+        """Names of the state tensors, in the order ``forward`` takes and returns them."""
+        names = []
+        for site, neuron in self.neurons.items():
+            names.append(f"{site}.membrane")
+            if neuron.neuron == "signed_if":
+                names.append(f"{site}.spike_count")
+        for op in self.ops:
+            names += [f"{op}.input_sum", f"{op}.output_sum"]
+        return names
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, step: torch.Tensor, *state: torch.Tensor):
+        values = iter(state)
+        for neuron in self.neurons.values():
+            neuron.membrane = next(values)
+            neuron.spike_count = next(values) if neuron.neuron == "signed_if" else None
+        for op in self.ops.values():
+            op.input_sum, op.output_sum, op.step = next(values), next(values), step
+        try:
+            out = self.unet(sample, timestep).sample
+            return (out, step + 1, *self._state())
+        finally:
+            self._forget_state()
+
+    @torch.no_grad()
+    def initial_state(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(step, *state)`` before the first time step, for a batch shaped like ``sample``.
+
+        The shapes come from one probe step, whose pre-hooks give every module its starting state
+        (membrane ``phi`` x firing threshold, as the IF neuron starts itself; zero sums) and record it.
+        """
+        step = torch.zeros(1, dtype=sample.dtype, device=sample.device)
+        initial: dict[int, list[torch.Tensor]] = {}
+
+        def start_neuron(neuron: IFNeuron, args) -> None:
+            firing = _broadcast_channels(neuron.threshold.clamp_min(MIN_THRESHOLD), args[0]) * neuron.threshold_scale
+            neuron.membrane = (firing * neuron.phi).expand_as(args[0]).clone()
+            neuron.spike_count = torch.zeros_like(args[0]) if neuron.neuron == "signed_if" else None
+            initial[id(neuron)] = [neuron.membrane] + ([neuron.spike_count] if neuron.spike_count is not None else [])
+
+        def start_op(op: CompensatedStep, args) -> None:
+            op.input_sum, op.output_sum, op.step = torch.zeros_like(args[0]), torch.zeros_like(args[0]), step
+            initial[id(op)] = [op.input_sum, op.output_sum]
+
+        hooks = [neuron.register_forward_pre_hook(start_neuron) for neuron in self.neurons.values()]
+        hooks += [op.register_forward_pre_hook(start_op) for op in self.ops.values()]
+        try:
+            self.unet(sample, timestep)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._forget_state()
+        modules = [*self.neurons.values(), *self.ops.values()]
+        return (step, *(value for module in modules for value in initial[id(module)]))
+
+    def _state(self) -> list[torch.Tensor]:
+        state = []
+        for neuron in self.neurons.values():
+            state.append(neuron.membrane)
+            if neuron.neuron == "signed_if":
+                state.append(neuron.spike_count)
+        for op in self.ops.values():
+            state += [op.input_sum, op.output_sum]
+        return state
+
+    def _forget_state(self) -> None:
+        for neuron in self.neurons.values():
+            neuron.reset_state()
+        for op in self.ops.values():
+            op.input_sum = op.output_sum = op.step = None
