@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -108,8 +107,9 @@ class Accounting:
 
 
 def inner_unet(model: nn.Module) -> nn.Module:
-    """The ``UNet2DModel`` that does the work: the model itself, or the ``unet`` of a QCFS / spiking model."""
-    return model if isinstance(model, UNet2DModel) else model.unet
+    """The network that does the work: the ``unet`` of a QCFS / spiking model, else the model itself."""
+    unet = getattr(model, "unet", None)
+    return unet if isinstance(unet, nn.Module) else model
 
 
 def module_names(unet: nn.Module) -> dict[int, str]:
@@ -171,8 +171,9 @@ def _matmul_macs(a: torch.Size, b: torch.Size) -> int:
 class OperationCounter(TorchFunctionMode):
     """Counts the work of every forward pass of ``model`` run inside ``with OperationCounter(model) as c``.
 
-    ``model`` is a ``UNet2DModel``, :class:`~spiking_diffusers.QCFSUNet2DModel` or
-    :class:`~spiking_diffusers.SpikingUNet2DModel`; the result accumulates in ``c.accounting``.
+    ``model`` is a ``UNet2DModel``, :class:`~spiking_diffusers.QCFSUNet2DModel`,
+    :class:`~spiking_diffusers.SpikingUNet2DModel` or any module whose first argument is a batch; the
+    result accumulates in ``c.accounting``.
     """
 
     def __init__(self, model: nn.Module):
