@@ -82,11 +82,16 @@ def test_convert_takes_a_qcfs_model_as_it_is_and_refuses_a_spiking_one(models, s
     result = invoke(convert, "--model", models["qcfs"], "--output", tmp_path / "a")
     assert result.exit_code == 0, result.output
     assert "Converted a QCFS model" in result.output and "L = 3" in result.output
+    assert "vs the QCFS weights with the original activations" in result.output
+    result = invoke(convert, "--model", models["qcfs"], "--reference", models["google"], "--output", tmp_path / "r")
+    assert result.exit_code == 0 and "noise prediction vs the ANN" in result.output, result.output
+    result = invoke(convert, "--model", models["qcfs"], "--reference", snn_dir, "--output", tmp_path / "s")
+    assert result.exit_code == 2 and "is not the original UNet2DModel" in result.output
     result = invoke(convert, "--model", models["qcfs"], "--levels", 4, "--output", tmp_path / "b")
     assert result.exit_code == 2 and "conflicts with the QCFS model's L = 3" in result.output
     result = invoke(convert, "--model", snn_dir, "--output", tmp_path / "c")
     assert result.exit_code == 2 and "already a spiking network" in result.output
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not any((tmp_path / name).exists() for name in "bcs")
 
 
 def test_sample_sweep_uses_the_same_noise_at_every_scale(snn_dir, tmp_path):

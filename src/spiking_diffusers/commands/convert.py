@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from click.core import ParameterSource
+from diffusers import UNet2DModel
 
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
-from ..converter import convert
+from ..converter import QCFSUNet2DModel, convert
+from ..converter.building import unet_config_dict
 from ..converter.models import THRESHOLD_FORMS
 from ..converter.neurons import NEURON_TYPES
 from ..converter.temporal import NONLINEAR_MODES
@@ -54,22 +57,43 @@ Examples:
     help="Thresholds = lambda, or all 1 with lambda folded into the weights.",
 )
 @click.option("--per-channel/--per-layer", default=False, help="One threshold per channel, or one per site (ANN only).")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="ID_OR_DIR",
+    help="The original ANN, for the fidelity check of a calibrated QCFS model (whose weights calibration may have "
+    "changed) [default: the QCFS weights with the original activations].",
+)
 @click.option("--seed", default=0, type=int, help="Seed of the threshold probes and of the fidelity check inputs.")
 @device_option()
 def main(
-    model, output, overwrite, timesteps, levels, neuron, nonlinear_mode, threshold_form, per_channel, seed, device
+    model,
+    output,
+    overwrite,
+    timesteps,
+    levels,
+    neuron,
+    nonlinear_mode,
+    threshold_form,
+    per_channel,
+    reference,
+    seed,
+    device,
 ) -> None:
     """Convert a diffusers UNet2DModel into an integrate-and-fire spiking network."""
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         qnet, ann = _qcfs_network(loaded, timesteps, levels, per_channel, seed)
+        if reference is not None:
+            ann = _reference_ann(reference, qnet, device)
         snn = convert(
             qnet, timesteps=timesteps, neuron=neuron, nonlinear_mode=nonlinear_mode, threshold_form=threshold_form
         )
         report = {
             "source": loaded.source,
             "source_kind": loaded.kind,
+            "fidelity_reference": "ann" if ann is not None else "qcfs_as_ann",
             "settings": {
                 "timesteps": timesteps,
                 "levels": qnet.config.levels,
@@ -90,6 +114,14 @@ def main(
 def _given(name: str) -> bool:
     """Whether the option ``name`` was passed on the command line (not left at its default)."""
     return click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def _reference_ann(reference: str, qnet: QCFSUNet2DModel, device: torch.device) -> UNet2DModel:
+    """The ``--reference`` ANN, checked to be the architecture the QCFS network was made from."""
+    loaded = load_model(reference, device)
+    if loaded.kind != "ann" or unet_config_dict(loaded.unet) != qnet.config.unet_config:
+        raise CommandError(f"--reference {reference} is not the original UNet2DModel of the converted model.", 2)
+    return loaded.unet
 
 
 def _qcfs_network(loaded: LoadedModel, timesteps: int, levels: int | None, per_channel: bool, seed: int):
@@ -138,7 +170,9 @@ def _print_report(report: dict[str, Any], output: str) -> None:
     )
     ops = ", ".join(f"{count} {name}" for name, count in summary["nonlinear_ops"].items()) or "none"
     click.echo(f"Real-valued non-linear ops ({summary['nonlinear_mode']}): {ops}")
-    reference = "the ANN" if report["source_kind"] == "ann" else "the QCFS weights with the original activations"
+    reference = "the ANN"
+    if report["fidelity_reference"] == "qcfs_as_ann":
+        reference = "the QCFS weights with the original activations (pass --reference for the original ANN)"
     click.echo(f"Fidelity: relative error of the noise prediction vs {reference} (4 fixed-seed noised inputs)")
     click.echo(f"  {'t':>5}  {'QCFS L=' + str(settings['levels']):>10}  {'SNN T=' + str(settings['timesteps']):>10}")
     for row in report["fidelity"]:
