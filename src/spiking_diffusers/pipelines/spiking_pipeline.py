@@ -52,15 +52,16 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
 
     @property
     def is_spiking(self) -> bool:
+        """Whether the UNet is a spiking network (which takes ``threshold_scale`` and ``snn_timesteps``)."""
         return isinstance(self.unet, SpikingUNet2DModel)
 
     def _check_arguments(self, output_type: str, threshold_scale: ThresholdScale | None, snn_timesteps, eta) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
-        is_identity(threshold_scale)  # validates the values for every UNet type
+        identity = is_identity(threshold_scale)  # raises on invalid values, whatever the UNet
         if not self.is_spiking:
             kind = type(self.unet).__name__
-            if not is_identity(threshold_scale):
+            if not identity:
                 raise ValueError(f"threshold_scale applies to spiking UNets only; this pipeline holds a {kind}.")
             if snn_timesteps is not None:
                 raise ValueError(f"snn_timesteps applies to spiking UNets only; this pipeline holds a {kind}.")
