@@ -57,6 +57,7 @@ def test_sdm_eval_writes_report_table_and_grid(ann_dir, cache_dir, tmp_path) -> 
     assert report["noise_timesteps"] == [1, 500, 999]
     assert report["settings"]["scheduler"] == "ddim" and report["settings"]["num_images"] == 6
     assert report["settings"]["real_reference_images"] == 1797
+    assert report["settings"]["execution"] == "stepwise"  # auto, on the CPU
     ann, *others = report["variants"]
     assert ann["fd_ratio"] == 1.0 and ann["psnr_mean"] is None and ann["noise_error"] is None
     for row in report["variants"]:
@@ -134,9 +135,10 @@ def test_every_variant_sees_the_same_noise_whatever_the_batch_split(ann) -> None
 
 
 def test_prepare_variants_shares_a_fixed_level_and_recovers_qcfs_from_an_snn(ann) -> None:
-    variants = prepare_variants(ann, None, timesteps=[2, 4], levels=4)
+    variants = prepare_variants(ann, None, timesteps=[2, 4], levels=4, execution="stepwise")
     assert [v.name for v in variants] == ["ANN", "QCFS L=4", "SNN T=2", "SNN T=4"]
     assert variants[2].unet is variants[3].unet and variants[3].forward_kwargs == {"snn_timesteps": 4}
+    assert variants[3].unet.config.execution == "stepwise"
 
     qnet = quantize(ann, levels=2)
     snn = convert(qnet, timesteps=2, neuron="signed_if")

@@ -56,6 +56,12 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 @click.option(
     "--neuron", type=click.Choice(["if", "signed_if"]), default=None, help="Neuron for conversions [default: if]."
 )
+@click.option(
+    "--execution",
+    type=click.Choice(["auto", "batched", "stepwise"]),
+    default="auto",
+    help="SNN time simulation; same result. auto: stepwise on CPU (faster there), batched elsewhere.",
+)
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler (ddim: deterministic).")
 @click.option("--steps", default=20, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--num-images", "-n", default=1000, type=click.IntRange(min=2), help="Samples per network.")
@@ -83,8 +89,10 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 def main(model, reference_model, output, overwrite, device, **options) -> None:
     """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
     report Fréchet distance, paired PSNR and noise-prediction error."""
-    config = EvaluationConfig(**options)
     torch_device = get_device(device)
+    if options["execution"] == "auto":
+        options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
+    config = EvaluationConfig(**options)
     loaded = load_model(model, torch_device)
     reference = None
     if loaded.kind != "ann":

@@ -2,9 +2,10 @@
 
 :func:`prepare_variants` is the one place where they are built, whatever the user passed:
 
-- an original ``UNet2DModel``: it is the ANN; QCFS networks come from :func:`~spiking_diffusers.quantize`
-  (percentile thresholds, a first guess; calibration is a separate step) and spiking networks from
-  :func:`~spiking_diffusers.convert`;
+- an original ``UNet2DModel``: it is the ANN; QCFS networks come from
+  :func:`~spiking_diffusers.pipelines.conversion.prepare_qcfs`, the same step as ``sdm-convert`` (for now
+  percentile thresholds, a first guess; the default calibration will take its place there), and spiking
+  networks from :func:`~spiking_diffusers.convert`;
 - a ``QCFSUNet2DModel`` (e.g. a calibrated one): it is the QCFS network at its own L, converted at each T;
   it does not contain the original network, so the ANN comes from ``reference`` (the shipped model by
   default) and must have the same architecture;
@@ -21,8 +22,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..calibration.calibrate import load_snn_weights_into_qcfs
-from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
+from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import move_like, unet_config_dict
+from ..pipelines.conversion import prepare_qcfs
 
 
 class VariantError(ValueError):
@@ -51,37 +53,44 @@ def prepare_variants(
     timesteps: list[int],
     levels: int | None = None,
     neuron: str | None = None,
+    execution: str = "batched",
+    scheduler_config: dict | None = None,
 ) -> list[Variant]:
     """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T.
 
     ``model`` is the network the user passed (ANN, QCFS or SNN); ``reference`` is the ANN to compare a
     QCFS or SNN model against (ignored for an ANN ``model``). ``neuron`` ("if" or "signed_if") applies to
-    conversions; a spiking ``model`` keeps its own. A QCFS network shared by several T appears once.
+    conversions; a spiking ``model`` keeps its own. ``execution`` ("batched" or "stepwise") is how every
+    spiking network simulates time: the same result, at different speed and memory (step-wise is faster on
+    CPUs). ``scheduler_config`` is the model's noise schedule, for the QCFS preparation. A QCFS network
+    shared by several T appears once.
     """
     if not timesteps or min(timesteps) < 1:
         raise VariantError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps}.")
     if isinstance(model, SpikingUNet2DModel):
+        model.set_execution(execution)
         return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron)
     if isinstance(model, QCFSUNet2DModel):
-        return _from_qcfs(model, _checked_reference(model, reference), timesteps, levels, neuron or "if")
+        snn_options = {"neuron": neuron or "if", "execution": execution}
+        return _from_qcfs(model, _checked_reference(model, reference), timesteps, levels, snn_options)
     variants = [Variant("ANN", "ann", model)]
     qnets: dict[int, QCFSUNet2DModel] = {}
     snns: dict[int, SpikingUNet2DModel] = {}
     for t in timesteps:
         level = int(levels or t)
         if level not in qnets:
-            qnets[level] = quantize(model, levels=level, init="percentile")
-            snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if")
+            qnets[level] = prepare_qcfs(model, levels=level, timesteps=t, scheduler_config=scheduler_config)
+            snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
         variants.append(Variant(f"SNN T={t}", "snn", snns[level], levels=level, timesteps=t))
     return variants
 
 
-def _from_qcfs(qnet, ann, timesteps, levels, neuron) -> list[Variant]:
+def _from_qcfs(qnet, ann, timesteps, levels, snn_options) -> list[Variant]:
     level = int(qnet.config.levels)
     if levels is not None and levels != level:
         raise VariantError(f"The QCFS model has L = {level}; --levels {levels} cannot change it.")
-    snn = convert(qnet, timesteps=max(timesteps), neuron=neuron)
+    snn = convert(qnet, timesteps=max(timesteps), **snn_options)
     variants = [Variant("ANN", "ann", ann), Variant(f"QCFS L={level}", "qcfs", qnet, levels=level)]
     return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
 
