@@ -196,7 +196,6 @@ def test_console_scripts_run_as_subprocesses(models, tmp_path):
 
 
 def test_sweep_on_digit_shaped_images_ranks_scales_by_frechet_distance(tmp_path, monkeypatch):
-    pytest.importorskip("spiking_diffusers.metrics")
     monkeypatch.setenv("SDM_CACHE_DIR", str(tmp_path / "cache"))
     unet = make_unet(dict(TINY_CONFIGS["attention"], sample_size=16), dtype=torch.float32)
     pipe = SpikingDiffusionPipeline(

@@ -25,6 +25,7 @@ from ..calibration.data import default_cache_dir
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, parse_float_list, sdm_command
 from ..digits import load_digit_images
 from ..loading import load_model
+from ..metrics import DigitFeatures, FeatureExtractorError, FrechetDistance, paired_psnr, reference_statistics
 from ..pipelines import GROUPS, SCHEDULERS, SpikingDiffusionPipeline, make_scheduler, step_accepts
 from ..pipelines.threshold_guidance import ThresholdScale, group_scales, is_identity
 
@@ -74,10 +75,6 @@ def frechet_distance_metric(image_shape: tuple[int, ...]) -> Callable[[torch.Ten
     the shipped digit classifier's features to all scikit-learn digits (as ``sdm-eval`` measures it), for
     1x16x16 images ``(N, C, H, W)`` in [-1, 1]. Other image shapes have no built-in real reference.
     """
-    try:
-        from ..metrics import DigitFeatures, FeatureExtractorError, FrechetDistance, reference_statistics
-    except ImportError:  # the metrics package is optional here
-        return None
     extractor = DigitFeatures()
     try:
         extractor.check_shape(tuple(image_shape))
@@ -87,10 +84,13 @@ def frechet_distance_metric(image_shape: tuple[int, ...]) -> Callable[[torch.Ten
     return FrechetDistance(extractor, reference_statistics(extractor, real, default_cache_dir()))
 
 
-def paired_psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB, peak 1) of each image against the reference from the same noise."""
-    mse = ((images.astype(np.float64) - reference) ** 2).reshape(len(images), -1).mean(1)
-    return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+def mean_paired_psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the PSNR (dB; [0, 1] images) of each image against the reference from the same noise.
+
+    Identical images count as 100 dB rather than infinity, so one unchanged image does not swamp the mean.
+    """
+    psnr = paired_psnr(torch.from_numpy(images), torch.from_numpy(reference), data_range=1.0)
+    return float(psnr.clamp(max=100.0).mean())
 
 
 def save_images(images: np.ndarray, directory: Path) -> None:
@@ -229,7 +229,7 @@ def _score_sweep(results: list[dict[str, Any]]) -> dict[str, Any]:
                 "threshold_scale": result["scale"],
                 "label": scale_label(result["scale"]),
                 "dir": result["dir"],
-                "psnr_vs_scale_1_db": None if result is reference else paired_psnr(result["images"], images),
+                "psnr_vs_scale_1_db": None if result is reference else mean_paired_psnr(result["images"], images),
                 "frechet_distance": None if metric is None else metric(tensor),
             }
         )
