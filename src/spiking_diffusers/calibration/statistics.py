@@ -114,8 +114,16 @@ def init_thresholds(
         if name not in site_inputs:
             continue
         values = site_inputs[name]
-        if method == "percentile":
-            lam = percentile_threshold(values, percentile, unit.per_channel)
-        else:
-            lam = mse_threshold(values, unit.original, unit.levels, unit.phi, unit.per_channel)
+        lam = _site_threshold(values, unit, method, percentile, unit.per_channel)
+        if unit.per_channel:
+            # A channel that never sees a positive input has no scale of its own: it takes the site's.
+            dead = values.amax(dim=1) <= 0
+            if dead.any():
+                lam = torch.where(dead, _site_threshold(values, unit, method, percentile, False), lam)
         unit.threshold.copy_(lam.to(unit.threshold))
+
+
+def _site_threshold(values: torch.Tensor, unit: QCFSActivation, method: str, percentile: float, per_channel: bool):
+    if method == "percentile":
+        return percentile_threshold(values, percentile, per_channel)
+    return mse_threshold(values, unit.original, unit.levels, unit.phi, per_channel)
