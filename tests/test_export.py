@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import convert, quantize
 from spiking_diffusers.commands.export import main as export_main
-from spiking_diffusers.export import TOLERANCE, SpikingStep, export_qcfs, export_snn, export_step
+from spiking_diffusers.export import TOLERANCE, ExportCheck, SpikingStep, export_qcfs, export_snn, export_step
 from spiking_diffusers.export.onnx_export import random_inputs
 
 
@@ -33,6 +33,15 @@ def test_qcfs_and_unrolled_snn_graphs_match_pytorch(tmp_path, tiny):
     assert qcfs.passed and qcfs.max_abs_error <= TOLERANCE
     # no tolerance by design (spike flips), but on this model no neuron sits within rounding of its threshold
     assert unrolled.tolerance is None and unrolled.max_abs_error <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("error", "sensitivity", "status"),
+    [(1e-6, 1e-6, "ok"), (0.5, 1e-6, "FAILED"), (0.5, 0.3, "float32-sensitive")],
+)
+def test_a_large_error_fails_only_where_pytorch_itself_is_stable_to_rounding(tmp_path, error, sensitivity, status):
+    check = ExportCheck("qcfs", tmp_path, error, error, sensitivity, TOLERANCE, 2, 3, 0.0)
+    assert check.status == status and check.passed == (status != "FAILED")
 
 
 @pytest.mark.parametrize(
