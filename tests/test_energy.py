@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 from conftest import TINY_CONFIGS, make_inputs, make_unet
@@ -97,7 +97,8 @@ class SmallNet(nn.Module):
         return self.head(self.attn(h))
 
 
-def test_ann_macs_equal_the_analytic_count():
+@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])  # fused SDPA, or baddbmm/softmax/bmm
+def test_ann_macs_equal_the_analytic_count(processor):
     tokens, dim, heads = 16, 8, 2
     expected = (
         tokens * 8 * 27  # conv: 4x4 outputs x 8 channels x 3x3x3 taps
@@ -107,7 +108,9 @@ def test_ann_macs_equal_the_analytic_count():
         + SOFTMAX_OPS * heads * tokens * tokens
         + tokens * dim * 5  # head
     )
-    accounting = count(SmallNet().eval(), torch.randn(1, 3, 8, 8))
+    net = SmallNet().eval()
+    net.attn.set_processor(processor())
+    accounting = count(net, torch.randn(1, 3, 8, 8))
     assert accounting.macs == expected and accounting.acs == 0
 
 
