@@ -68,6 +68,7 @@ def main(model, output, overwrite, timesteps, levels, which, seed) -> None:
                 f"{loaded.source} is a spiking model; the qcfs graph needs the original or the QCFS model.", 2
             )
         graphs = [name for name in graphs if name != "qcfs"]
+        click.echo("qcfs skipped: a spiking model holds no QCFS network (pass the original or the QCFS model).")
     checks: list[ExportCheck] = []
     manifest = {"source": loaded.source, "source_kind": loaded.kind, "opset": OPSET, "graphs": {}}
     with atomic_directory(output, overwrite=overwrite) as staging:
