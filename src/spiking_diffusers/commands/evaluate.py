@@ -65,7 +65,7 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler (ddim: deterministic).")
 @click.option("--steps", default=20, type=click.IntRange(min=1), help="Denoising steps.")
 @click.option("--num-images", "-n", default=1000, type=click.IntRange(min=2), help="Samples per network.")
-@click.option("--batch-size", default=100, type=click.IntRange(min=1))
+@click.option("--batch-size", default=100, type=click.IntRange(min=1), help="Images per UNet call.")
 @click.option("--seed", default=0, type=int, help="Seed of the initial noise (shared by every network).")
 @click.option("--fd-splits", default=1, type=click.IntRange(min=1), help="Also report FD over K disjoint subsets.")
 @click.option("--noise-timesteps", default=10, type=click.IntRange(min=1), help="Diffusion timesteps in the sweep.")
@@ -83,7 +83,11 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     help="Folder of real PNG/JPEG images for the FD reference [default: the scikit-learn digits].",
 )
 @click.option("--grid-rows", default=8, type=click.IntRange(min=1), help="Rows (noises) in grid.png.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of real-data FD statistics [~/.cache/...].")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Cache of real-data FD statistics [$SDM_CACHE_DIR or ~/.cache/spiking-diffusers].",
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @device_option()
 def main(model, reference_model, output, overwrite, device, **options) -> None:

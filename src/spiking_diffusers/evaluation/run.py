@@ -170,7 +170,7 @@ def _noise_prediction_errors(
 
 
 def _measure(
-    variant: Variant, images: torch.Tensor, ann_images: torch.Tensor, frechet: FrechetDistance, config
+    variant: Variant, images: torch.Tensor, ann_images: torch.Tensor, frechet: FrechetDistance, config: EvaluationConfig
 ) -> dict:
     row = {"name": variant.name, "kind": variant.kind, "levels": variant.levels, "timesteps": variant.timesteps}
     row["fd"] = frechet(images)
