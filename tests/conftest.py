@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -88,6 +90,12 @@ def make_inputs(unet: UNet2DModel, batch: int = 2, seed: int = 0):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Calibration samples and metric statistics go to a per-run cache, never the user's."""
+    os.environ["SDM_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdm-cache"))
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -44,8 +44,12 @@ def invoke(command, *args: str):
 @pytest.fixture(scope="module")
 def snn_dir(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "snn"
-    result = invoke(convert, "--model", models["google"], "--timesteps", 2, "--output", out, "--device", "cpu")
+    result = invoke(
+        convert, "--model", models["google"], "--timesteps", 2, "--output", out, "--device", "cpu",
+        "--calibration-samples", 8, "--calibration-steps", 3, "--snn-steps", 2,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "calibrated here" in result.output
     return out
 
 
@@ -56,6 +60,8 @@ def test_convert_google_layout_writes_a_loadable_spiking_pipeline(snn_dir):
     unet = SpikingUNet2DModel.from_pretrained(snn_dir, subfolder="unet")
     assert unet.config.timesteps == 2 and unet.config.levels == 2
     report = json.loads((snn_dir / "conversion.json").read_text())
+    calibration = json.loads((snn_dir / "calibration_report.json").read_text())
+    assert len(calibration["loss_curves"]["distill"]) == 3 and (snn_dir / "calibration.png").is_file()
     assert sum(report["summary"]["sites"].values()) == len(unet.sites())
     assert report["summary"]["sites"]["time-embedding IF"] > 0
     assert report["summary"]["nonlinear_ops"] == {"Attention": 4, "GroupNorm": 17}
@@ -67,7 +73,7 @@ def test_convert_pipeline_layout_with_options_prints_the_summary(models, tmp_pat
     out = tmp_path / "snn"
     result = invoke(
         convert, "--model", models["pipeline"], "-T", 3, "-L", 5, "--neuron", "signed_if",
-        "--threshold-form", "unit", "--per-channel", "--nonlinear-mode", "per_step", "--output", out,
+        "--threshold-form", "unit", "--per-channel", "--nonlinear-mode", "per_step", "--no-calibrate", "--output", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     for line in ("Sites: 26 (17 spatial IF, 9 time-embedding IF, 0 analog QCFS)", "per channel", "4 Attention"):
@@ -181,7 +187,7 @@ def test_console_scripts_run_as_subprocesses(models, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     snn = tmp_path / "snn"
     run = subprocess.run(
-        [BIN / "sdm-convert", "--model", models["pipeline"], "-T", "2", "--output", snn],
+        [BIN / "sdm-convert", "--model", models["pipeline"], "-T", "2", "--no-calibrate", "--output", snn],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

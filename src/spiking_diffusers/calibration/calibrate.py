@@ -30,12 +30,12 @@ class CalibrationConfig:
     neuron: str = "if"
     threshold_init: str = "mse"
     percentile: float = 99.9
-    num_samples: int = 256
+    num_samples: int = 512
     sampler_steps: int = 20
     image_dir: str | None = None
     stats_batches: int = 4
-    distill: DistillSettings = field(default_factory=DistillSettings)
-    snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=2e-4))
+    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=600, batch_size=32, lr=1e-3))
+    snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=1e-4))
     seed: int = 0
     cache_dir: str | None = None
 

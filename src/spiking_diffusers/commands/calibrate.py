@@ -11,6 +11,9 @@ from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
 from ..loading import load_model
 
+DEFAULTS = CalibrationConfig()
+"""The recipe's defaults, shown by --help; the same object sdm-convert calibrates with."""
+
 EXAMPLES = """
 \b
 Examples:
@@ -25,28 +28,65 @@ Examples:
 @model_option()
 @click.option("--output", required=True, type=click.Path(), help="Directory for the calibrated model and report.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1), help="SNN time steps T to calibrate for.")
+@click.option(
+    "--timesteps",
+    "-T",
+    default=DEFAULTS.timesteps,
+    type=click.IntRange(min=1),
+    help="SNN time steps T to calibrate for.",
+)
 @click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: T].")
-@click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or per site.")
-@click.option("--neuron", type=click.Choice(["if", "signed_if"]), default="if", help="Neuron of the fine-tuned SNN.")
-@click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default="mse")
-@click.option("--percentile", default=99.9, type=click.FloatRange(0, 100, min_open=True), help="For percentile init.")
-@click.option("--num-samples", default=256, type=click.IntRange(min=1), help="Calibration images drawn from the model.")
-@click.option("--sampler-steps", default=20, type=click.IntRange(min=1), help="DDIM steps for those images.")
+@click.option("--per-channel/--per-layer", default=DEFAULTS.per_channel, help="One threshold per channel, or per site.")
+@click.option(
+    "--neuron", type=click.Choice(["if", "signed_if"]), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
+)
+@click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
+@click.option(
+    "--percentile",
+    default=DEFAULTS.percentile,
+    type=click.FloatRange(0, 100, min_open=True),
+    help="For percentile init.",
+)
+@click.option(
+    "--num-samples",
+    default=DEFAULTS.num_samples,
+    type=click.IntRange(min=1),
+    help="Calibration images drawn from the model.",
+)
+@click.option(
+    "--sampler-steps", default=DEFAULTS.sampler_steps, type=click.IntRange(min=1), help="DDIM steps for those images."
+)
 @click.option("--image-dir", type=click.Path(exists=True, file_okay=False), help="Use these images instead.")
-@click.option("--distill-steps", default=400, type=click.IntRange(min=0), help="QCFS distillation steps (0: skip).")
-@click.option("--batch-size", default=32, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True), help="Weight learning rate.")
+@click.option(
+    "--distill-steps",
+    default=DEFAULTS.distill.steps,
+    type=click.IntRange(min=0),
+    help="QCFS distillation steps (0: skip).",
+)
+@click.option("--batch-size", default=DEFAULTS.distill.batch_size, type=click.IntRange(min=1))
+@click.option(
+    "--lr", default=DEFAULTS.distill.lr, type=click.FloatRange(min=0, min_open=True), help="Weight learning rate."
+)
 @click.option("--threshold-lr", default=None, type=click.FloatRange(min=0, min_open=True), help="[default: --lr]")
 @click.option(
-    "--train", type=click.Choice(["weights", "thresholds"]), default="weights", help="What distillation fits."
+    "--train",
+    type=click.Choice(["weights", "thresholds"]),
+    default=DEFAULTS.distill.train,
+    help="What distillation fits.",
 )
-@click.option("--block-loss-weight", default=0.0, type=click.FloatRange(min=0), help="Weight of block-output matching.")
-@click.option("--grad-clip", default=1.0, type=click.FloatRange(min=0, min_open=True))
-@click.option("--snn-steps", default=100, type=click.IntRange(min=0), help="SNN-aware fine-tuning steps (0: skip).")
-@click.option("--snn-batch-size", default=16, type=click.IntRange(min=1))
-@click.option("--snn-lr", default=2e-4, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, type=int)
+@click.option(
+    "--block-loss-weight",
+    default=DEFAULTS.distill.block_loss_weight,
+    type=click.FloatRange(min=0),
+    help="Weight of block-output matching.",
+)
+@click.option("--grad-clip", default=DEFAULTS.distill.grad_clip, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--snn-steps", default=DEFAULTS.snn.steps, type=click.IntRange(min=0), help="SNN-aware fine-tuning steps (0: skip)."
+)
+@click.option("--snn-batch-size", default=DEFAULTS.snn.batch_size, type=click.IntRange(min=1))
+@click.option("--snn-lr", default=DEFAULTS.snn.lr, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of calibration samples [~/.cache/...].")
 @device_option()
 def main(model, output, overwrite, device, **options) -> None:

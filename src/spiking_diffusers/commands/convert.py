@@ -6,6 +6,7 @@ The output directory is a saved ``SpikingDiffusionPipeline`` (``model_index.json
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from click.core import ParameterSource
 from diffusers import UNet2DModel
 
+from ..calibration.calibrate import CalibrationConfig
+from ..calibration.report import PLOT_FILE, REPORT_FILE, plot_calibration
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
 from ..converter import QCFSUNet2DModel, convert
 from ..converter.building import unet_config_dict
@@ -23,7 +26,8 @@ from ..converter.neurons import NEURON_TYPES
 from ..converter.temporal import NONLINEAR_MODES
 from ..loading import LoadedModel, load_model
 from ..pipelines import SpikingDiffusionPipeline
-from ..pipelines.conversion import conversion_summary, noise_prediction_errors, prepare_qcfs
+from ..pipelines.conversion import calibrate_or_quantize, conversion_summary, noise_prediction_errors
+from .calibrate import DEFAULTS
 
 EXAMPLES = """
 \b
@@ -56,7 +60,20 @@ Examples:
     default="lambda",
     help="Thresholds = lambda, or all 1 with lambda folded into the weights.",
 )
-@click.option("--per-channel/--per-layer", default=False, help="One threshold per channel, or one per site (ANN only).")
+@click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    help="Calibrate an uncalibrated ANN first with the sdm-calibrate recipe (a few minutes on a CPU for the "
+    "shipped model); --no-calibrate uses percentile thresholds only: quick, and a poor network.",
+)
+@click.option(
+    "--calibration-samples", default=DEFAULTS.num_samples, type=click.IntRange(min=1), help="Images drawn for it."
+)
+@click.option(
+    "--calibration-steps", default=DEFAULTS.distill.steps, type=click.IntRange(min=0), help="Its distillation."
+)
+@click.option("--snn-steps", default=DEFAULTS.snn.steps, type=click.IntRange(min=0), help="Its SNN fine-tuning.")
 @click.option(
     "--reference",
     default=None,
@@ -76,6 +93,10 @@ def main(
     nonlinear_mode,
     threshold_form,
     per_channel,
+    calibrate,
+    calibration_samples,
+    calibration_steps,
+    snn_steps,
     reference,
     seed,
     device,
@@ -84,7 +105,12 @@ def main(
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
-        qnet, ann = _qcfs_network(loaded, timesteps, levels, per_channel, seed)
+        calibration = None
+        if calibrate:
+            calibration = dataclasses.replace(DEFAULTS, neuron=neuron, num_samples=calibration_samples)
+            calibration.distill = dataclasses.replace(DEFAULTS.distill, steps=calibration_steps)
+            calibration.snn = dataclasses.replace(DEFAULTS.snn, steps=snn_steps)
+        qnet, ann, calibration_report = _qcfs_network(loaded, timesteps, levels, per_channel, seed, calibration)
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
         snn = convert(
@@ -93,6 +119,7 @@ def main(
         report = {
             "source": loaded.source,
             "source_kind": loaded.kind,
+            "calibrated_here": bool(calibration_report),
             "fidelity_reference": "ann" if ann is not None else "qcfs_as_ann",
             "settings": {
                 "timesteps": timesteps,
@@ -108,6 +135,9 @@ def main(
         }
         SpikingDiffusionPipeline(unet=snn, scheduler=loaded.scheduler).save_pretrained(staging)
         (Path(staging) / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        if calibration_report:
+            (Path(staging) / REPORT_FILE).write_text(json.dumps(calibration_report, indent=2) + "\n")
+            plot_calibration(calibration_report, Path(staging) / PLOT_FILE)
     _print_report(report, output)
 
 
@@ -124,8 +154,16 @@ def _reference_ann(reference: str, qnet: QCFSUNet2DModel, device: torch.device) 
     return loaded.unet
 
 
-def _qcfs_network(loaded: LoadedModel, timesteps: int, levels: int | None, per_channel: bool, seed: int):
-    """The QCFS network to convert, and the ANN reference of the fidelity check (``None``: use ``as_ann``)."""
+def _qcfs_network(
+    loaded: LoadedModel,
+    timesteps: int,
+    levels: int | None,
+    per_channel: bool,
+    seed: int,
+    calibration: CalibrationConfig | None,
+):
+    """The QCFS network to convert, the ANN reference of the fidelity check (``None``: use ``as_ann``), and
+    the report of the calibration run here (empty when none ran)."""
     if loaded.kind == "snn":
         raise CommandError(
             f"{loaded.source} is already a spiking network (SpikingUNet2DModel); pass the original model or "
@@ -138,16 +176,17 @@ def _qcfs_network(loaded: LoadedModel, timesteps: int, levels: int | None, per_c
             raise CommandError(f"--levels {levels} conflicts with the QCFS model's L = {qnet.config.levels}.", 2)
         if _given("per_channel") and per_channel != qnet.config.per_channel:
             raise CommandError("--per-channel/--per-layer conflicts with the QCFS model's thresholds.", 2)
-        return qnet, None
-    qnet = prepare_qcfs(
+        return qnet, None, {}
+    result = calibrate_or_quantize(
         loaded.unet,
         levels=levels or timesteps,
         per_channel=per_channel,
         seed=seed,
         timesteps=timesteps,
         scheduler_config=dict(loaded.scheduler.config),
+        calibration=calibration,
     )
-    return qnet, loaded.unet
+    return result.qnet, loaded.unet, result.report
 
 
 def _print_report(report: dict[str, Any], output: str) -> None:
@@ -158,8 +197,10 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
     )
-    if report["source_kind"] == "ann":
-        click.echo("  thresholds: 99.9th percentile on noised inputs, not calibrated (see sdm-calibrate)")
+    if report["source_kind"] == "ann" and report["calibrated_here"]:
+        click.echo(f"  calibrated here with the sdm-calibrate defaults (report: {REPORT_FILE}, plot: {PLOT_FILE})")
+    elif report["source_kind"] == "ann":
+        click.echo("  thresholds: 99.9th percentile on noised inputs, not calibrated (--no-calibrate)")
     sites = summary["sites"]
     click.echo(f"Sites: {sum(sites.values())} ({', '.join(f'{count} {kind}' for kind, count in sites.items())})")
     lam = summary["thresholds"]

@@ -1,12 +1,13 @@
 """The conversion workflow behind ``sdm-convert``, as library functions: get a QCFS network from an ANN,
 describe what the conversion did, and measure how closely the spiking network follows the original.
 
-:func:`prepare_qcfs` is the single place where an uncalibrated ANN becomes a QCFS network; it is meant to
-become the default calibration once that is ready, without its callers changing.
+:func:`prepare_qcfs` is the single place where an uncalibrated ANN becomes a QCFS network: calibrated with
+the same recipe as ``sdm-calibrate``, or (quick, poor) with percentile thresholds only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import Counter
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from ..calibration.calibrate import CalibrationConfig, CalibrationResult, calibrate
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, TemporalOp, quantize
 from ..converter.neurons import IFNeuron
 from ..converter.quantize import conditioning_kwargs
@@ -31,15 +33,40 @@ def prepare_qcfs(
     seed: int = 0,
     timesteps: int | None = None,
     scheduler_config: dict[str, Any] | None = None,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = True,
 ) -> QCFSUNet2DModel:
-    """The QCFS network that ``sdm-convert`` converts when it is given an uncalibrated ANN.
+    """The QCFS network that the commands convert when they are given an uncalibrated ANN.
 
-    For now: :func:`~spiking_diffusers.quantize` with thresholds at the 99.9th percentile of each site's
-    input on noised probes (a first guess, no calibration). ``timesteps`` (the target T) and
-    ``scheduler_config`` are not used yet; they are what the default calibration will need when it
-    replaces this body.
+    With ``calibration`` (a :class:`~spiking_diffusers.calibration.CalibrationConfig`, whose T, L,
+    per-channel choice and seed are overridden by the arguments here), the full calibration of
+    ``sdm-calibrate`` runs; without it, thresholds are the 99.9th percentile of each site's input on
+    noised probes: quick, and a poor network (see the calibration benchmark).
     """
-    return quantize(unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed)
+    return calibrate_or_quantize(
+        unet, levels, per_channel, seed, timesteps, scheduler_config, calibration, progress
+    ).qnet
+
+
+def calibrate_or_quantize(
+    unet: UNet2DModel,
+    levels: int,
+    per_channel: bool = False,
+    seed: int = 0,
+    timesteps: int | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """:func:`prepare_qcfs` with the calibration report (``{}`` when only the percentile init ran)."""
+    if calibration is None:
+        qnet = quantize(unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed)
+        return CalibrationResult(qnet, {})
+    config = dataclasses.replace(
+        calibration, timesteps=timesteps or levels, levels=levels, per_channel=per_channel, seed=seed
+    )
+    scheduler_config = scheduler_config or dict(DDPMScheduler().config)
+    return calibrate(unet, scheduler_config, config, progress=progress)
 
 
 def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[str, Any]:
