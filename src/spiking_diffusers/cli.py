@@ -81,6 +81,47 @@ def device_option() -> Callable:
     )
 
 
+def calibration_options(command: Callable) -> Callable:
+    """``--calibrate/--no-calibrate`` and the three calibration sizes, for commands that may calibrate an ANN."""
+    from .calibration.calibrate import CalibrationConfig
+
+    defaults = CalibrationConfig()
+    options = [
+        click.option(
+            "--calibrate/--no-calibrate",
+            default=True,
+            help="Calibrate an uncalibrated ANN first with the sdm-calibrate recipe (minutes on a CPU for the "
+            "shipped model); --no-calibrate uses percentile thresholds only: quick, and a poor network.",
+        ),
+        click.option("--calibration-samples", default=defaults.num_samples, type=click.IntRange(min=1),
+                     help="Images drawn from the model to calibrate on."),
+        click.option("--calibration-steps", default=defaults.distill.steps, type=click.IntRange(min=0),
+                     help="QCFS distillation steps of the calibration."),
+        click.option("--snn-steps", default=defaults.snn.steps, type=click.IntRange(min=0),
+                     help="SNN-aware fine-tuning steps of the calibration."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def calibration_config(
+    calibrate: bool, calibration_samples: int, calibration_steps: int, snn_steps: int, neuron: str | None = None
+):
+    """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
+    import dataclasses
+
+    from .calibration.calibrate import CalibrationConfig
+
+    if not calibrate:
+        return None
+    config = CalibrationConfig(num_samples=calibration_samples)
+    config.neuron = neuron or config.neuron
+    config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
+    config.snn = dataclasses.replace(config.snn, steps=snn_steps)
+    return config
+
+
 def get_device(name: str) -> torch.device:
     try:
         return resolve_device(name)

@@ -6,7 +6,6 @@ The output directory is a saved ``SpikingDiffusionPipeline`` (``model_index.json
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,16 @@ from diffusers import UNet2DModel
 
 from ..calibration.calibrate import CalibrationConfig
 from ..calibration.report import PLOT_FILE, REPORT_FILE, plot_calibration
-from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..cli import (
+    CommandError,
+    atomic_directory,
+    calibration_config,
+    calibration_options,
+    device_option,
+    get_device,
+    model_option,
+    sdm_command,
+)
 from ..converter import QCFSUNet2DModel, convert
 from ..converter.building import unet_config_dict
 from ..converter.models import THRESHOLD_FORMS
@@ -27,7 +35,6 @@ from ..converter.temporal import NONLINEAR_MODES
 from ..loading import LoadedModel, load_model
 from ..pipelines import SpikingDiffusionPipeline
 from ..pipelines.conversion import calibrate_or_quantize, conversion_summary, noise_prediction_errors
-from .calibrate import DEFAULTS
 
 EXAMPLES = """
 \b
@@ -61,19 +68,7 @@ Examples:
     help="Thresholds = lambda, or all 1 with lambda folded into the weights.",
 )
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
-@click.option(
-    "--calibrate/--no-calibrate",
-    default=True,
-    help="Calibrate an uncalibrated ANN first with the sdm-calibrate recipe (a few minutes on a CPU for the "
-    "shipped model); --no-calibrate uses percentile thresholds only: quick, and a poor network.",
-)
-@click.option(
-    "--calibration-samples", default=DEFAULTS.num_samples, type=click.IntRange(min=1), help="Images drawn for it."
-)
-@click.option(
-    "--calibration-steps", default=DEFAULTS.distill.steps, type=click.IntRange(min=0), help="Its distillation."
-)
-@click.option("--snn-steps", default=DEFAULTS.snn.steps, type=click.IntRange(min=0), help="Its SNN fine-tuning.")
+@calibration_options
 @click.option(
     "--reference",
     default=None,
@@ -105,11 +100,7 @@ def main(
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
-        calibration = None
-        if calibrate:
-            calibration = dataclasses.replace(DEFAULTS, neuron=neuron, num_samples=calibration_samples)
-            calibration.distill = dataclasses.replace(DEFAULTS.distill, steps=calibration_steps)
-            calibration.snn = dataclasses.replace(DEFAULTS.snn, steps=snn_steps)
+        calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
         qnet, ann, calibration_report = _qcfs_network(loaded, timesteps, levels, per_channel, seed, calibration)
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)

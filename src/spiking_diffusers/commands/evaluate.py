@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..cli import (
+    CommandError,
+    atomic_directory,
+    calibration_config,
+    calibration_options,
+    device_option,
+    get_device,
+    model_option,
+    sdm_command,
+)
 from ..evaluation import (
     GRID_PNG,
     REPORT_JSON,
@@ -89,14 +98,19 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     help="Cache of real-data FD statistics [$SDM_CACHE_DIR or ~/.cache/spiking-diffusers].",
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@calibration_options
 @device_option()
-def main(model, reference_model, output, overwrite, device, **options) -> None:
+def main(
+    model, reference_model, output, overwrite, device, calibrate, calibration_samples, calibration_steps, snn_steps,
+    **options,
+) -> None:  # fmt: skip
     """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
     report Fréchet distance, paired PSNR and noise-prediction error."""
     torch_device = get_device(device)
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
-    config = EvaluationConfig(**options)
+    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, options["neuron"])
+    config = EvaluationConfig(**options, calibration=calibration)
     loaded = load_model(model, torch_device)
     reference = None
     if loaded.kind != "ann":

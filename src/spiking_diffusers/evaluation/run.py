@@ -18,6 +18,7 @@ ANN about 1.6, and subsets of 250 of them 3.6 to 5.1 (FD is biased upwards at sm
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.calibrate import CalibrationConfig
 from ..calibration.data import default_cache_dir, load_image_folder
 from ..digits import load_digit_images
 from ..metrics import (
@@ -69,6 +71,7 @@ class EvaluationConfig:
     grid_rows: int = 8
     cache_dir: str | None = None
     progress: bool = True
+    calibration: CalibrationConfig | None = None
 
 
 @dataclass
@@ -86,7 +89,14 @@ def evaluate(
     if config.num_images < 2 or config.num_images // max(config.fd_splits, 1) < 2:
         raise ValueError("Every Fréchet distance needs at least 2 images: raise --num-images or lower --fd-splits.")
     variants = prepare_variants(
-        model, reference, config.timesteps, config.levels, config.neuron, config.execution, scheduler_config
+        model,
+        reference,
+        config.timesteps,
+        config.levels,
+        config.neuron,
+        config.execution,
+        scheduler_config,
+        config.calibration,
     )
     shape = _sample_shape(model)
     extractor, extractor_name = _feature_extractor(config, shape)
@@ -200,6 +210,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def _settings(config: EvaluationConfig, extractor: str, real: str, num_real: int, device: str) -> dict:
     settings = {k: v for k, v in vars(config).items() if k not in ("progress", "cache_dir")}
+    settings["calibration"] = dataclasses.asdict(config.calibration) if config.calibration else None
     settings.update(feature_extractor=extractor, real_reference=real, real_reference_images=num_real, device=device)
     return settings
 

@@ -3,9 +3,9 @@
 :func:`prepare_variants` is the one place where they are built, whatever the user passed:
 
 - an original ``UNet2DModel``: it is the ANN; QCFS networks come from
-  :func:`~spiking_diffusers.pipelines.conversion.prepare_qcfs`, the same step as ``sdm-convert`` (for now
-  percentile thresholds, a first guess; the default calibration will take its place there), and spiking
-  networks from :func:`~spiking_diffusers.convert`;
+  :func:`~spiking_diffusers.pipelines.conversion.prepare_qcfs`, the same step as ``sdm-convert`` (the
+  calibration recipe, or percentile thresholds only), and spiking networks from
+  :func:`~spiking_diffusers.convert`;
 - a ``QCFSUNet2DModel`` (e.g. a calibrated one): it is the QCFS network at its own L, converted at each T;
   it does not contain the original network, so the ANN comes from ``reference`` (the shipped model by
   default) and must have the same architecture;
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..calibration.calibrate import load_snn_weights_into_qcfs
+from ..calibration.calibrate import CalibrationConfig, load_snn_weights_into_qcfs
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import move_like, unet_config_dict
 from ..pipelines.conversion import prepare_qcfs
@@ -55,6 +55,7 @@ def prepare_variants(
     neuron: str | None = None,
     execution: str = "batched",
     scheduler_config: dict | None = None,
+    calibration: CalibrationConfig | None = None,
 ) -> list[Variant]:
     """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T.
 
@@ -62,7 +63,8 @@ def prepare_variants(
     QCFS or SNN model against (ignored for an ANN ``model``). ``neuron`` ("if" or "signed_if") applies to
     conversions; a spiking ``model`` keeps its own. ``execution`` ("batched" or "stepwise") is how every
     spiking network simulates time: the same result, at different speed and memory (step-wise is faster on
-    CPUs). ``scheduler_config`` is the model's noise schedule, for the QCFS preparation. A QCFS network
+    CPUs). ``scheduler_config`` is the model's noise schedule, for the QCFS preparation, and ``calibration``
+    the recipe it calibrates an ANN with at each L (``None``: percentile thresholds only). A QCFS network
     shared by several T appears once.
     """
     if not timesteps or min(timesteps) < 1:
@@ -79,7 +81,14 @@ def prepare_variants(
     for t in timesteps:
         level = int(levels or t)
         if level not in qnets:
-            qnets[level] = prepare_qcfs(model, levels=level, timesteps=t, scheduler_config=scheduler_config)
+            qnets[level] = prepare_qcfs(
+                model,
+                levels=level,
+                per_channel=calibration.per_channel if calibration else False,
+                timesteps=t,
+                scheduler_config=scheduler_config,
+                calibration=calibration,
+            )
             snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
         variants.append(Variant(f"SNN T={t}", "snn", snns[level], levels=level, timesteps=t))
