@@ -28,6 +28,7 @@ class CalibrationConfig:
     per_channel: bool = True
     phi: float = 0.5
     neuron: str = "if"
+    tsm: bool = False
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -104,8 +105,10 @@ def calibrate(
     if config.distill.steps:
         histories["distill"] = distill(qnet, teacher, data, config.distill, "distill QCFS", progress)
     if config.snn.steps:
-        snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron)
+        snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
         histories["snn"] = distill(snn, teacher, data, config.snn, f"fine-tune SNN (T={config.timesteps})", progress)
+        if config.tsm:
+            qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
 
     after = _site_report(qnet, collect_site_inputs(qnet, stats_batches, seed=config.seed))

@@ -15,10 +15,14 @@ from tqdm.auto import tqdm
 from ..converter.qcfs import MIN_THRESHOLD
 from .data import NoisedBatches
 
+TRAIN_OPTIONS = ("weights", "thresholds", "tsm")
+
 
 @dataclass
 class DistillSettings:
-    """One distillation phase. ``train`` is "thresholds" or "weights" (thresholds and all weights)."""
+    """One distillation phase. ``train``: "weights" (everything), "thresholds", or "tsm" (only the temporal
+    factors of a spiking student); temporal factors, where the student has them, always train at ``tsm_lr``.
+    """
 
     steps: int = 400
     batch_size: int = 32
@@ -28,6 +32,7 @@ class DistillSettings:
     block_loss_weight: float = 0.0
     grad_clip: float = 1.0
     warmup_fraction: float = 0.05
+    tsm_lr: float = 1e-2
 
 
 @dataclass
@@ -67,14 +72,22 @@ def _maybe_record(unet: nn.Module, enabled: bool):
 
 
 def _trainable_groups(student: nn.Module, settings: DistillSettings) -> list[dict]:
-    thresholds, weights = [], []
+    """Parameter groups with their own learning rates; thresholds come first (they are clamped after steps)."""
+    thresholds, factors, weights = [], [], []
     for name, param in student.named_parameters():
-        (thresholds if name.endswith("threshold") else weights).append(param)
-    groups = [{"params": thresholds, "lr": settings.threshold_lr or settings.lr}]
+        if name.endswith("threshold"):
+            thresholds.append(param)
+        elif name.endswith("temporal_factors"):
+            factors.append(param)
+        else:
+            weights.append(param)
+    if settings.train not in TRAIN_OPTIONS:
+        raise ValueError(f"Unknown train option {settings.train!r}; choose one of {', '.join(TRAIN_OPTIONS)}.")
+    groups = [{"params": [] if settings.train == "tsm" else thresholds, "lr": settings.threshold_lr or settings.lr}]
+    if factors:
+        groups.append({"params": factors, "lr": settings.tsm_lr})
     if settings.train == "weights":
         groups.append({"params": weights, "lr": settings.lr})
-    elif settings.train != "thresholds":
-        raise ValueError(f"Unknown train option {settings.train!r}; choose thresholds or weights.")
     for param in student.parameters():
         param.requires_grad_(False)
     for group in groups:

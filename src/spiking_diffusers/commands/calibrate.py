@@ -86,6 +86,14 @@ Examples:
 )
 @click.option("--snn-batch-size", default=DEFAULTS.snn.batch_size, type=click.IntRange(min=1))
 @click.option("--snn-lr", default=DEFAULTS.snn.lr, type=click.FloatRange(min=0, min_open=True))
+@click.option("--tsm/--no-tsm", default=DEFAULTS.tsm, help="Learn temporal factors p_t per neuron (SDM's TSM).")
+@click.option("--tsm-lr", default=DEFAULTS.snn.tsm_lr, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--snn-train",
+    type=click.Choice(["weights", "thresholds", "tsm"]),
+    default=DEFAULTS.snn.train,
+    help="What SNN fine-tuning fits (tsm: the temporal factors alone).",
+)
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of calibration samples [~/.cache/...].")
 @device_option()
@@ -93,6 +101,10 @@ def main(model, output, overwrite, device, **options) -> None:
     """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
     config = build_config(**options)
     loaded = load_model(model, get_device(device))
+    if config.tsm and config.snn.steps == 0:
+        raise CommandError("--tsm needs SNN fine-tuning (--snn-steps > 0): that is where the factors are learned.", 2)
+    if config.snn.train == "tsm" and not config.tsm:
+        raise CommandError("--snn-train tsm needs --tsm.", 2)
     if loaded.kind != "ann":
         raise CommandError(f"{loaded.source} is already a {loaded.kind.upper()} model; calibrate the original.", 2)
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -104,7 +116,7 @@ def main(model, output, overwrite, device, **options) -> None:
 def build_config(
     timesteps, levels, per_channel, neuron, threshold_init, percentile, num_samples, sampler_steps, image_dir,
     distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps, snn_batch_size,
-    snn_lr, seed, cache_dir,
+    snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -126,7 +138,15 @@ def build_config(
             block_loss_weight=block_loss_weight,
             grad_clip=grad_clip,
         ),
-        snn=DistillSettings(steps=snn_steps, batch_size=snn_batch_size, lr=snn_lr, train=train, grad_clip=grad_clip),
+        snn=DistillSettings(
+            steps=snn_steps,
+            batch_size=snn_batch_size,
+            lr=snn_lr,
+            train=snn_train,
+            grad_clip=grad_clip,
+            tsm_lr=tsm_lr,
+        ),
+        tsm=tsm,
         seed=seed,
         cache_dir=cache_dir,
     )

@@ -202,6 +202,14 @@ def _print_report(report: dict[str, Any], output: str) -> None:
     )
     ops = ", ".join(f"{count} {name}" for name, count in summary["nonlinear_ops"].items()) or "none"
     click.echo(f"Real-valued non-linear ops ({summary['nonlinear_mode']}): {ops}")
+    tsm = summary["tsm"]
+    if tsm["enabled"]:
+        ranges = ", ".join(
+            f"{lo:.3g}..{hi:.3g}" for lo, hi in zip(tsm["min_per_step"], tsm["max_per_step"], strict=True)
+        )
+        click.echo(f"Temporal factors (TSM) per step, min..max over neurons: {ranges}")
+    else:
+        click.echo("Temporal factors (TSM): off")
     reference = "the ANN"
     if report["fidelity_reference"] == "qcfs_as_ann":
         reference = "the QCFS weights with the original activations (pass --reference for the original ANN)"

@@ -30,13 +30,16 @@ def move_like(module: nn.Module, reference: nn.Module) -> None:
     nn.Module.to(module, device=param.device, dtype=param.dtype)
 
 
-def build_qcfs_unet(unet_config: dict[str, Any], levels: int, phi: float, per_channel: bool) -> UNet2DModel:
-    """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site."""
+def build_qcfs_unet(
+    unet_config: dict[str, Any], levels: int, phi: float, per_channel: bool, tsm_steps: int = 0
+) -> UNet2DModel:
+    """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
+    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0)."""
     unet = UNet2DModel.from_config(dict(unet_config))
     check_structure(unet)
 
     def make_unit(name: str, spec: SiteSpec, original: nn.Module, channels: int) -> QCFSActivation:
-        return QCFSActivation(original, channels, levels=levels, phi=phi, per_channel=per_channel)
+        return QCFSActivation(original, channels, levels=levels, phi=phi, per_channel=per_channel, tsm_steps=tsm_steps)
 
     install_units(unet, make_unit)
     return unet
@@ -77,8 +80,12 @@ def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embe
             continue
         holder = getattr(parent, spec.activation)
         unit = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
-        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron)
+        factors = unit.temporal_factors
+        tsm_steps = 0 if factors is None else factors.numel()
+        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps)
         neuron_module.threshold.data.copy_(unit.threshold.data)
+        if factors is not None:
+            neuron_module.temporal_factors.data.copy_(factors.data)
         if isinstance(holder, CallSiteRouter):
             holder.units[spec.name] = neuron_module
         else:

@@ -19,7 +19,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .building import build_qcfs_unet, install_neurons, resolve_time_embedding
 from .neurons import NEURON_TYPES, IFNeuron
-from .qcfs import QCFSActivation
+from .qcfs import QCFSActivation, set_tsm_steps
 from .sites import site_units
 from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule
 
@@ -59,9 +59,15 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         sample_size: int | None = None,
         in_channels: int = 3,
         out_channels: int = 3,
+        tsm_steps: int = 0,
     ):
         super().__init__()
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel)
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps)
+
+    def enable_tsm(self, steps: int) -> None:
+        """Carry temporal factors (TSM) for a spiking network of ``steps`` time steps (0: drop them)."""
+        set_tsm_steps(self.unet, steps)
+        self.register_to_config(tsm_steps=int(steps))
 
     def forward(
         self,
@@ -96,7 +102,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     One ``forward`` simulates ``timesteps`` (T) time steps and returns the mean of the output layer over
     them. ``execution="batched"`` folds time into the batch (each weight layer runs once on ``T * B``
     samples); ``"stepwise"`` runs T passes of batch B with neuron state kept in between, so its memory
-    does not grow with T. Both give the same result to float tolerance.
+    does not grow with T. Both give the same result to float tolerance. With ``tsm=True`` every IF neuron
+    scales its input current at step t by a learnable factor p_t (SDM's temporal-wise spiking mechanism);
+    all factors 1 give exactly the network without it.
     """
 
     config_name = "config.json"
@@ -117,6 +125,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         sample_size: int | None = None,
         in_channels: int = 3,
         out_channels: int = 3,
+        tsm: bool = False,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -125,7 +134,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
         if int(timesteps) < 1:
             raise ValueError(f"timesteps must be at least 1, got {timesteps}.")
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel)
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps=int(timesteps) if tsm else 0)
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
 

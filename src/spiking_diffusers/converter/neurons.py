@@ -29,7 +29,9 @@ class IFNeuron(TemporalModule):
     it has fired emits ``-lambda`` and adds the threshold back, so its net spike count stays in [0, T].
     """
 
-    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5, neuron: str = "if"):
+    def __init__(
+        self, channels: int, per_channel: bool = False, phi: float = 0.5, neuron: str = "if", tsm_steps: int = 0
+    ):
         super().__init__()
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
@@ -41,6 +43,8 @@ class IFNeuron(TemporalModule):
         self.threshold = nn.Parameter(torch.ones(size))
         # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
         self.register_buffer("input_gain", torch.ones(size))
+        # Temporal-wise spiking mechanism (SDM): a learnable factor p_t on the input current of each step.
+        self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
         self.threshold_scale = 1.0
         self.membrane: torch.Tensor | None = None
         self.spike_count: torch.Tensor | None = None
@@ -55,12 +59,17 @@ class IFNeuron(TemporalModule):
         current = current * _broadcast_channels(self.input_gain, current)
         if self.execution == "batched":
             steps = self.split_time(current)
+            if self.temporal_factors is not None:
+                steps = steps * self._factors().reshape(-1, *([1] * (steps.dim() - 1))).to(steps.dtype)
             if torch.is_grad_enabled():
                 spikes = self._run_differentiable(steps, firing.detach())
                 return (spikes * amplitude + self._surrogate(steps, amplitude)).flatten(0, 1)
             if torch.jit.is_tracing():  # ONNX export: the tracer does not record the in-place path's out= writes
                 return (self._run_differentiable(steps, firing) * amplitude).flatten(0, 1)
             return self._run_inplace(steps, firing).mul_(amplitude).flatten(0, 1)
+        if self.temporal_factors is not None:
+            current = current * self._factors()[self.step].to(current.dtype)
+        self.step += 1
         if self.membrane is None:
             self.membrane = (firing * self.phi).expand_as(current).detach()
             self.spike_count = torch.zeros_like(current) if self.neuron == "signed_if" else None
@@ -68,6 +77,14 @@ class IFNeuron(TemporalModule):
             self.membrane, current.detach(), firing.detach(), self.spike_count
         )
         return spike * amplitude
+
+    def _factors(self) -> torch.Tensor:
+        if self.temporal_factors.numel() != self.num_steps:
+            raise ValueError(
+                f"This neuron's temporal factors (TSM) were made for T = {self.temporal_factors.numel()}; "
+                f"it cannot simulate T = {self.num_steps}."
+            )
+        return self.temporal_factors
 
     def _integrate(
         self, membrane: torch.Tensor, current: torch.Tensor, firing: torch.Tensor, count: torch.Tensor | None
@@ -115,4 +132,5 @@ class IFNeuron(TemporalModule):
         return (steps - steps.detach()) * inside
 
     def extra_repr(self) -> str:
-        return f"neuron={self.neuron!r}, channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}"
+        tsm = f", tsm_steps={self.temporal_factors.numel()}" if self.temporal_factors is not None else ""
+        return f"neuron={self.neuron!r}, channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}{tsm}"

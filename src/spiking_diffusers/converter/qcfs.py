@@ -48,7 +48,15 @@ class QCFSActivation(nn.Module):
     original ANN (``mode = "ann"``), which calibration uses as its teacher and for statistics.
     """
 
-    def __init__(self, original: nn.Module, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False):
+    def __init__(
+        self,
+        original: nn.Module,
+        channels: int,
+        levels: int,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        tsm_steps: int = 0,
+    ):
         super().__init__()
         if levels < 1:
             raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
@@ -58,6 +66,9 @@ class QCFSActivation(nn.Module):
         self.phi = float(phi)
         self.per_channel = bool(per_channel)
         self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
+        # Temporal factors (TSM) the spiking network was fine-tuned with; unused by the QCFS function itself,
+        # kept here so a calibrated QCFS model converts back into the same spiking network.
+        self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
         self.mode = "qcfs"
         self.observers: list = []
 
@@ -73,3 +84,20 @@ class QCFSActivation(nn.Module):
             f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}, "
             f"original={type(self.original).__name__}"
         )
+
+
+def set_tsm_steps(model: nn.Module, steps: int) -> None:
+    """Give every QCFS unit of ``model`` temporal factors for ``steps`` time steps (0: remove them).
+
+    Existing factors of the right length are kept; new ones start at 1 (no effect).
+    """
+    for unit in model.modules():
+        if not isinstance(unit, QCFSActivation):
+            continue
+        current = unit.temporal_factors
+        if steps == 0:
+            unit.temporal_factors = None
+        elif current is None or current.numel() != steps:
+            unit.temporal_factors = nn.Parameter(
+                torch.ones(steps, device=unit.threshold.device, dtype=unit.threshold.dtype)
+            )

@@ -65,6 +65,10 @@ class SpikingStep(nn.Module):
         super().__init__()
         self.unet = copy.deepcopy(snn.unet)
         self.neurons = {name: unit for name, unit in site_units(self.unet).items() if isinstance(unit, IFNeuron)}
+        if any(neuron.temporal_factors is not None for neuron in self.neurons.values()):
+            raise ValueError(
+                "The single-step graph does not support temporal factors (TSM) yet; export the unrolled graph."
+            )
         self.ops: dict[str, CompensatedStep] = {}
         for name, module in list(self.unet.named_modules()):
             if isinstance(module, TemporalOp) and module.method == "compensated":

@@ -91,7 +91,19 @@ def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[s
         },
         "nonlinear_ops": dict(sorted(ops.items())),
         "nonlinear_mode": snn.config.nonlinear_mode,
+        "tsm": _tsm_summary(snn),
     }
+
+
+def _tsm_summary(snn: SpikingUNet2DModel) -> dict[str, Any]:
+    """Whether the neurons carry temporal factors (TSM), and the range of those factors per time step."""
+    factors = [
+        n.temporal_factors.detach().float().cpu() for n in snn.neurons().values() if n.temporal_factors is not None
+    ]
+    if not factors:
+        return {"enabled": False}
+    stacked = torch.stack(factors)
+    return {"enabled": True, "min_per_step": stacked.amin(0).tolist(), "max_per_step": stacked.amax(0).tolist()}
 
 
 def _relative_error(prediction: torch.Tensor, reference: torch.Tensor) -> float:
