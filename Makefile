@@ -27,3 +27,9 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The main job on the model shipped in the package: calibrate + convert it (T = 4), then sample a grid.
+demo: setup
+	$(BIN)/sdm-convert --output outputs/digits-snn --overwrite
+	$(BIN)/sdm-sample --model outputs/digits-snn --num-images 64 --steps 20 --output outputs/digits-samples --overwrite
+	@echo "Samples: outputs/digits-samples/grid.png"
