@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import click
 import torch
 
 from .converter.support import UnsupportedModuleError
+from .errors import SdmError
 from .loading import ModelLoadError, resolve_device
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class CommandError(click.ClickException):
@@ -42,8 +46,8 @@ class SdmCommand(click.Command):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as err:
-            raise CommandError("Interrupted; nothing was written to the output path.", exit_code=130) from err
-        except ModelLoadError as err:
+            raise CommandError("Interrupted; no partial output was written.", exit_code=130) from err
+        except SdmError as err:
             raise CommandError(str(err), exit_code=err.exit_code) from err
         except UnsupportedModuleError as err:
             raise CommandError(str(err), exit_code=2) from err
@@ -161,13 +165,36 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / "previous")
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
+        with signals_deferred():  # never stop between moving the old result away and moving the new one in
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                target.rename(old / "previous")
+                staging.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with signals_deferred():  # a second Ctrl-C must not leave the staging directory half deleted
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs and raise ``KeyboardInterrupt`` after it if one came.
+
+    For short critical sections (renames, clean-up) that must not be cut in half. Outside the main thread,
+    where Python delivers no signals, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt

@@ -9,6 +9,7 @@ spiking models. Every expected mistake raises :class:`ModelLoadError` with one l
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,21 +17,20 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
 
 from .converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from .errors import SdmError
 
 UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, QCFSUNet2DModel, SpikingUNet2DModel)}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SdmError, ValueError):
     """The model argument does not lead to a loadable model; the message says why and what to do.
 
     ``exit_code`` is 2 for a usage mistake (wrong path, not a model, unsupported architecture) and 1 for a
-    runtime failure (damaged weights, hub unreachable).
+    runtime failure (damaged or non-finite weights, hub unreachable).
     """
 
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = 2
 
 
 @dataclass
@@ -74,6 +74,13 @@ def resolve_model_dir(model: str | None) -> Path:
     return _download(model)
 
 
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -81,7 +88,9 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(
             snapshot_download(
-                repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"]
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"],
+                local_files_only=_offline(),
             )
         )
     except LocalEntryNotFoundError as err:
@@ -145,11 +154,34 @@ def load_model(model: str | None = None, device: str | torch.device = "cpu") -> 
     try:
         unet = UNET_CLASSES[class_name].from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"Could not load the weights in {unet_dir}: {first_line[:300]}. Is the file complete?", exit_code=1
+            f"Could not load the weights in {unet_dir}: {_root_cause(err)[:300]}. The file is truncated or "
+            "damaged: download or save the model again.",
+            exit_code=1,
         ) from err
+    _check_finite_weights(unet, unet_dir)
     return LoadedModel(unet.to(device).eval(), _scheduler(root, unet_dir), str(root))
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost exception of ``err``'s chain (diffusers wraps the safetensors error)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_finite_weights(unet: torch.nn.Module, unet_dir: Path) -> None:
+    """A NaN or Inf weight makes every output NaN; refuse the model at load, naming the first such tensor."""
+    bad = [
+        name for name, tensor in unet.state_dict().items() if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if bad:
+        raise ModelLoadError(
+            f"{unet_dir} has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), first {bad[0]}: the file is "
+            "damaged or the model diverged in training; use an intact copy of the model.",
+            exit_code=1,
+        )
 
 
 def resolve_device(device: str) -> torch.device:

@@ -17,6 +17,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from ..errors import DamagedFileError, InputError, check_finite
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -25,7 +27,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SDM_CACHE_DIR", Path.home() / ".cache" / "spiking-diffusers"))
 
 
-def _model_fingerprint(unet: UNet2DModel) -> str:
+def model_fingerprint(unet: UNet2DModel) -> str:
     """A hash of the UNet's config and weights, so a cache entry belongs to exactly one model."""
     digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
     for tensor in unet.state_dict().values():
@@ -46,7 +48,7 @@ def sample_model_images(
 ) -> torch.Tensor:
     """``num_samples`` images in [-1, 1] drawn from ``unet`` with DDIM (eta 0), cached on disk."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = f"{_model_fingerprint(unet)}-n{num_samples}-s{sampler_steps}-seed{seed}"
+    key = f"{model_fingerprint(unet)}-n{num_samples}-s{sampler_steps}-seed{seed}"
     path = cache_dir / "calibration" / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -66,6 +68,7 @@ def sample_model_images(
             chunks.append(torch.from_numpy(np.asarray(images.images)).permute(0, 3, 1, 2) * 2 - 1)
             bar.update(count)
     x0 = torch.cat(chunks).float().contiguous()
+    check_finite(x0, "The calibration data (the model's own samples)", "its weights overflow; check the model.")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     save_file({"x0": x0}, staging)
@@ -74,17 +77,29 @@ def sample_model_images(
 
 
 def load_image_folder(folder: str | Path, sample_size: int, channels: int) -> torch.Tensor:
-    """Every PNG/JPEG in ``folder`` (recursively), resized to ``sample_size`` and scaled to [-1, 1]."""
+    """Every PNG/JPEG in ``folder`` (recursively), resized to ``sample_size`` and scaled to [-1, 1].
+
+    Images of any size and colour mode are resized and converted to grayscale (``channels`` 1) or RGB
+    (``channels`` 3); models with another channel count cannot take images and are refused.
+    """
     from PIL import Image
 
+    if channels not in (1, 3):
+        raise InputError(
+            f"Image folders feed 1- or 3-channel models only; this model takes {channels}-channel samples. "
+            "Leave out the image folder (calibration then uses the model's own samples)."
+        )
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"No PNG or JPEG images in {folder}.")
+        raise InputError(f"No PNG or JPEG images in {folder}; point to a folder of images.")
     mode = "L" if channels == 1 else "RGB"
     images = []
     for file in files:
-        with Image.open(file) as image:
-            resized = image.convert(mode).resize((sample_size, sample_size), Image.Resampling.BICUBIC)
+        try:
+            with Image.open(file) as image:
+                resized = image.convert(mode).resize((sample_size, sample_size), Image.Resampling.BICUBIC)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DamagedFileError(f"Cannot read the image {file} ({err}); remove or replace it.") from err
         array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
         images.append(torch.from_numpy(array.reshape(sample_size, sample_size, channels)).permute(2, 0, 1))
     return torch.stack(images)

@@ -88,6 +88,9 @@ def evaluate(
     """Evaluate ``model`` (ANN, QCFS or SNN; see :func:`prepare_variants`) as described in the module doc."""
     if config.num_images < 2 or config.num_images // max(config.fd_splits, 1) < 2:
         raise ValueError("Every Fréchet distance needs at least 2 images: raise --num-images or lower --fd-splits.")
+    shape = _sample_shape(model)  # the metric and its real images first: a mistake there fails before any work
+    extractor, extractor_name = _feature_extractor(config, shape)
+    real, real_name = _real_images(config, shape)
     variants = prepare_variants(
         model,
         reference,
@@ -98,9 +101,6 @@ def evaluate(
         scheduler_config,
         config.calibration,
     )
-    shape = _sample_shape(model)
-    extractor, extractor_name = _feature_extractor(config, shape)
-    real, real_name = _real_images(config, shape)
     device = next(model.parameters()).device
     extractor = extractor.to(device)
     frechet = FrechetDistance(extractor, reference_statistics(extractor, real, config.cache_dir or default_cache_dir()))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from ..errors import check_finite
 from .stepping import SpikingStep
 
 OPSET = 17
@@ -127,6 +128,12 @@ def _compare(path: Path, module: nn.Module, inputs: tuple, input_names: list[str
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {name: value.numpy() for name, value in zip(input_names, inputs, strict=True)}
     expected = _outputs(module, inputs)
+    for value in expected:
+        check_finite(
+            torch.from_numpy(value),
+            f"PyTorch's output of {path.name} on the check inputs",
+            "the model overflows, so the graph cannot be checked; check its weights.",
+        )
     errors = np.concatenate(
         [np.abs(got - want).ravel() for got, want in zip(session.run(None, feeds), expected, strict=True)]
     )

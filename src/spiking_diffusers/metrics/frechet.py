@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ..errors import check_finite
+
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -104,6 +106,8 @@ class FrechetDistance:
         """The distance of ``images`` (``(N, C, H, W)`` in ``[-1, 1]``, N >= 2) to the reference."""
         if len(images) < 2:
             raise ValueError(f"The Fréchet distance needs at least 2 images, got {len(images)}.")
+        # NaN features would reach LAPACK's eigen-solver inside torchmetrics, which can crash the process.
+        check_finite(images, "An image set for the Fréchet distance", "the network that made it overflows.")
         self.metric.reset()  # keeps the reference: reset_real_features=False
         _update(self.metric, images, real=False, batch_size=self.batch_size)
         return float(self.metric.compute())

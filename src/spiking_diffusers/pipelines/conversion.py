@@ -21,6 +21,7 @@ from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, TemporalOp, quantiz
 from ..converter.neurons import IFNeuron
 from ..converter.quantize import conditioning_kwargs
 from ..converter.sites import site_wiring
+from ..errors import check_finite
 
 FIDELITY_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 """Where the fidelity check probes the schedule: t = 50, 250, 500, 750, 950 of 1000 training steps."""
@@ -154,11 +155,22 @@ def noise_prediction_errors(
         else:
             with qnet.as_ann():
                 reference = qnet(sample, t, **kwargs).sample
+        outputs = {
+            "original": reference,
+            "QCFS": qnet(sample, t, **kwargs).sample,
+            "spiking": snn(sample, t, **kwargs).sample,
+        }
+        for name, output in outputs.items():
+            check_finite(
+                output,
+                f"The {name} network's noise prediction at t = {int(t[0])}",
+                "its weights or thresholds overflow; check the model.",
+            )
         rows.append(
             {
                 "t": int(t[0]),
-                "qcfs_vs_ann": _relative_error(qnet(sample, t, **kwargs).sample, reference),
-                "snn_vs_ann": _relative_error(snn(sample, t, **kwargs).sample, reference),
+                "qcfs_vs_ann": _relative_error(outputs["QCFS"], reference),
+                "snn_vs_ann": _relative_error(outputs["spiking"], reference),
             }
         )
     return rows

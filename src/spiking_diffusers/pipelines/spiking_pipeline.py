@@ -6,7 +6,9 @@ It differs from diffusers' ``DDPMPipeline`` in what a spiking UNet and the full 
 - ``eta`` and ``generator`` reach ``scheduler.step`` only where its signature takes them;
 - ``threshold_scale`` (threshold guidance) and ``snn_timesteps`` are set per call, and the previous
   thresholds are restored afterwards;
-- a list of generators, one per image, makes every image independent of how a run is split in batches.
+- a list of generators, one per image, makes every image independent of how a run is split in batches;
+- a sample that ends non-finite (NaN or Inf) raises :class:`~spiking_diffusers.errors.NonFiniteError`
+  instead of becoming an image.
 
 Each denoising step is one ``SpikingUNet2DModel.forward``, which begins a fresh simulation (every neuron
 and compensated op is reset), so no spiking state leaks from one denoising step to the next.
@@ -27,6 +29,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UN
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from ..errors import check_finite
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -132,6 +135,13 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 noise_pred = self.unet(model_input, t, **unet_kwargs).sample
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
 
+        # Before the clamp, which would turn Inf into plausible-looking white or black pixels.
+        check_finite(
+            latents,
+            f"The sample after {num_inference_steps} denoising steps",
+            "the model's noise prediction overflows; check its weights (and, for a spiking model, T and the "
+            "threshold scale).",
+        )
         images = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -1,0 +1,233 @@
+"""Every command against every kind of bad input: exit code 2 (usage) or 1 (runtime), one ``Error:`` line that
+says what to do, no traceback, and the previous content of ``--output`` untouched with no staging left over.
+
+The models are tiny (1x16x16, so ``sdm-eval``'s digit classifier applies) and saved to a temporary
+directory; every command runs in-process through click's ``CliRunner``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_CONFIGS, make_unet
+from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+from spiking_diffusers.commands import calibrate, energy, evaluate, export, sample
+from spiking_diffusers.commands import convert as convert_cmd
+
+UNET = dict(TINY_CONFIGS["attention"], sample_size=16)
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+HUB_ID = "google/ddpm-cifar10-32"
+
+FAST = {
+    "convert": ["--no-calibrate", "-T", "2"],
+    "calibrate": ["-T", "2", "--num-samples", "4", "--sampler-steps", "2", "--distill-steps", "2", "--snn-steps", "1",
+                  "--batch-size", "2", "--snn-batch-size", "2", "--threshold-init", "percentile"],
+    "sample": ["--steps", "2", "-n", "2"],
+    "eval": ["-T", "2", "--no-calibrate", "--num-images", "4", "--batch-size", "4", "--steps", "2",
+             "--noise-timesteps", "2", "--noise-images", "2", "--grid-rows", "2", "--no-progress"],
+    "energy": ["-T", "2", "--steps", "2", "--num-images", "1"],
+    "export": ["-T", "2", "--which", "qcfs"],
+}  # fmt: skip
+COMMANDS = {
+    "convert": convert_cmd,
+    "calibrate": calibrate,
+    "sample": sample,
+    "eval": evaluate,
+    "energy": energy,
+    "export": export,
+}
+WITH_LEVELS = ("convert", "calibrate", "eval", "energy", "export")
+"""Commands with -T/--timesteps and -L/--levels (sdm-sample's T is --snn-timesteps)."""
+
+
+def _save_pipeline(unet, path: Path) -> Path:
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return path
+
+
+def _edit_weights(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    tensors = load_file(target / WEIGHTS)
+    edit(tensors)
+    save_file(tensors, target / WEIGHTS)
+    return target
+
+
+def _image(path: Path, size: int, mode: str) -> None:
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = torch.randint(0, 256, (size, size, channels), generator=torch.Generator().manual_seed(size))
+    Image.fromarray(pixels.squeeze(-1).byte().numpy() if channels == 1 else pixels.byte().numpy(), mode).save(path)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, Path]:
+    """Every bad (and one good) input, by name."""
+    root = tmp_path_factory.mktemp("inputs")
+    unet = make_unet(UNET, dtype=torch.float32)
+    ann = _save_pipeline(unet, root / "ann")
+    paths = {"ann": ann, "missing": root / "missing", "file": root / "file.txt"}
+    paths["file"].write_text("not a model")
+    (root / "not-a-model").mkdir()
+    (root / "not-a-model" / "README.md").write_text("just a folder")
+    paths["not_model"] = root / "not-a-model"
+
+    shutil.copytree(ann, root / "truncated")
+    data = (ann / WEIGHTS).read_bytes()
+    (root / "truncated" / WEIGHTS).write_bytes(data[: len(data) // 2])
+    paths["truncated"] = root / "truncated"
+    shutil.copytree(ann, root / "corrupt")
+    (root / "corrupt" / WEIGHTS).write_bytes(b"\xff" * 64 + data[64:])
+    paths["corrupt"] = root / "corrupt"
+
+    paths["nan"] = _edit_weights(ann, root / "nan", lambda t: t["conv_in.weight"].view(-1)[3].fill_(float("nan")))
+    paths["inf"] = _edit_weights(ann, root / "inf", lambda t: t["conv_out.bias"].fill_(float("inf")))
+    # Finite weights whose output overflows float32: sampling must notice, not write NaN images.
+    paths["exploding"] = _edit_weights(ann, root / "exploding", lambda t: t["conv_out.weight"].fill_(1e37))
+    # ... and one that overflows in its first layer, so its spiking network computes NaN too.
+    paths["exploding_in"] = _edit_weights(ann, root / "exploding-in", lambda t: t["conv_in.weight"].fill_(3e38))
+
+    conditional = UNet2DConditionModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=8,
+    )  # fmt: skip
+    conditional.save_pretrained(root / "conditional")
+    paths["conditional"] = root / "conditional"
+    paths["two_channels"] = _save_pipeline(make_unet(dict(UNET, in_channels=2, out_channels=2)).float(), root / "c2")
+
+    snn = convert(quantize(unet, levels=2), timesteps=2)
+    SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
+    paths["snn"] = root / "snn"
+
+    for name in ("no_images", "corrupt_images", "rgb_images"):
+        (root / name).mkdir()
+    (root / "no_images" / "notes.txt").write_text("no images here")
+    _image(root / "corrupt_images" / "a.png", 16, "L")
+    (root / "corrupt_images" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    for i, size in enumerate((12, 20, 16)):  # other sizes and RGB(A) for a 1-channel 16x16 model
+        _image(root / "rgb_images" / f"{i}.png", size, "RGBA" if i == 2 else "RGB")
+    for name in ("no_images", "corrupt_images", "rgb_images"):
+        paths[name] = root / name
+    paths["cache"] = root / "cache"
+    return paths
+
+
+def run(command: str, args: list[str], paths: dict[str, Path], tmp_path: Path, fast: bool = True):
+    """Invoke ``command`` with ``{name}`` placeholders filled in, into ``tmp_path/out`` (which holds a
+    previous result, replaced only with --overwrite on success)."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("previous result")
+    names = {name: str(path) for name, path in paths.items()}
+    argv = [arg.format(**names) for arg in args]  # last: click takes the last value of a repeated option
+    if "--model" not in argv:
+        argv = ["--model", str(paths["ann"]), *argv]
+    if "--output" not in argv:
+        argv = ["--output", str(out), *argv]
+    if command in ("calibrate", "eval"):
+        argv = ["--cache-dir", str(paths["cache"]), *argv]
+    argv = [*(FAST[command] if fast else []), "--overwrite", *argv]
+    return CliRunner().invoke(COMMANDS[command].main, argv)
+
+
+def assert_clean_failure(result, exit_code: int, message: str, tmp_path: Path) -> None:
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # never an uncaught exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert message.lower() in errors[0].lower(), errors[0]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left behind
+
+
+MODEL_CASES = [
+    ("wrong path", ["--model", "{missing}"], 2, "No such directory"),
+    ("a file", ["--model", "{file}"], 2, "is a file"),
+    ("not a diffusers model", ["--model", "{not_model}"], 2, "is not a diffusers model"),
+    ("truncated safetensors", ["--model", "{truncated}"], 1, "Could not load the weights"),
+    ("corrupted safetensors", ["--model", "{corrupt}"], 1, "Could not load the weights"),
+    ("UNet2DConditionModel", ["--model", "{conditional}"], 2, "holds a UNet2DConditionModel"),
+    ("NaN weights", ["--model", "{nan}"], 1, "non-finite weights"),
+    ("Inf weights", ["--model", "{inf}"], 1, "non-finite weights"),
+    ("output is a file", ["--output", "{file}"], 2, "is a file"),
+]
+CASES = [(command, *case) for command in COMMANDS for case in MODEL_CASES]
+CASES += [
+    (command, "T = 0", ["-T", "0"], 2, "expected integers >= 1" if command == "eval" else "0 is not in the range x>=1")
+    for command in WITH_LEVELS
+]
+CASES += [(command, "L = 0", ["-L", "0"], 2, "0 is not in the range x>=1") for command in WITH_LEVELS]
+CASES += [("eval", "T list with 0", ["-T", "2,0"], 2, "expected integers >= 1")]
+CASES += [
+    ("sample", "T = 0", ["--model", "{snn}", "--snn-timesteps", "0"], 2, "0 is not in the range x>=1"),
+    *[
+        ("sample", f"threshold scale {scale}", ["--model", "{snn}", "--threshold-scale", scale], 2, "finite number > 0")
+        for scale in ("0", "-0.5", "nan", "inf", "down=0")
+    ],
+]
+CASES += [
+    (command, "non-finite output", ["--model", "{exploding}"], 1, "is not finite")
+    for command in ("convert", "calibrate", "sample", "eval", "export")
+]
+CASES += [
+    (command, "non-finite spiking output", ["--model", "{exploding_in}"], 1, "is not finite")
+    for command in ("sample", "energy")
+]
+CASES += [
+    ("calibrate", "image dir without images", ["--image-dir", "{no_images}"], 2, "No PNG or JPEG images"),
+    ("calibrate", "unreadable image", ["--image-dir", "{corrupt_images}"], 1, "b.png"),
+    ("calibrate", "images for a 2-channel model", ["--model", "{two_channels}", "--image-dir", "{rgb_images}"], 2,
+     "2-channel"),
+    ("eval", "real images without images", ["--real-images", "{no_images}"], 2, "No PNG or JPEG images"),
+    ("eval", "unreadable real image", ["--real-images", "{corrupt_images}"], 1, "b.png"),
+    ("eval", "reference model damaged", ["--model", "{snn}", "--reference-model", "{corrupt}"], 1, "Could not load"),
+    ("convert", "reference model missing", ["--reference", "{missing}"], 2, "No such directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "case", "args", "exit_code", "message"), CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES]
+)
+def test_bad_input_fails_cleanly(paths, tmp_path, command, case, args, exit_code, message):
+    assert_clean_failure(run(command, args, paths, tmp_path), exit_code, message, tmp_path)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_hub_id_while_offline(paths, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    result = run(command, ["--model", HUB_ID], paths, tmp_path)
+    shutil.rmtree(tmp_path / "empty-hub-cache", ignore_errors=True)
+    assert_clean_failure(result, 1, "offline", tmp_path)
+
+
+def test_hub_id_while_offline_as_a_console_script(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [Path(sys.executable).parent / "sdm-sample", "--model", HUB_ID, "--output", tmp_path / "out"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("Error:") and "offline" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_of_another_size_and_channel_count_are_converted(paths, tmp_path):
+    """RGB and RGBA images of other sizes are resized and turned grayscale for a 1-channel model."""
+    result = run("calibrate", ["--image-dir", "{rgb_images}"], paths, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model_index.json").is_file()
+    result = run("eval", ["--real-images", "{rgb_images}", "--output", str(tmp_path / "eval")], paths, tmp_path)
+    assert result.exit_code == 0, result.output
