@@ -14,7 +14,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.temporal import TemporalOp
-from .data import NoisedBatches, load_image_folder, sample_model_images
+from .checkpoint import CalibrationCheckpoints
+from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
 from .distill import DistillHistory, DistillSettings, distill
 from .statistics import collect_site_inputs, init_thresholds, quantization_error
 
@@ -80,11 +81,20 @@ def calibration_data(
 
 
 def calibrate(
-    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig | None = None, progress: bool = True
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig | None = None,
+    progress: bool = True,
+    checkpoints: CalibrationCheckpoints | None = None,
 ) -> CalibrationResult:
-    """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it."""
+    """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it.
+
+    With ``checkpoints``, each phase saves its state there and a run with ``checkpoints.resume`` continues
+    from the last one, to the same result as a run never stopped.
+    """
     config = config or CalibrationConfig()
     config.validate()
+    saved = checkpoints.start(run_fingerprint(unet, scheduler_config, config)) if checkpoints else None
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     teacher = unet.eval()
@@ -101,12 +111,23 @@ def calibrate(
     init_thresholds(qnet, inputs_before, method=config.threshold_init, percentile=config.percentile)
     before = _site_report(qnet, inputs_before)
 
-    histories: dict[str, DistillHistory] = {}
-    if config.distill.steps:
-        histories["distill"] = distill(qnet, teacher, data, config.distill, "distill QCFS", progress)
+    histories: dict[str, DistillHistory] = dict(saved.finished) if saved else {}
+
+    def phase(name: str) -> dict:
+        """The checkpoint and resume arguments of phase ``name``'s :func:`distill`."""
+        return {
+            "checkpoint": checkpoints.phase(name, dict(histories)) if checkpoints else None,
+            "resume": saved.state if saved and saved.phase == name else None,
+        }
+
+    if config.distill.steps and "distill" not in histories:  # a checkpoint of the snn phase: distill is done
+        histories["distill"] = distill(
+            qnet, teacher, data, config.distill, "distill QCFS", progress, **phase("distill")
+        )
     if config.snn.steps:
         snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
-        histories["snn"] = distill(snn, teacher, data, config.snn, f"fine-tune SNN (T={config.timesteps})", progress)
+        description = f"fine-tune SNN (T={config.timesteps})"
+        histories["snn"] = distill(snn, teacher, data, config.snn, description, progress, **phase("snn"))
         if config.tsm:
             qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
@@ -121,6 +142,13 @@ def calibrate(
         "wall_time_s": time.perf_counter() - start,
     }
     return CalibrationResult(qnet.eval(), report)
+
+
+def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig) -> dict[str, Any]:
+    """What a calibration's result depends on: the model, its noise schedule and every setting but the cache."""
+    settings = _settings(config)
+    settings.pop("cache_dir")
+    return {"model": model_fingerprint(unet), "noise_schedule": dict(scheduler_config), "settings": settings}
 
 
 def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:

@@ -1,18 +1,28 @@
 """Output distillation: the QCFS (or spiking) student learns to reproduce the original UNet's noise
-prediction on calibration inputs, optionally matching every block's output on the way."""
+prediction on calibration inputs, optionally matching every block's output on the way.
+
+A phase can hand its complete state to a checkpoint every few steps (:class:`DistillState`) and continue
+from one bit for bit, and it trains data-parallel when several processes run it (see
+:mod:`spiking_diffusers.distributed`): each process takes its share of every batch, and the gradients are
+summed over processes before the optimizer step.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..converter.qcfs import MIN_THRESHOLD
+from ..errors import NonFiniteError
 from .data import NoisedBatches
 
 TRAIN_OPTIONS = ("weights", "thresholds", "tsm")
@@ -42,6 +52,32 @@ class DistillHistory:
     output_loss: list[float] = field(default_factory=list)
     total_loss: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+
+
+@dataclass
+class DistillState:
+    """A phase after ``step`` completed steps: all it needs to continue exactly as if never stopped (the
+    learning-rate schedule is a function of the step)."""
+
+    step: int
+    student: dict[str, torch.Tensor]
+    optimizer: dict
+    generator: torch.Tensor
+    """State of the calibration data's generator (``NoisedBatches.generator``)."""
+    rng: torch.Tensor
+    """State of torch's global CPU generator."""
+    history: DistillHistory
+
+
+class PhaseCheckpoint(Protocol):
+    """Receives a phase's state: after every step for which ``due`` is true, and after the last step.
+
+    The tensors of the state are the live ones; ``save`` must write or copy them before it returns.
+    """
+
+    def due(self, steps_done: int) -> bool: ...
+
+    def save(self, state: DistillState) -> None: ...
 
 
 def _block_modules(unet: nn.Module) -> list[nn.Module]:
@@ -104,10 +140,36 @@ def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _normalised_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if prediction.shape[0] != target.shape[0]:  # a spiking student's block output holds all T steps
-        prediction = prediction.unflatten(0, (-1, target.shape[0])).mean(0)
-    return (prediction - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
+def _block_loss(blocks: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Mean over blocks of ``mean((p - t)^2) / mean(t^2)``, both means over the whole batch: this process's
+    ``fraction`` of the numerator, and the denominator summed over processes (plain means in one process)."""
+    scales = torch.stack([target.pow(2).mean() for target in targets]) * fraction
+    distributed.all_reduce_sum([scales])
+    terms = []
+    for prediction, target, scale in zip(blocks, targets, scales, strict=True):
+        if prediction.shape[0] != target.shape[0]:  # a spiking student's block output holds all T steps
+            prediction = prediction.unflatten(0, (-1, target.shape[0])).mean(0)
+        terms.append((prediction - target).pow(2).mean() * fraction / scale.clamp_min(1e-8))
+    return torch.stack(terms).mean()
+
+
+def _sum_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Sum the gradients over processes (nothing to do in one process)."""
+    if distributed.world_size() == 1:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    distributed.all_reduce_sum([param.grad for param in params])
+
+
+def _restore(state: DistillState, student: nn.Module, optimizer: torch.optim.Optimizer, data: NoisedBatches):
+    student.load_state_dict(state.student)
+    optimizer.load_state_dict(state.optimizer)
+    data.generator.set_state(state.generator)
+    torch.set_rng_state(state.rng)
+    history = state.history
+    return DistillHistory(list(history.output_loss), list(history.total_loss), history.wall_time_s)
 
 
 def distill(
@@ -118,50 +180,74 @@ def distill(
     description: str = "distill",
     progress: bool = True,
     student_unet: Callable[[nn.Module], nn.Module] = lambda model: model.unet,
+    checkpoint: PhaseCheckpoint | None = None,
+    resume: DistillState | None = None,
 ) -> DistillHistory:
     """Train ``student`` (a QCFS or spiking model) to match ``teacher`` (the original UNet) in place.
 
     The loss is the MSE of the noise prediction, plus ``block_loss_weight`` times the mean normalised MSE
     of every block's output. AdamW with warm-up and cosine decay, gradient clipping; thresholds are kept
-    positive after every step. Deterministic for a given state of ``data``'s generator.
+    positive after every step. Deterministic for a given state of ``data``'s generator. ``checkpoint``
+    receives the state to continue from (see :class:`PhaseCheckpoint`); ``resume`` continues from one.
     """
-    import time
-
     start = time.perf_counter()
     groups = _trainable_groups(student, settings)
+    params = [param for group in groups for param in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    history = DistillHistory()
+    history = DistillHistory() if resume is None else _restore(resume, student, optimizer, data)
+    elapsed_before = history.wall_time_s
     teacher.eval()
     student.eval()  # no dropout: the student must match the deterministic teacher
     use_blocks = settings.block_loss_weight > 0
     device = next(student.parameters()).device
-    bar = tqdm(range(settings.steps), desc=description, disable=not progress)
+    share = distributed.batch_share(settings.batch_size)
+    fraction = (share.stop - share.start) / settings.batch_size  # 1 in one process
+    first = resume.step if resume is not None else 0
+    bar = tqdm(
+        range(first, settings.steps), desc=description, initial=first, total=settings.steps, disable=not progress
+    )
     for step in bar:
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * _lr_factor(step, settings.steps, settings.warmup_fraction)
-        x_t, timesteps = data.sample(settings.batch_size)
-        x_t, timesteps = x_t.to(device), timesteps.to(device)
+        x_t, timesteps = data.sample(settings.batch_size)  # the whole batch, the same in every process
+        x_t, timesteps = x_t[share].to(device), timesteps[share].to(device)
         with torch.no_grad(), _maybe_record(teacher, use_blocks) as teacher_blocks:
             target = teacher(x_t, timesteps).sample
         with _maybe_record(student_unet(student), use_blocks) as blocks:
             prediction = student(x_t, timesteps).sample
-        output_loss = nn.functional.mse_loss(prediction, target)
+        # This process's part of the whole batch's loss: the parts (and their gradients) sum to the whole.
+        output_loss = nn.functional.mse_loss(prediction, target) * fraction
         loss = output_loss
         if use_blocks:
-            block_terms = [_normalised_mse(p, t) for p, t in zip(blocks, teacher_blocks, strict=True)]
-            loss = loss + settings.block_loss_weight * torch.stack(block_terms).mean()
+            loss = loss + settings.block_loss_weight * _block_loss(blocks, teacher_blocks, fraction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.grad_clip)
+        _sum_gradients(params)
+        losses = torch.stack([output_loss.detach(), loss.detach()])
+        distributed.all_reduce_sum([losses])
+        output_value, total_value = losses.tolist()
+        if not math.isfinite(total_value):
+            raise NonFiniteError(
+                f"{description}: the loss is not finite at step {step + 1}; the original model's output overflows "
+                "or the learning rate is too high (lower it)."
+            )
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
         with torch.no_grad():
             for param in groups[0]["params"]:
                 param.clamp_(min=MIN_THRESHOLD)
-        history.output_loss.append(output_loss.item())
-        history.total_loss.append(loss.item())
-        bar.set_postfix(loss=f"{output_loss.item():.4f}")
+        history.output_loss.append(output_value)
+        history.total_loss.append(total_value)
+        bar.set_postfix(loss=f"{output_value:.4f}")
+        if checkpoint is not None and (checkpoint.due(step + 1) or step + 1 == settings.steps):
+            history.wall_time_s = elapsed_before + time.perf_counter() - start
+            state = DistillState(
+                step + 1, student.state_dict(), optimizer.state_dict(), data.generator.get_state(),
+                torch.get_rng_state(), history,
+            )  # fmt: skip
+            checkpoint.save(state)
     for param in student.parameters():
         param.requires_grad_(False)
-    history.wall_time_s = time.perf_counter() - start
+    history.wall_time_s = elapsed_before + time.perf_counter() - start
     return history

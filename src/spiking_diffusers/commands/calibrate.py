@@ -6,9 +6,11 @@ from __future__ import annotations
 import click
 
 from ..calibration.calibrate import CalibrationConfig, calibrate
+from ..calibration.checkpoint import CalibrationCheckpoints, checkpoint_dir
 from ..calibration.distill import DistillSettings
 from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..distributed import is_main_process
 from ..loading import load_model
 
 DEFAULTS = CalibrationConfig()
@@ -96,8 +98,16 @@ Examples:
 )
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of calibration samples [~/.cache/...].")
+@click.option(
+    "--checkpoint-every",
+    default=100,
+    type=click.IntRange(min=0),
+    help="Save a checkpoint every N training steps (and after each phase; 0: only then), in "
+    ".<output>.checkpoint/ beside --output; removed when the output is complete.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
 @device_option()
-def main(model, output, overwrite, device, **options) -> None:
+def main(model, output, overwrite, device, checkpoint_every, resume, **options) -> None:
     """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
     config = build_config(**options)
     loaded = load_model(model, get_device(device))
@@ -107,9 +117,25 @@ def main(model, output, overwrite, device, **options) -> None:
         raise CommandError("--snn-train tsm needs --tsm.", 2)
     if loaded.kind != "ann":
         raise CommandError(f"{loaded.source} is already a {loaded.kind.upper()} model; calibrate the original.", 2)
-    with atomic_directory(output, overwrite=overwrite) as staging:
-        result = calibrate(loaded.unet, dict(loaded.scheduler.config), config)
-        save_calibration(result, loaded.scheduler, staging)
+    checkpoints = CalibrationCheckpoints(checkpoint_dir(output), checkpoint_every, resume)
+    if resume and not checkpoints.exists():
+        click.echo(f"No checkpoint in {checkpoints.directory}; starting from the beginning.", err=True)
+    elif not resume and checkpoints.exists():
+        click.echo(f"Discarding the checkpoint in {checkpoints.directory} (--resume would continue it).", err=True)
+    try:
+        with atomic_directory(output, overwrite=overwrite) as staging:
+            result = calibrate(loaded.unet, dict(loaded.scheduler.config), config, checkpoints=checkpoints)
+            save_calibration(result, loaded.scheduler, staging)
+    except KeyboardInterrupt as err:
+        if not checkpoints.exists():
+            raise CommandError("Interrupted before the first checkpoint; no partial output was written.", 130) from err
+        raise CommandError(
+            "Interrupted; no partial output was written. Add --resume to the same command to continue from the "
+            f"last checkpoint (in {checkpoints.directory}).",
+            130,
+        ) from err
+    if is_main_process():
+        checkpoints.clear()
     print_summary(result.report, output)
 
 
