@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import torch
 
+from . import distributed
 from .converter.support import UnsupportedModuleError
 from .errors import SdmError
 from .loading import ModelLoadError, resolve_device
@@ -42,7 +43,8 @@ class SdmCommand(click.Command):
     def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
-            return super().invoke(ctx)
+            with _quiet_unless_main_process():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as err:
@@ -62,6 +64,16 @@ class SdmCommand(click.Command):
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _quiet_unless_main_process() -> Iterator[None]:
+    """Under ``accelerate launch`` only the main process prints its results (errors still reach stderr)."""
+    if not distributed.launched() or distributed.is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 def sdm_command(**kwargs) -> Callable:
@@ -127,6 +139,15 @@ def calibration_config(
 
 
 def get_device(name: str) -> torch.device:
+    """The ``--device``; under ``accelerate launch``, the device the launcher gave this process."""
+    if distributed.launched():
+        given = distributed.device()
+        if name not in ("auto", given.type):
+            raise CommandError(
+                f"Under accelerate launch each process runs on the device it is given ({given}); leave out --device.",
+                exit_code=2,
+            )
+        return given
     try:
         return resolve_device(name)
     except ModelLoadError as err:
@@ -151,7 +172,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
     """Yield a fresh temporary directory beside ``target``; rename it to ``target`` only on success.
 
     On any failure (including Ctrl-C / SIGTERM) the temporary directory is removed and ``target`` keeps
-    its previous content, or does not exist.
+    its previous content, or does not exist. Under ``accelerate launch`` the other processes get a private
+    scratch directory, discarded afterwards: only the main process writes ``target``.
     """
     target = Path(target).expanduser().resolve()
     if target.exists() and not target.is_dir():
@@ -162,6 +184,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CommandError(f"Cannot create the parent of --output {target}: {err.strerror}.", exit_code=2) from err
+    if not distributed.is_main_process():  # under accelerate launch only the main process writes the output
+        with tempfile.TemporaryDirectory(prefix="sdm-scratch-") as scratch:
+            yield Path(scratch)
+        return
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging

@@ -33,7 +33,10 @@ def launched() -> bool:
 def _state():
     from accelerate import PartialState
 
-    return PartialState()
+    # Without an accelerator, ``cpu=True`` makes accelerate set up gloo from the launcher's environment.
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return PartialState(cpu=not has_accelerator)
 
 
 def rank() -> int:

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from .. import distributed
 from ..errors import DamagedFileError, InputError, check_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -60,19 +61,22 @@ def sample_model_images(
     chunks = []
     from tqdm.auto import tqdm
 
-    with tqdm(total=num_samples, desc="calibration samples (DDIM)", disable=not progress) as bar:
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(count)]
-            images = pipe(batch_size=count, generator=generators, num_inference_steps=sampler_steps, output_type="np")
+    batches = distributed.my_batches(num_samples, batch_size)  # this process's share under accelerate launch
+    with tqdm(total=sum(map(len, batches)), desc="calibration samples (DDIM)", disable=not progress) as bar:
+        for indices in batches:
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+            images = pipe(
+                batch_size=len(indices), generator=generators, num_inference_steps=sampler_steps, output_type="np"
+            )
             chunks.append(torch.from_numpy(np.asarray(images.images)).permute(0, 3, 1, 2) * 2 - 1)
-            bar.update(count)
-    x0 = torch.cat(chunks).float().contiguous()
+            bar.update(len(indices))
+    x0 = distributed.gather_batches(chunks, num_samples, batch_size).float().contiguous()
     check_finite(x0, "The calibration data (the model's own samples)", "its weights overflow; check the model.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    save_file({"x0": x0}, staging)
-    staging.replace(path)
+    if distributed.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a staging file
+        save_file({"x0": x0}, staging)
+        staging.replace(path)
     return x0
 
 

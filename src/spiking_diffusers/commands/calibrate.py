@@ -124,7 +124,7 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         click.echo(f"Discarding the checkpoint in {checkpoints.directory} (--resume would continue it).", err=True)
     try:
         with atomic_directory(output, overwrite=overwrite) as staging:
-            result = calibrate(loaded.unet, dict(loaded.scheduler.config), config, checkpoints=checkpoints)
+            result = calibrate(loaded.unet, dict(loaded.scheduler.config), config, is_main_process(), checkpoints)
             save_calibration(result, loaded.scheduler, staging)
     except KeyboardInterrupt as err:
         if not checkpoints.exists():

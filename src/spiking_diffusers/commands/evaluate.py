@@ -14,6 +14,7 @@ from ..cli import (
     model_option,
     sdm_command,
 )
+from ..distributed import is_main_process
 from ..evaluation import (
     GRID_PNG,
     REPORT_JSON,
@@ -110,6 +111,7 @@ def main(
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
     calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, options["neuron"])
+    options["progress"] = options["progress"] and is_main_process()
     config = EvaluationConfig(**options, calibration=calibration)
     loaded = load_model(model, torch_device)
     reference = None

@@ -2,9 +2,9 @@
 threshold-guidance sweeps.
 
 Image ``i`` always starts from its own generator seeded ``seed + i``, so the images do not depend on the
-batch size, and every threshold scale of a sweep denoises exactly the same noise: each scale's images are
-compared with the scale-1 images from the same noise (paired PSNR), and, where a Fréchet-distance metric
-is available, scored by it.
+batch size (nor, under ``accelerate launch``, on the number of processes), and every threshold scale of a
+sweep denoises exactly the same noise: each scale's images are compared with the scale-1 images from the
+same noise (paired PSNR), and, where a Fréchet-distance metric is available, scored by it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..calibration.data import default_cache_dir
 from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, parse_float_list, sdm_command
 from ..digits import load_digit_images
+from ..distributed import gather_batches, is_main_process, my_batches
 from ..loading import load_model
 from ..metrics import DigitFeatures, FeatureExtractorError, FrechetDistance, paired_psnr, reference_statistics
 from ..pipelines import GROUPS, SCHEDULERS, SpikingDiffusionPipeline, make_scheduler, step_accepts
@@ -122,14 +123,18 @@ def generate(
     progress: tqdm,
     **call_kwargs,
 ) -> np.ndarray:
-    """``num_images`` images (N, H, W, C in [0, 1]), image ``i`` from a generator seeded ``seed + i``."""
+    """``num_images`` images (N, H, W, C in [0, 1]), image ``i`` from a generator seeded ``seed + i``.
+
+    Under ``accelerate launch`` each process samples its share of the batches and every process gets all
+    images back: the same images as one process makes (see :mod:`spiking_diffusers.distributed`).
+    """
     batches = []
-    for start in range(0, num_images, batch_size):
-        count = min(batch_size, num_images - start)
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-        batches.append(pipe(batch_size=count, generator=generators, output_type="np", **call_kwargs).images)
-        progress.update(count)
-    return np.concatenate(batches)
+    for indices in my_batches(num_images, batch_size):
+        generators = [torch.Generator().manual_seed(seed + i) for i in indices]
+        images = pipe(batch_size=len(indices), generator=generators, output_type="np", **call_kwargs).images
+        batches.append(torch.from_numpy(images))
+        progress.update(len(indices))
+    return gather_batches(batches, num_images, batch_size).numpy()
 
 
 @sdm_command(epilog=EXAMPLES)
@@ -182,9 +187,10 @@ def main(
         pipe = SpikingDiffusionPipeline(unet=loaded.unet, scheduler=make_scheduler(scheduler, loaded.scheduler.config))
         if eta and not step_accepts(pipe.scheduler, "eta"):
             raise CommandError(f"--eta applies to the ddim scheduler, not to {scheduler}.", exit_code=2)
-        pipe.set_progress_bar_config(leave=False, desc="denoising")
+        pipe.set_progress_bar_config(leave=False, desc="denoising", disable=not is_main_process())
         results = []
-        with tqdm(total=num_images * len(settings), desc="images", unit="img") as progress:
+        share = sum(map(len, my_batches(num_images, batch_size)))  # this process's images per setting
+        with tqdm(total=share * len(settings), desc="images", unit="img", disable=not is_main_process()) as progress:
             for scale in settings:
                 images = generate(
                     pipe, num_images, batch_size, seed, progress,

@@ -2,9 +2,10 @@
 
 Image ``i`` of a run always uses a generator seeded from ``(seed, i)``, fresh for every variant, so the
 ANN, QCFS and spiking networks start from the same initial noise and (for stochastic schedulers) draw the
-same step noise; the pipeline makes each image independent of how the run is split into batches. The seed
-stream is derived through ``numpy.random.SeedSequence``, apart from the plainly seeded generators that
-calibration draws its data from, so evaluation noise does not coincide with calibration noise.
+same step noise; the pipeline makes each image independent of how the run is split into batches. Under
+``accelerate launch`` the processes share the batches and gather the images: the same images as one process
+makes. The seed stream is derived through ``numpy.random.SeedSequence``, apart from the plainly seeded
+generators that calibration draws its data from, so evaluation noise does not coincide with calibration noise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
+from ..distributed import gather_batches, my_batches
 from ..pipelines import SpikingDiffusionPipeline
 from .variants import Variant
 
@@ -44,9 +46,10 @@ def sample_variant(
     snn_timesteps = variant.timesteps if variant.kind == "snn" else None
     images = []
     start = time.perf_counter()
-    with tqdm(total=num_images, desc=f"sampling {variant.name}", unit="img", disable=not progress) as bar:
-        for first in range(0, num_images, batch_size):
-            indices = range(first, min(first + batch_size, num_images))
+    batches = my_batches(num_images, batch_size)  # this process's share under accelerate launch
+    total = sum(len(indices) for indices in batches)
+    with tqdm(total=total, desc=f"sampling {variant.name}", unit="img", disable=not progress) as bar:
+        for indices in batches:
             out = pipe(
                 batch_size=len(indices),
                 generator=image_generators(seed, indices),
@@ -56,4 +59,4 @@ def sample_variant(
             ).images
             images.append(out.float().cpu() * 2 - 1)
             bar.update(len(indices))
-    return torch.cat(images), time.perf_counter() - start
+    return gather_batches(images, num_images, batch_size), time.perf_counter() - start

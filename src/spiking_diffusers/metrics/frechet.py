@@ -14,6 +14,7 @@ cached on disk (:func:`reference_statistics`) and loaded into every metric inste
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class ReferenceStatistics:
         """Write the statistics to a safetensors file (atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
+        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent writers never share a staging file
         tensors = {"feature_sum": self.feature_sum, "outer_sum": self.outer_sum, "count": torch.tensor(self.count)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging))
         staging.replace(path)
@@ -117,7 +118,11 @@ def _metric(extractor: nn.Module) -> FrechetInceptionDistance:
     if not isinstance(getattr(extractor, "num_features", None), int):
         raise TypeError("The feature extractor needs an int attribute num_features (see metrics.features).")
     device = next(extractor.parameters(), torch.empty(0)).device
-    metric = FrechetInceptionDistance(feature=extractor.eval(), reset_real_features=False, normalize=True)
+    # No sync on compute: under accelerate launch every process holds all images (gathered by the sampling),
+    # and torchmetrics would otherwise add up the processes' accumulators, changing the covariance's n - 1.
+    metric = FrechetInceptionDistance(
+        feature=extractor.eval(), reset_real_features=False, normalize=True, sync_on_compute=False
+    )
     return metric.to(device)
 
 

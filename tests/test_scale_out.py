@@ -1,0 +1,108 @@
+"""sdm-sample, sdm-eval and sdm-calibrate as 2 CPU processes (gloo) under ``accelerate launch`` / ``torchrun``
+give what one process gives: the same image files, the same report numbers, and calibrated weights within
+float tolerance of the one-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from conftest import TINY_CONFIGS, make_unet
+from spiking_diffusers import QCFSUNet2DModel, SpikingDiffusionPipeline, convert, quantize
+from spiking_diffusers.commands import calibrate, evaluate, sample
+
+BIN = Path(sys.executable).parent
+# CPU processes whatever the machine has, one thread each (as the in-process reference runs here).
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(script: str, *args) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with 2 processes; without GPUs its multi-process launcher runs them on CPU (gloo)."""
+    command = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+               "--main_process_port", str(_free_port()), BIN / script, *args]  # fmt: skip
+    return subprocess.run(list(map(str, command)), capture_output=True, text=True, env=ENV, timeout=600, check=False)
+
+
+def torchrun(script: str, *args) -> subprocess.CompletedProcess:
+    command = [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", BIN / script, *args]
+    return subprocess.run(list(map(str, command)), capture_output=True, text=True, env=ENV, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A 1x16x16 ANN (the digit metric applies) and its spiking network."""
+    root = tmp_path_factory.mktemp("models")
+    unet = make_unet(dict(TINY_CONFIGS["attention"], sample_size=16), dtype=torch.float32)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "ann")
+    snn = convert(quantize(unet, levels=2), timesteps=2)
+    SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
+    return {"ann": root / "ann", "snn": root / "snn", "cache": root / "cache"}
+
+
+def test_sample_two_processes_write_the_images_of_one(models, tmp_path):
+    args = ["--model", models["snn"], "--steps", "2", "-n", "5", "--batch-size", "2", "--threshold-scale", "0.9,1"]
+    launched = accelerate_launch("sdm-sample", *args, "--output", tmp_path / "two")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("Wrote 10 images") == 1  # only the main process prints
+    single = CliRunner().invoke(sample.main, [*map(str, args), "--output", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 2 * 6
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    sweeps = [json.loads((tmp_path / run / "sweep.json").read_text()) for run in ("one", "two")]
+    assert sweeps[0]["results"] == sweeps[1]["results"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no staging or scratch left
+
+
+def test_eval_two_processes_report_the_numbers_of_one(models, tmp_path):
+    args = ["--model", models["ann"], "-T", "1,2", "--no-calibrate", "--num-images", "6", "--batch-size", "2",
+            "--steps", "2", "--noise-timesteps", "2", "--noise-images", "4", "--grid-rows", "2", "--fd-splits", "2",
+            "--no-progress", "--cache-dir", models["cache"]]  # fmt: skip
+    launched = torchrun("sdm-eval", *args, "--output", tmp_path / "two")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = CliRunner().invoke(evaluate.main, [*map(str, args), "--output", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
+    timing = ("sampling_seconds", "seconds_per_image")
+    rows = [[{k: v for k, v in row.items() if k not in timing} for row in r["variants"]] for r in reports]
+    assert rows[0] == rows[1]
+    assert reports[0]["noise_timesteps"] == reports[1]["noise_timesteps"]
+
+
+def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_path):
+    """Each process takes half of every batch and the gradients are summed: the same updates as one process
+    up to the order of float additions. Few steps: QCFS training amplifies rounding differences over a long
+    run (as a different thread count does), see README "Scale-out and robustness"."""
+    args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
+            "3", "--snn-steps", "2", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
+            "--block-loss-weight", "0.5", "--cache-dir", models["cache"]]  # fmt: skip
+    launched = accelerate_launch("sdm-calibrate", *args, "--output", tmp_path / "two")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = CliRunner().invoke(calibrate.main, [*map(str, args), "--output", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    one, two = (QCFSUNet2DModel.from_pretrained(tmp_path / run / "unet").state_dict() for run in ("one", "two"))
+    assert max((one[key] - two[key]).abs().max().item() for key in one) < 1e-4  # lr 1e-3: a tenth of a step
+    curves = [
+        json.loads((tmp_path / run / "calibration_report.json").read_text())["loss_curves"] for run in ("one", "two")
+    ]
+    for phase in ("distill", "snn"):
+        assert curves[0][phase] == pytest.approx(curves[1][phase], rel=1e-5)
+    assert not (tmp_path / ".two.checkpoint").exists()
