@@ -163,7 +163,10 @@ def _sum_gradients(params: Sequence[nn.Parameter]) -> None:
     distributed.all_reduce_sum([param.grad for param in params])
 
 
-def _restore(state: DistillState, student: nn.Module, optimizer: torch.optim.Optimizer, data: NoisedBatches):
+def _restore(
+    state: DistillState, student: nn.Module, optimizer: torch.optim.Optimizer, data: NoisedBatches
+) -> DistillHistory:
+    """Put the student, optimizer and generators back in ``state``; a copy of its loss history."""
     student.load_state_dict(state.student)
     optimizer.load_state_dict(state.optimizer)
     data.generator.set_state(state.generator)
