@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
+from ..converter.encoders import SignedQCFS
 from ..converter.temporal import TemporalOp
 from .checkpoint import CalibrationCheckpoints
 from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
@@ -22,7 +23,8 @@ from .statistics import collect_site_inputs, init_thresholds, quantization_error
 
 @dataclass
 class CalibrationConfig:
-    """Every knob of a calibration run (all of them go into the report)."""
+    """Every knob of a calibration run (all of them go into the report). ``residual_spikes`` quantizes with
+    signed input encoders on the residual-reading convolutions (see ``quantize``), calibrated with the rest."""
 
     timesteps: int = 4
     levels: int | None = None
@@ -30,6 +32,7 @@ class CalibrationConfig:
     phi: float = 0.5
     neuron: str = "if"
     tsm: bool = False
+    residual_spikes: bool = False
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -103,7 +106,14 @@ def calibrate(
     generator = torch.Generator().manual_seed(config.seed)
     data = NoisedBatches(x0, DDPMScheduler.from_config(scheduler_config), generator)
 
-    qnet = quantize(unet, levels=config.resolved_levels, phi=config.phi, per_channel=config.per_channel, init=None)
+    qnet = quantize(
+        unet,
+        levels=config.resolved_levels,
+        phi=config.phi,
+        per_channel=config.per_channel,
+        init=None,
+        residual_spikes=config.residual_spikes,
+    )
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
     ]
@@ -173,7 +183,8 @@ def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) ->
     for name, unit in qnet.sites().items():
         values = site_inputs[name]
         lam = unit.threshold.detach().float()
-        above = values > (lam.reshape(-1, 1) if unit.per_channel else lam)
+        magnitude = values.abs() if isinstance(unit, SignedQCFS) else values
+        above = magnitude > (lam.reshape(-1, 1) if unit.per_channel else lam)
         report[name] = {
             "threshold": lam.tolist() if lam.numel() > 1 else lam.item(),
             "threshold_mean": lam.mean().item(),

@@ -2,7 +2,9 @@
 
 The QCFS network runs as the original ANN (``as_ann``) while observers on its units keep a bounded
 random subsample of every site's input; thresholds are then set per site (or per channel) by a
-percentile of the positive inputs or by the value that minimises the site's quantization error.
+percentile of the positive inputs or by the value that minimises the site's quantization error. The
+signed input encoders of residual spikes are sites here too: their percentile is of the input's
+magnitude, and their quantization error is measured against the identity.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..converter.encoders import SignedQCFS, signed_qcfs
 from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, qcfs
 
 THRESHOLD_INITS = ("percentile", "mse")
@@ -46,7 +49,7 @@ def collect_site_inputs(
 ) -> dict[str, torch.Tensor]:
     """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
     generator = torch.Generator().manual_seed(seed)
-    units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, QCFSActivation)}
+    units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, (QCFSActivation, SignedQCFS))}
     observers = {name: SiteObserver(max_values, generator) for name in units}
     for name, unit in units.items():
         unit.observers.append(observers[name])
@@ -60,14 +63,16 @@ def collect_site_inputs(
     return {name: observer.values() for name, observer in observers.items()}
 
 
-def percentile_threshold(values: torch.Tensor, percentile: float = 99.9, per_channel: bool = False) -> torch.Tensor:
-    """The ``percentile`` of the positive inputs, per channel (``(C,)``) or for the whole site (``(1,)``)."""
+def percentile_threshold(
+    values: torch.Tensor, percentile: float = 99.9, per_channel: bool = False, signed: bool = False
+) -> torch.Tensor:
+    """The ``percentile`` of the positive inputs (of the magnitudes if ``signed``), per channel (``(C,)``) or
+    for the whole site (``(1,)``)."""
     q = percentile / 100.0
+    magnitude = values.abs() if signed else values.clamp_min(0)
     if per_channel:
-        positive = values.clamp_min(0)
-        return torch.quantile(positive, q, dim=1).clamp_min(MIN_THRESHOLD)
-    flat = values.flatten().clamp_min(0)
-    return torch.quantile(flat, q).reshape(1).clamp_min(MIN_THRESHOLD)
+        return torch.quantile(magnitude, q, dim=1).clamp_min(MIN_THRESHOLD)
+    return torch.quantile(magnitude.flatten(), q).reshape(1).clamp_min(MIN_THRESHOLD)
 
 
 def mse_threshold(
@@ -77,30 +82,35 @@ def mse_threshold(
     phi: float = 0.5,
     per_channel: bool = False,
     num_candidates: int = 64,
+    signed: bool = False,
 ) -> torch.Tensor:
-    """The threshold minimising ``mean((qcfs(z) - activation(z))^2)`` over a grid of candidates.
+    """The threshold minimising ``mean((qcfs(z) - activation(z))^2)`` over a grid of candidates
+    (``signed_qcfs`` if ``signed``).
 
-    Candidates run from 1 % to 100 % of the largest input (per channel or for the whole site).
+    Candidates run from 1 % to 100 % of the largest input (of the largest magnitude if ``signed``), per
+    channel or for the whole site.
     """
     data = values.t() if per_channel else values.reshape(-1, 1)  # (n, C): channels on dim 1
     target = activation(data)
-    top = data.amax(dim=0).clamp_min(MIN_THRESHOLD)
+    quantizer = signed_qcfs if signed else qcfs
+    top = (data.abs() if signed else data).amax(dim=0).clamp_min(MIN_THRESHOLD)
     best_error = torch.full_like(top, float("inf"))
     best = top.clone()
     for fraction in torch.linspace(0.01, 1.0, num_candidates):
         lam = top * fraction
-        error = (qcfs(data, lam, levels, phi) - target).pow(2).mean(dim=0)
+        error = (quantizer(data, lam, levels, phi) - target).pow(2).mean(dim=0)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best = torch.where(better, lam, best)
     return best.clamp_min(MIN_THRESHOLD)
 
 
-def quantization_error(values: torch.Tensor, unit: QCFSActivation) -> float:
+def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS) -> float:
     """Mean squared difference between the site's QCFS output and its original activation."""
     lam = unit.threshold.detach().float().clamp_min(MIN_THRESHOLD)
     z = values.t()  # (n, C): channels on dim 1, as the unit expects
-    return float((qcfs(z, lam, unit.levels, unit.phi) - unit.original(z)).pow(2).mean())
+    quantizer = signed_qcfs if isinstance(unit, SignedQCFS) else qcfs
+    return float((quantizer(z, lam, unit.levels, unit.phi) - unit.original(z)).pow(2).mean())
 
 
 @torch.no_grad()
@@ -116,14 +126,18 @@ def init_thresholds(
         values = site_inputs[name]
         lam = _site_threshold(values, unit, method, percentile, unit.per_channel)
         if unit.per_channel:
-            # A channel that never sees a positive input has no scale of its own: it takes the site's.
-            dead = values.amax(dim=1) <= 0
+            # A channel that never sees a positive input (any non-zero one, for a signed encoder) has no
+            # scale of its own: it takes the site's.
+            dead = (values.abs() if isinstance(unit, SignedQCFS) else values).amax(dim=1) <= 0
             if dead.any():
                 lam = torch.where(dead, _site_threshold(values, unit, method, percentile, False), lam)
         unit.threshold.copy_(lam.to(unit.threshold))
 
 
-def _site_threshold(values: torch.Tensor, unit: QCFSActivation, method: str, percentile: float, per_channel: bool):
+def _site_threshold(
+    values: torch.Tensor, unit: QCFSActivation | SignedQCFS, method: str, percentile: float, per_channel: bool
+):
+    signed = isinstance(unit, SignedQCFS)
     if method == "percentile":
-        return percentile_threshold(values, percentile, per_channel)
-    return mse_threshold(values, unit.original, unit.levels, unit.phi, per_channel)
+        return percentile_threshold(values, percentile, per_channel, signed)
+    return mse_threshold(values, unit.original, unit.levels, unit.phi, per_channel, signed=signed)

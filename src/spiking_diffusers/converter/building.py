@@ -11,6 +11,7 @@ from torch import nn
 
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation
+from .residual_spikes import install_encoder_neurons, install_input_encoders
 from .sites import CallSiteRouter, SiteSpec, install_units, iter_site_specs, site_name
 from .support import check_structure
 from .temporal import TemporalOp
@@ -31,10 +32,16 @@ def move_like(module: nn.Module, reference: nn.Module) -> None:
 
 
 def build_qcfs_unet(
-    unet_config: dict[str, Any], levels: int, phi: float, per_channel: bool, tsm_steps: int = 0
+    unet_config: dict[str, Any],
+    levels: int,
+    phi: float,
+    per_channel: bool,
+    tsm_steps: int = 0,
+    residual_spikes: bool = False,
 ) -> UNet2DModel:
     """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
-    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0)."""
+    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0), and with ``residual_spikes``
+    a signed QCFS encoder in front of every residual-reading convolution."""
     unet = UNet2DModel.from_config(dict(unet_config))
     check_structure(unet)
 
@@ -42,6 +49,8 @@ def build_qcfs_unet(
         return QCFSActivation(original, channels, levels=levels, phi=phi, per_channel=per_channel, tsm_steps=tsm_steps)
 
     install_units(unet, make_unit)
+    if residual_spikes:
+        install_input_encoders(unet, levels, phi, per_channel)
     return unet
 
 
@@ -71,8 +80,9 @@ def spike_sites(unet: nn.Module, time_embedding: str) -> set[str]:
 
 
 def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str) -> None:
-    """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied)
-    and every GroupNorm and attention module outside attention becomes a :class:`TemporalOp`."""
+    """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
+    signed input encoders ternary IF neurons, and every GroupNorm and attention module outside attention
+    becomes a :class:`TemporalOp`."""
     spiking = spike_sites(unet, time_embedding)
     for parent_name, parent, spec in list(iter_site_specs(unet)):
         name = site_name(parent_name, spec)
@@ -90,6 +100,7 @@ def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embe
             holder.units[spec.name] = neuron_module
         else:
             setattr(parent, spec.activation, neuron_module)
+    install_encoder_neurons(unet)
     _wrap_nonlinear_ops(unet, nonlinear_mode)
 
 

@@ -26,7 +26,9 @@ def convert(
     GroupNorm and attention become ``nonlinear_mode`` ops ("compensated" or "per_step");
     ``threshold_form="unit"`` rescales the weights so that every threshold is 1. ``tsm`` gives every neuron
     temporal factors (SDM's TSM): those ``qnet`` was calibrated with, else factors of 1; by default TSM is
-    on exactly when ``qnet`` carries factors. ``qnet`` is unchanged.
+    on exactly when ``qnet`` carries factors. ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
+    signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
+    with their calibrated thresholds.
     """
     config = dict(qnet.config)
     calibrated_steps = int(config.get("tsm_steps") or 0)
@@ -51,6 +53,7 @@ def convert(
         in_channels=config["in_channels"],
         out_channels=config["out_channels"],
         tsm=tsm,
+        residual_spikes=config.get("residual_spikes", False),
     )
     move_like(snn, qnet)
     converted = copy.deepcopy(qnet.unet)

@@ -18,8 +18,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .building import build_qcfs_unet, install_neurons, resolve_time_embedding
+from .encoders import SignedQCFS
 from .neurons import NEURON_TYPES, IFNeuron
 from .qcfs import QCFSActivation, set_tsm_steps
+from .residual_spikes import input_encoders
 from .sites import site_units
 from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule
 
@@ -32,8 +34,9 @@ class _SiteModelMixin:
     unet: torch.nn.Module
 
     def sites(self) -> dict[str, torch.nn.Module]:
-        """Every activation call site by name, mapped to its unit (QCFS unit or IF neuron)."""
-        return site_units(self.unet)
+        """Every activation call site by name, mapped to its unit (QCFS unit or IF neuron), then every
+        residual input encoder (``<layer>.encoder``: signed QCFS unit or ternary IF neuron), if any."""
+        return site_units(self.unet) | input_encoders(self.unet)
 
     def thresholds(self) -> dict[str, torch.Tensor]:
         """Each site's threshold lambda (a copy), for reports and plots."""
@@ -44,7 +47,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     """A ``UNet2DModel`` whose every activation call site is a QCFS unit with its own threshold.
 
     ``forward`` has the signature of ``UNet2DModel.forward``. :meth:`as_ann` runs the original
-    activations instead, giving the unquantized network from the same weights.
+    activations instead, giving the unquantized network from the same weights. With ``residual_spikes``
+    every convolution that reads the residual stream quantizes its input with a signed QCFS unit, so that
+    the spiking network feeds it spikes (see :mod:`~spiking_diffusers.converter.residual_spikes`).
     """
 
     config_name = "config.json"
@@ -60,9 +65,10 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         in_channels: int = 3,
         out_channels: int = 3,
         tsm_steps: int = 0,
+        residual_spikes: bool = False,
     ):
         super().__init__()
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps)
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes)
 
     def enable_tsm(self, steps: int) -> None:
         """Carry temporal factors (TSM) for a spiking network of ``steps`` time steps (0: drop them)."""
@@ -80,8 +86,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
 
     @contextlib.contextmanager
     def as_ann(self) -> Iterator[QCFSUNet2DModel]:
-        """Run the original activations (SiLU, ...) instead of the QCFS units inside this context."""
-        units = [unit for unit in self.unet.modules() if isinstance(unit, QCFSActivation)]
+        """Run the original activations (SiLU, ...; the identity for input encoders) instead of the QCFS
+        units inside this context."""
+        units = [unit for unit in self.unet.modules() if isinstance(unit, (QCFSActivation, SignedQCFS))]
         for unit in units:
             unit.mode = "ann"
         try:
@@ -104,7 +111,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     samples); ``"stepwise"`` runs T passes of batch B with neuron state kept in between, so its memory
     does not grow with T. Both give the same result to float tolerance. With ``tsm=True`` every IF neuron
     scales its input current at step t by a learnable factor p_t (SDM's temporal-wise spiking mechanism);
-    all factors 1 give exactly the network without it.
+    all factors 1 give exactly the network without it. With ``residual_spikes`` the convolutions that read
+    the residual stream are fed by ternary IF encoders (spikes +-lambda).
     """
 
     config_name = "config.json"
@@ -126,6 +134,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         in_channels: int = 3,
         out_channels: int = 3,
         tsm: bool = False,
+        residual_spikes: bool = False,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -134,7 +143,14 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
         if int(timesteps) < 1:
             raise ValueError(f"timesteps must be at least 1, got {timesteps}.")
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps=int(timesteps) if tsm else 0)
+        self.unet = build_qcfs_unet(
+            unet_config,
+            levels,
+            phi,
+            per_channel,
+            tsm_steps=int(timesteps) if tsm else 0,
+            residual_spikes=residual_spikes,
+        )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
 

@@ -64,12 +64,15 @@ def quantize(
     percentile: float = 99.9,
     num_samples: int = 16,
     seed: int = 0,
+    residual_spikes: bool = False,
 ) -> QCFSUNet2DModel:
     """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
 
     The original ``unet`` is not modified. Thresholds start from ``init`` ("percentile" of each site's
     input, or "mse": the quantization-error minimiser) measured on ``num_samples`` noised inputs; pass
-    ``init=None`` to leave them at 1 (e.g. before a full calibration). Raises
+    ``init=None`` to leave them at 1 (e.g. before a full calibration). ``residual_spikes=True`` also puts a
+    signed QCFS encoder (its own threshold, initialised the same way) in front of every convolution that
+    reads the residual stream, so that the spiking network feeds those layers spikes too. Raises
     :class:`~spiking_diffusers.converter.support.UnsupportedModuleError` naming any module that
     cannot be converted.
     """
@@ -87,6 +90,7 @@ def quantize(
         sample_size=config.get("sample_size"),
         in_channels=config["in_channels"],
         out_channels=config["out_channels"],
+        residual_spikes=residual_spikes,
     )
     move_like(qnet, unet)
     missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)

@@ -4,7 +4,8 @@ Every neuron gets threshold 1 and emits binary spikes; its calibrated lambda mov
 the consumer layer's input columns are multiplied by lambda, and 1 / lambda is folded into the private
 layer feeding the neuron (its GroupNorm affine or linear layer). Where the input is shared (the time
 embedding feeds every ResNet block) or mixed (scale-shift modulation), 1 / lambda stays as the neuron's
-input gain. The outputs are those of the lambda form up to float rounding.
+input gain, as it does for the residual input encoders, whose input is the shared residual stream. The
+outputs are those of the lambda form up to float rounding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .neurons import IFNeuron
+from .residual_spikes import fold_encoder_thresholds
 from .sites import CallSiteRouter, iter_site_specs
 from .temporal import TemporalOp
 
@@ -47,3 +49,4 @@ def fold_unit_thresholds(unet: nn.Module) -> None:
         else:
             neuron.input_gain.div_(lam)
         neuron.threshold.fill_(1.0)
+    fold_encoder_thresholds(unet)

@@ -12,7 +12,8 @@ one per input spike per synapse it reaches. Every other call costs multiply-accu
 Counting rules:
 
 - Spikes are the non-zero entries of a neuron's output: ``lambda`` (threshold form ``"lambda"``), 1 (form
-  ``"unit"``), negative for signed neurons; each counts once, so the count is ``sum |s|``. In batched
+  ``"unit"``), negative for signed neurons and for the ternary input encoders of residual spikes; each
+  counts once, so the count is ``sum |s|``. In batched
   execution a layer sees all T time steps folded into the batch, so counts cover all T steps. Before a
   tagged tensor is counted as spikes its values are checked to be 0 or +-amplitude.
 - ACs of a spike-driven convolution are exact for any padding, stride, dilation and groups: the sum, over
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..converter.encoders import SignedIFNeuron
 from ..converter.neurons import IFNeuron
 from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
 from ..converter.sites import site_units
@@ -206,7 +208,7 @@ class OperationCounter(TorchFunctionMode):
             name = self._names[id(module)]
             self._hooks.append(module.register_forward_pre_hook(lambda *_, n=name: self._stack.append(n)))
             self._hooks.append(module.register_forward_hook(self._leave, always_call=True))
-            if isinstance(module, IFNeuron):
+            if isinstance(module, (IFNeuron, SignedIFNeuron)):
                 self._hooks.append(module.register_forward_hook(self._tag_spikes))
             elif isinstance(module, TemporalOp):
                 self._hooks.append(module.register_forward_pre_hook(self._compensation))
@@ -246,7 +248,7 @@ class OperationCounter(TorchFunctionMode):
         self.accounting.sample_forwards += sample.shape[0]
         self._stack.clear()
 
-    def _tag_spikes(self, neuron: IFNeuron, args, out: torch.Tensor) -> None:
+    def _tag_spikes(self, neuron: IFNeuron | SignedIFNeuron, args, out: torch.Tensor) -> None:
         setattr(out, _SPIKE_TAG, neuron)
         site = self._names[id(neuron)]
         rate = self.accounting.sites.setdefault(site, SiteRate(site))

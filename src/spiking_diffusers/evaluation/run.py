@@ -52,7 +52,8 @@ MIN_FD_SAMPLES = 1000
 
 @dataclass
 class EvaluationConfig:
-    """Every setting of an evaluation run (all of them go into the report)."""
+    """Every setting of an evaluation run (all of them go into the report). ``residual_spikes`` is how an ANN
+    is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own."""
 
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     levels: int | None = None
@@ -72,6 +73,7 @@ class EvaluationConfig:
     cache_dir: str | None = None
     progress: bool = True
     calibration: CalibrationConfig | None = None
+    residual_spikes: bool | None = None
 
 
 @dataclass
@@ -100,6 +102,7 @@ def evaluate(
         config.execution,
         scheduler_config,
         config.calibration,
+        config.residual_spikes,
     )
     device = next(model.parameters()).device
     extractor = extractor.to(device)

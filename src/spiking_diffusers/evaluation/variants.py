@@ -56,6 +56,7 @@ def prepare_variants(
     execution: str = "batched",
     scheduler_config: dict | None = None,
     calibration: CalibrationConfig | None = None,
+    residual_spikes: bool | None = None,
 ) -> list[Variant]:
     """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T.
 
@@ -64,11 +65,15 @@ def prepare_variants(
     conversions; a spiking ``model`` keeps its own. ``execution`` ("batched" or "stepwise") is how every
     spiking network simulates time: the same result, at different speed and memory (step-wise is faster on
     CPUs). ``scheduler_config`` is the model's noise schedule, for the QCFS preparation, and ``calibration``
-    the recipe it calibrates an ANN with at each L (``None``: percentile thresholds only). A QCFS network
-    shared by several T appears once.
+    the recipe it calibrates an ANN with at each L (``None``: percentile thresholds only). ``residual_spikes``
+    is how an ANN is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking ``model``
+    keeps its own, and asking for the other setting is a :class:`VariantError`. A QCFS network shared by
+    several T appears once.
     """
     if not timesteps or min(timesteps) < 1:
         raise VariantError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps}.")
+    if isinstance(model, (SpikingUNet2DModel, QCFSUNet2DModel)):
+        _check_residual_spikes(model, residual_spikes)
     if isinstance(model, SpikingUNet2DModel):
         model.set_execution(execution)
         return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron)
@@ -88,6 +93,7 @@ def prepare_variants(
                 timesteps=t,
                 scheduler_config=scheduler_config,
                 calibration=calibration,
+                residual_spikes=residual_spikes,
             )
             snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
@@ -121,11 +127,21 @@ def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
             sample_size=config.sample_size,
             in_channels=config.in_channels,
             out_channels=config.out_channels,
+            residual_spikes=config.residual_spikes,
         )
         move_like(qnet, snn)
         load_snn_weights_into_qcfs(snn, qnet)
         variants.append(Variant(f"QCFS L={level}", "qcfs", qnet.eval(), levels=level))
     return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
+
+
+def _check_residual_spikes(model: QCFSUNet2DModel | SpikingUNet2DModel, requested: bool | None) -> None:
+    own = bool(model.config.residual_spikes)
+    if requested is not None and requested != own:
+        has = "has" if own else "has no"
+        raise VariantError(
+            f"The {type(model).__name__} {has} residual spikes; residual_spikes={requested} cannot change that."
+        )
 
 
 def _checked_reference(model, reference: UNet2DModel | None) -> UNet2DModel:

@@ -8,7 +8,8 @@ the state in between. Numerically it is the model's ``"stepwise"`` execution.
 State, in :meth:`SpikingStep.state_names` order:
 
 - ``<site>.membrane`` for every IF neuron, and ``<site>.spike_count`` (the signed count) for signed
-  neurons; the neuron's own stepwise code updates them.
+  neurons; then ``<layer>.encoder.membrane`` for every ternary input encoder (residual spikes). The
+  neurons' own stepwise code updates them.
 - ``<op>.input_sum`` and ``<op>.output_sum`` for every compensated GroupNorm / attention. The model's own
   stepwise path branches on the first step and, for GroupNorm, recomputes the previous total instead of
   storing it; a graph that serves every step cannot branch on a step index that is an input, so here the
@@ -27,9 +28,11 @@ import copy
 import torch
 from torch import nn
 
+from ..converter.encoders import SignedIFNeuron
 from ..converter.models import SpikingUNet2DModel
 from ..converter.neurons import IFNeuron
 from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
+from ..converter.residual_spikes import input_encoders
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalModule, TemporalOp
 
@@ -64,11 +67,14 @@ class SpikingStep(nn.Module):
     def __init__(self, snn: SpikingUNet2DModel):
         super().__init__()
         self.unet = copy.deepcopy(snn.unet)
-        self.neurons = {name: unit for name, unit in site_units(self.unet).items() if isinstance(unit, IFNeuron)}
+        self.neurons: dict[str, IFNeuron | SignedIFNeuron] = {
+            name: unit for name, unit in site_units(self.unet).items() if isinstance(unit, IFNeuron)
+        }
         if any(neuron.temporal_factors is not None for neuron in self.neurons.values()):
             raise ValueError(
                 "The single-step graph does not support temporal factors (TSM) yet; export the unrolled graph."
             )
+        self.neurons.update(input_encoders(self.unet))
         self.ops: dict[str, CompensatedStep] = {}
         for name, module in list(self.unet.named_modules()):
             if isinstance(module, TemporalOp) and module.method == "compensated":
@@ -84,7 +90,7 @@ class SpikingStep(nn.Module):
         names = []
         for site, neuron in self.neurons.items():
             names.append(f"{site}.membrane")
-            if neuron.neuron == "signed_if":
+            if _counts_spikes(neuron):
                 names.append(f"{site}.spike_count")
         for op in self.ops:
             names += [f"{op}.input_sum", f"{op}.output_sum"]
@@ -94,7 +100,8 @@ class SpikingStep(nn.Module):
         values = iter(state)
         for neuron in self.neurons.values():
             neuron.membrane = next(values)
-            neuron.spike_count = next(values) if neuron.neuron == "signed_if" else None
+            if isinstance(neuron, IFNeuron):
+                neuron.spike_count = next(values) if _counts_spikes(neuron) else None
         for op in self.ops.values():
             op.input_sum, op.output_sum, op.step = next(values), next(values), step
         try:
@@ -113,7 +120,11 @@ class SpikingStep(nn.Module):
         step = torch.zeros(1, dtype=sample.dtype, device=sample.device)
         initial: dict[int, list[torch.Tensor]] = {}
 
-        def start_neuron(neuron: IFNeuron, args) -> None:
+        def start_neuron(neuron: IFNeuron | SignedIFNeuron, args) -> None:
+            if isinstance(neuron, SignedIFNeuron):
+                neuron.membrane = neuron.initial_membrane(args[0])
+                initial[id(neuron)] = [neuron.membrane]
+                return
             firing = _broadcast_channels(neuron.threshold.clamp_min(MIN_THRESHOLD), args[0]) * neuron.threshold_scale
             neuron.membrane = (firing * neuron.phi).expand_as(args[0]).clone()
             neuron.spike_count = torch.zeros_like(args[0]) if neuron.neuron == "signed_if" else None
@@ -138,7 +149,7 @@ class SpikingStep(nn.Module):
         state = []
         for neuron in self.neurons.values():
             state.append(neuron.membrane)
-            if neuron.neuron == "signed_if":
+            if _counts_spikes(neuron):
                 state.append(neuron.spike_count)
         for op in self.ops.values():
             state += [op.input_sum, op.output_sum]
@@ -149,3 +160,8 @@ class SpikingStep(nn.Module):
             neuron.reset_state()
         for op in self.ops.values():
             op.input_sum = op.output_sum = op.step = None
+
+
+def _counts_spikes(neuron: IFNeuron | SignedIFNeuron) -> bool:
+    """Whether the neuron carries a signed spike count as state (Fast-SNN's signed IF)."""
+    return isinstance(neuron, IFNeuron) and neuron.neuron == "signed_if"

@@ -18,10 +18,14 @@ from tqdm.auto import tqdm
 
 from ..calibration.calibrate import CalibrationConfig, CalibrationResult, calibrate
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, TemporalOp, quantize
+from ..converter.encoders import SignedIFNeuron
 from ..converter.neurons import IFNeuron
 from ..converter.quantize import conditioning_kwargs
 from ..converter.sites import site_wiring
 from ..errors import check_finite
+
+SITE_KINDS = ("spatial IF", "time-embedding IF", "analog QCFS", "ternary IF encoder")
+"""The kinds of site a conversion summary counts; the encoders (residual spikes) only when present."""
 
 FIDELITY_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)
 """Where the fidelity check probes the schedule: t = 50, 250, 500, 750, 950 of 1000 training steps."""
@@ -36,16 +40,18 @@ def prepare_qcfs(
     scheduler_config: dict[str, Any] | None = None,
     calibration: CalibrationConfig | None = None,
     progress: bool = True,
+    residual_spikes: bool | None = None,
 ) -> QCFSUNet2DModel:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN.
 
     With ``calibration`` (a :class:`~spiking_diffusers.calibration.CalibrationConfig`, whose T, L,
     per-channel choice and seed are overridden by the arguments here), the full calibration of
     ``sdm-calibrate`` runs; without it, thresholds are the 99.9th percentile of each site's input on
-    noised probes: quick, and a poor network (see the calibration benchmark).
+    noised probes: quick, and a poor network (see the calibration benchmark). ``residual_spikes`` puts
+    signed input encoders on the residual-reading convolutions (``None``: as ``calibration`` says, else no).
     """
     return calibrate_or_quantize(
-        unet, levels, per_channel, seed, timesteps, scheduler_config, calibration, progress
+        unet, levels, per_channel, seed, timesteps, scheduler_config, calibration, progress, residual_spikes
     ).qnet
 
 
@@ -58,31 +64,45 @@ def calibrate_or_quantize(
     scheduler_config: dict[str, Any] | None = None,
     calibration: CalibrationConfig | None = None,
     progress: bool = True,
+    residual_spikes: bool | None = None,
 ) -> CalibrationResult:
     """:func:`prepare_qcfs` with the calibration report (``{}`` when only the percentile init ran)."""
+    if residual_spikes is None:
+        residual_spikes = calibration.residual_spikes if calibration else False
     if calibration is None:
-        qnet = quantize(unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed)
+        qnet = quantize(
+            unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed, residual_spikes=residual_spikes
+        )
         return CalibrationResult(qnet, {})
     config = dataclasses.replace(
-        calibration, timesteps=timesteps or levels, levels=levels, per_channel=per_channel, seed=seed
+        calibration,
+        timesteps=timesteps or levels,
+        levels=levels,
+        per_channel=per_channel,
+        seed=seed,
+        residual_spikes=residual_spikes,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress)
 
 
 def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[str, Any]:
-    """What the conversion did: sites by kind, the range of the thresholds lambda, and the real-valued ops."""
+    """What the conversion did: sites by kind, the range of the thresholds lambda, and the real-valued ops.
+
+    Residual input encoders, where there are any, are counted as ``"ternary IF encoder"`` sites."""
     wiring = site_wiring(snn.unet)
     kinds = Counter()
     for name, unit in snn.sites().items():
-        if isinstance(unit, IFNeuron):
+        if isinstance(unit, SignedIFNeuron):
+            kinds["ternary IF encoder"] += 1
+        elif isinstance(unit, IFNeuron):
             kinds["time-embedding IF" if wiring[name][1].kind == "temb" else "spatial IF"] += 1
         else:
             kinds["analog QCFS"] += 1
     lambdas = torch.cat([value.flatten().float().cpu() for value in qnet.thresholds().values()]).tolist()
     ops = Counter(type(module.op).__name__ for module in snn.unet.modules() if isinstance(module, TemporalOp))
     return {
-        "sites": {kind: kinds[kind] for kind in ("spatial IF", "time-embedding IF", "analog QCFS")},
+        "sites": {kind: kinds[kind] for kind in SITE_KINDS if kind in kinds or kind in SITE_KINDS[:3]},
         "thresholds": {
             "min": min(lambdas),
             "median": statistics.median(lambdas),

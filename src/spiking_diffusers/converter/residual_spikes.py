@@ -1,0 +1,128 @@
+"""Which layers read the real-valued residual stream, and how a spike encoder is put in front of them.
+
+The option ``residual_spikes=True`` (of ``quantize``, the model configs and the calibration recipe)
+replaces each such convolution by an :class:`EncodedConv2d`: the same convolution, same weights and
+state-dict keys, whose input first passes an encoder (``<layer>.encoder``: a
+:class:`~.encoders.SignedQCFS` unit in the QCFS network, a :class:`~.encoders.SignedIFNeuron` in the
+spiking network). The registry below names the layers per diffusers module type, as
+:mod:`~spiking_diffusers.converter.sites` does for activation call sites.
+
+Left real-valued on purpose: the first convolution and the skip blocks' image-space paths (they read the
+analog image), the time embedding's first linear layer (the analog sinusoidal embedding), and attention.
+Attention runs as one compensated op on the running mean of its input, so its projections see real-valued
+means whatever its input is: encoding the input of an ``Attention`` module would quantize it without
+saving a single multiplication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from .encoders import SignedIFNeuron, SignedQCFS
+
+
+class EncodedConv2d(nn.Conv2d):
+    """A convolution that reads its input through a spike encoder (``self.encoder``).
+
+    A subclass rather than a wrapper, so the weights keep their state-dict keys and the layer keeps its
+    name: an ANN's weights load into it unchanged, and energy reports match it to the ANN's layer.
+    """
+
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d, encoder: nn.Module) -> EncodedConv2d:
+        """An ``EncodedConv2d`` that shares ``conv``'s parameters, with ``encoder`` in front."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        layer.weight, layer.bias = conv.weight, conv.bias
+        layer.encoder = encoder
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.encoder(x))
+
+
+def _resnet_layers(block: ResnetBlock2D) -> list[str]:
+    return ["conv_shortcut"] if isinstance(block.conv_shortcut, nn.Conv2d) else []
+
+
+def _downsample_layers(block: Downsample2D) -> list[str]:
+    return ["conv"] if isinstance(block.conv, nn.Conv2d) else []  # an AvgPool2d without use_conv
+
+
+def _upsample_layers(block: Upsample2D) -> list[str]:
+    # The convolution after nearest interpolation; Upsample2D calls it `conv` or `Conv2d_0` by its `name`.
+    if block.use_conv_transpose or not block.use_conv:
+        return []
+    return ["conv" if block.name == "conv" else "Conv2d_0"]
+
+
+ENCODED_INPUT_REGISTRY: dict[type, Callable[[nn.Module], list[str]]] = {
+    ResnetBlock2D: _resnet_layers,
+    Downsample2D: _downsample_layers,
+    Upsample2D: _upsample_layers,
+}
+"""Per module type: the attributes holding convolutions that read the residual stream."""
+
+
+def iter_residual_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield ``(parent_name, parent, attribute)`` for every registered residual-reading convolution."""
+    for name, module in model.named_modules():
+        handler = ENCODED_INPUT_REGISTRY.get(type(module))
+        for attr in handler(module) if handler else []:
+            yield name, module, attr
+
+
+def install_input_encoders(model: nn.Module, levels: int, phi: float, per_channel: bool) -> None:
+    """Put a :class:`SignedQCFS` encoder in front of every residual-reading convolution of ``model``."""
+    for _, parent, attr in list(iter_residual_layers(model)):
+        conv = getattr(parent, attr)
+        encoded = EncodedConv2d.wrap(conv, SignedQCFS(conv.in_channels, levels, phi, per_channel))
+        # Downsample2D may hold the same convolution under two names (`conv` and `Conv2d_0`).
+        for name, child in list(parent.named_children()):
+            if child is conv:
+                setattr(parent, name, encoded)
+
+
+def input_encoders(model: nn.Module) -> dict[str, nn.Module]:
+    """Every input encoder by name (``<layer>.encoder``), in module order."""
+    return {
+        f"{name}.encoder": module.encoder for name, module in model.named_modules() if isinstance(module, EncodedConv2d)
+    }
+
+
+def install_encoder_neurons(model: nn.Module) -> None:
+    """Turn every :class:`SignedQCFS` encoder into a :class:`SignedIFNeuron` with the same threshold, in place."""
+    for module in model.modules():
+        if isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedQCFS):
+            unit = module.encoder
+            neuron = SignedIFNeuron(unit.channels, unit.per_channel, unit.phi)
+            neuron.threshold.data.copy_(unit.threshold.data)
+            module.encoder = neuron
+
+
+@torch.no_grad()
+def fold_encoder_thresholds(model: nn.Module) -> None:
+    """The unit-threshold form for the encoders: lambda into the convolution's input channels, 1 / lambda
+    into the neuron's input gain (its input is the shared residual stream), threshold 1."""
+    for module in model.modules():
+        if isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedIFNeuron):
+            lam = module.encoder.threshold.detach().clone()
+            module.weight.mul_(lam.reshape(1, -1, 1, 1) if lam.numel() > 1 else lam.reshape(()))
+            module.encoder.input_gain.div_(lam)
+            module.encoder.threshold.fill_(1.0)
