@@ -3,8 +3,11 @@ ternary IF neurons, and everything that must keep working with them (calibration
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from click.testing import CliRunner
 from diffusers import DDPMScheduler
 
 from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
@@ -12,6 +15,7 @@ from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quan
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.distill import DistillSettings
 from spiking_diffusers.calibration.statistics import mse_threshold
+from spiking_diffusers.commands import convert as convert_command
 from spiking_diffusers.converter.encoders import SignedIFNeuron, SignedQCFS, signed_qcfs
 from spiking_diffusers.energy.accounting import OperationCounter
 from spiking_diffusers.export import SpikingStep, export_qcfs, export_step
@@ -207,3 +211,24 @@ def test_onnx_graphs_and_the_step_module_carry_the_encoders(tmp_path):
             out, *state = step(sample, timestep, *state)
             outputs.append(out)
         assert relative_error(torch.stack(outputs).mean(0), snn(sample, timestep).sample) < 1e-12
+
+
+def test_sdm_convert_option_and_its_conflict_with_a_qcfs_model(tmp_path):
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    unet.save_pretrained(tmp_path / "ann")
+    out = tmp_path / "snn"
+    result = CliRunner().invoke(
+        convert_command.main,
+        ["--model", str(tmp_path / "ann"), "-T", "2", "--no-calibrate", "--residual-spikes", "--output", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "residual spikes" in result.output and "7 ternary IF encoder" in result.output
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["settings"]["residual_spikes"] and report["summary"]["sites"]["ternary IF encoder"] == 7
+    assert SpikingUNet2DModel.from_pretrained(out, subfolder="unet").config.residual_spikes
+
+    quantize(unet, levels=2).save_pretrained(tmp_path / "qcfs")
+    refused = CliRunner().invoke(
+        convert_command.main, ["--model", str(tmp_path / "qcfs"), "--residual-spikes", "--output", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 2 and "without residual spikes" in refused.output

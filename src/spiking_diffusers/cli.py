@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .converter.support import UnsupportedModuleError
 from .errors import SdmError
-from .loading import ModelLoadError, resolve_device
+from .loading import LoadedModel, ModelLoadError, resolve_device
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -121,8 +121,38 @@ def calibration_options(command: Callable) -> Callable:
     return command
 
 
+def residual_spikes_option() -> Callable:
+    """``--residual-spikes/--no-residual-spikes``; ``None`` when not given (see :func:`resolve_residual_spikes`)."""
+    return click.option(
+        "--residual-spikes/--no-residual-spikes",
+        default=None,
+        help="Quantize an ANN with signed spike encoders in front of the convolutions that read the residual "
+        "stream (shortcut, down- and up-sampling), so that the SNN feeds them spikes instead of real values "
+        "[default: off for an ANN; a QCFS or spiking model keeps its own].",
+    )
+
+
+def resolve_residual_spikes(requested: bool | None, loaded: LoadedModel) -> bool:
+    """The residual-spikes setting for ``loaded``: an ANN takes ``requested`` (off when ``None``); a QCFS or
+    spiking model keeps its own, and asking for the other setting is a usage error."""
+    if loaded.kind == "ann":
+        return bool(requested)
+    own = bool(loaded.unet.config.residual_spikes)
+    if requested is not None and requested != own:
+        flag = "--residual-spikes" if requested else "--no-residual-spikes"
+        kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
+        state = "with" if own else "without"
+        raise CommandError(f"{flag}: {loaded.source} is a {kind} model {state} residual spikes; it keeps them so.", 2)
+    return own
+
+
 def calibration_config(
-    calibrate: bool, calibration_samples: int, calibration_steps: int, snn_steps: int, neuron: str | None = None
+    calibrate: bool,
+    calibration_samples: int,
+    calibration_steps: int,
+    snn_steps: int,
+    neuron: str | None = None,
+    residual_spikes: bool | None = None,
 ):
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -133,6 +163,7 @@ def calibration_config(
         return None
     config = CalibrationConfig(num_samples=calibration_samples)
     config.neuron = neuron or config.neuron
+    config.residual_spikes = bool(residual_spikes)
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config

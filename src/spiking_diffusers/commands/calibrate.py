@@ -9,7 +9,15 @@ from ..calibration.calibrate import CalibrationConfig, calibrate
 from ..calibration.checkpoint import CalibrationCheckpoints, checkpoint_dir
 from ..calibration.distill import DistillSettings
 from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
-from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, sdm_command
+from ..cli import (
+    CommandError,
+    atomic_directory,
+    device_option,
+    get_device,
+    model_option,
+    residual_spikes_option,
+    sdm_command,
+)
 from ..distributed import is_main_process
 from ..loading import load_model
 
@@ -42,6 +50,7 @@ Examples:
 @click.option(
     "--neuron", type=click.Choice(["if", "signed_if"]), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
 )
+@residual_spikes_option()
 @click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
 @click.option(
     "--percentile",
@@ -140,9 +149,9 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
 
 
 def build_config(
-    timesteps, levels, per_channel, neuron, threshold_init, percentile, num_samples, sampler_steps, image_dir,
-    distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps, snn_batch_size,
-    snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir,
+    timesteps, levels, per_channel, neuron, residual_spikes, threshold_init, percentile, num_samples, sampler_steps,
+    image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
+    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -150,6 +159,7 @@ def build_config(
         levels=levels,
         per_channel=per_channel,
         neuron=neuron,
+        residual_spikes=bool(residual_spikes),
         threshold_init=threshold_init,
         percentile=percentile,
         num_samples=num_samples,
@@ -182,7 +192,10 @@ def print_summary(report: dict, output: str) -> None:
     sites = report["sites"]
     before = sum(s["before"]["quantization_mse"] for s in sites.values()) / len(sites)
     after = sum(s["after"]["quantization_mse"] for s in sites.values()) / len(sites)
-    click.echo(f"Calibrated {len(sites)} activation sites in {report['wall_time_s']:.0f} s.")
+    encoders = sum(name.endswith(".encoder") for name in sites)
+    units = f"{len(sites) - encoders} activation sites"
+    units += f" and {encoders} residual input encoders" if encoders else ""
+    click.echo(f"Calibrated {units} in {report['wall_time_s']:.0f} s.")
     click.echo(f"  mean per-site quantization MSE: {before:.4g} -> {after:.4g}")
     for phase, losses in report["loss_curves"].items():
         if losses:

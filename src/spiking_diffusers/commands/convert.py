@@ -25,6 +25,8 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    residual_spikes_option,
+    resolve_residual_spikes,
     sdm_command,
 )
 from ..converter import QCFSUNet2DModel, convert
@@ -68,6 +70,7 @@ Examples:
     help="Thresholds = lambda, or all 1 with lambda folded into the weights.",
 )
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
+@residual_spikes_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -88,6 +91,7 @@ def main(
     nonlinear_mode,
     threshold_form,
     per_channel,
+    residual_spikes,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -101,7 +105,9 @@ def main(
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
-        qnet, ann, calibration_report = _qcfs_network(loaded, timesteps, levels, per_channel, seed, calibration)
+        qnet, ann, calibration_report = _qcfs_network(
+            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes
+        )
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
         snn = convert(
@@ -119,6 +125,7 @@ def main(
                 "neuron": neuron,
                 "nonlinear_mode": nonlinear_mode,
                 "threshold_form": threshold_form,
+                "residual_spikes": bool(qnet.config.residual_spikes),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -152,6 +159,7 @@ def _qcfs_network(
     per_channel: bool,
     seed: int,
     calibration: CalibrationConfig | None,
+    residual_spikes: bool | None,
 ):
     """The QCFS network to convert, the ANN reference of the fidelity check (``None``: use ``as_ann``), and
     the report of the calibration run here (empty when none ran)."""
@@ -161,6 +169,7 @@ def _qcfs_network(
             "a calibrated QCFS model to convert it again.",
             exit_code=2,
         )
+    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     if loaded.kind == "qcfs":
         qnet = loaded.unet
         if _given("levels") and levels != qnet.config.levels:
@@ -176,6 +185,7 @@ def _qcfs_network(
         timesteps=timesteps,
         scheduler_config=dict(loaded.scheduler.config),
         calibration=calibration,
+        residual_spikes=residual_spikes,
     )
     return result.qnet, loaded.unet, result.report
 
@@ -187,6 +197,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
     click.echo(
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
+        + (", residual spikes" if settings.get("residual_spikes") else "")
     )
     if report["source_kind"] == "ann" and report["calibrated_here"]:
         click.echo(f"  calibrated here with the sdm-calibrate defaults (report: {REPORT_FILE}, plot: {PLOT_FILE})")

@@ -14,7 +14,15 @@ from pathlib import Path
 import click
 from diffusers import UNet2DModel
 
-from ..cli import atomic_directory, device_option, get_device, model_option, sdm_command
+from ..cli import (
+    atomic_directory,
+    device_option,
+    get_device,
+    model_option,
+    residual_spikes_option,
+    resolve_residual_spikes,
+    sdm_command,
+)
 from ..converter import convert
 from ..energy.measure import measure_energy
 from ..energy.plots import plot_energy_breakdown, plot_firing_rates
@@ -49,14 +57,17 @@ Examples:
 @click.option("--ac-pj", default=0.9, type=click.FloatRange(min=0), help="Energy per AC (pJ).")
 @click.option("--rows", default=30, type=click.IntRange(min=1), help="Table rows to print (all go to energy.json).")
 @click.option("--seed", default=0, type=int, help="Seed of the sampling run and the threshold probes.")
+@residual_spikes_option()
 @device_option()
 def main(
-    model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed, device
-) -> None:
+    model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
+    residual_spikes, device,
+) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     device = get_device(device)
     loaded = load_model(model, device)
-    snn, ann, snn_timesteps = _networks(loaded, timesteps, levels, seed)
+    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    snn, ann, snn_timesteps = _networks(loaded, timesteps, levels, seed, residual_spikes)
     report = measure_energy(
         snn,
         ann,
@@ -76,6 +87,7 @@ def main(
         "neuron": snn.config.neuron,
         "nonlinear_mode": snn.config.nonlinear_mode,
         "threshold_form": snn.config.threshold_form,
+        "residual_spikes": residual_spikes,
         "scheduler": scheduler,
         "steps": steps,
         "num_images": num_images,
@@ -89,7 +101,7 @@ def main(
     click.echo(f"Wrote {output}/energy.json, firing_rates.png, energy_breakdown.png")
 
 
-def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int):
+def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
     """``(snn, ann, snn_timesteps)``: the spiking network to measure, a network with the ANN's layers, and
     the T override for a spiking model given with ``--timesteps``.
 
@@ -97,7 +109,9 @@ def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int
     model a freshly initialised ``UNet2DModel`` of the same config stands in for the original.
     """
     if loaded.kind == "ann":
-        qnet = prepare_qcfs(loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps)
+        qnet = prepare_qcfs(
+            loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
+        )
         return convert(qnet, timesteps=timesteps), loaded.unet, None
     ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
     if loaded.kind == "qcfs":

@@ -12,6 +12,7 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    residual_spikes_option,
     sdm_command,
 )
 from ..distributed import is_main_process
@@ -99,6 +100,7 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     help="Cache of real-data FD statistics [$SDM_CACHE_DIR or ~/.cache/spiking-diffusers].",
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@residual_spikes_option()
 @calibration_options
 @device_option()
 def main(
@@ -110,7 +112,9 @@ def main(
     torch_device = get_device(device)
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
-    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, options["neuron"])
+    calibration = calibration_config(
+        calibrate, calibration_samples, calibration_steps, snn_steps, options["neuron"], options["residual_spikes"]
+    )
     options["progress"] = options["progress"] and is_main_process()
     config = EvaluationConfig(**options, calibration=calibration)
     loaded = load_model(model, torch_device)

@@ -14,7 +14,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import CommandError, atomic_directory, model_option, sdm_command
+from ..cli import (
+    CommandError,
+    atomic_directory,
+    model_option,
+    residual_spikes_option,
+    resolve_residual_spikes,
+    sdm_command,
+)
 from ..converter import convert
 from ..export import OPSET, ExportCheck, export_qcfs, export_snn, export_step
 from ..export.onnx_export import step_io_names
@@ -57,11 +64,13 @@ def parse_which(value: str) -> list[str]:
 @click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
 @click.option("--which", default=",".join(GRAPHS), help="Graphs to export: a comma-separated subset of qcfs,snn,step.")
 @click.option("--seed", default=0, type=int, help="Seed of the threshold probes and the random check inputs.")
-def main(model, output, overwrite, timesteps, levels, which, seed) -> None:
+@residual_spikes_option()
+def main(model, output, overwrite, timesteps, levels, which, seed, residual_spikes) -> None:
     """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
     graphs = parse_which(which)
     loaded = load_model(model, "cpu")
-    qnet, snn = _networks(loaded, timesteps, levels, seed)
+    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes)
     if qnet is None:
         if _given("which") and "qcfs" in graphs:
             raise CommandError(
@@ -70,7 +79,13 @@ def main(model, output, overwrite, timesteps, levels, which, seed) -> None:
         graphs = [name for name in graphs if name != "qcfs"]
         click.echo("qcfs skipped: a spiking model holds no QCFS network (pass the original or the QCFS model).")
     checks: list[ExportCheck] = []
-    manifest = {"source": loaded.source, "source_kind": loaded.kind, "opset": OPSET, "graphs": {}}
+    manifest = {
+        "source": loaded.source,
+        "source_kind": loaded.kind,
+        "residual_spikes": residual_spikes,
+        "opset": OPSET,
+        "graphs": {},
+    }
     with atomic_directory(output, overwrite=overwrite) as staging:
         staging = Path(staging)
         if "qcfs" in graphs:
@@ -103,7 +118,7 @@ def _given(name: str) -> bool:
     return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
 
 
-def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int):
+def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
     """``(qnet, snn)``: the QCFS network (``None`` for a spiking model) and the spiking network."""
     if loaded.kind == "snn":
         snn = loaded.unet
@@ -113,7 +128,9 @@ def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int
     if loaded.kind == "qcfs":
         qnet = loaded.unet
     else:
-        qnet = prepare_qcfs(loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps)
+        qnet = prepare_qcfs(
+            loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
+        )
     return qnet, convert(qnet, timesteps=timesteps)
 
 
