@@ -5,7 +5,11 @@ converted (IF neurons, compensated GroupNorm / attention, batched execution) and
 every layer's work is counted (``spiking_diffusers.energy``). The cifar10 architecture has random weights:
 its firing rates are those of an untrained network, its operation counts those of the real model.
 
+With ``--residual-spikes`` the QCFS networks carry signed input encoders on the convolutions that read the
+residual stream (``quantize(..., residual_spikes=True)``), so the spiking networks feed those layers spikes.
+
     python benchmarks/energy.py [--steps 20] [--num-images 2] [--timesteps 4 8] [--models digits cifar10]
+                                [--residual-spikes]
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ def load(name: str) -> tuple[UNet2DModel, dict] | None:
     return loaded.unet, dict(loaded.scheduler.config)
 
 
-def row(name: str, report: EnergyReport) -> dict:
+def row(name: str, report: EnergyReport, residual_spikes: bool) -> dict:
     totals = report.totals()
     shares = {name: snn / report.snn_energy_pj for name, (snn, _) in report.breakdown_pj().items()}
-    return {"model": name, **totals, "snn_energy_share_by_class": shares}
+    label = f"{name}, residual spikes" if residual_spikes else name
+    return {"model": label, "residual_spikes": residual_spikes, **totals, "snn_energy_share_by_class": shares}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -84,7 +89,8 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--steps", default=20, help="DDIM denoising steps of the counted sampling run.")
 @click.option("--num-images", default=2, help="Images sampled while counting.")
 @click.option("--output", default=None, type=click.Path(), help="Also write the rows as JSON here.")
-def main(models, timesteps, steps, num_images, output) -> None:
+@click.option("--residual-spikes/--no-residual-spikes", default=False, help="Spike encoders on residual-reading convs.")
+def main(models, timesteps, steps, num_images, output, residual_spikes) -> None:
     torch.set_num_threads(1)
     rows = []
     for name in models:
@@ -95,10 +101,10 @@ def main(models, timesteps, steps, num_images, output) -> None:
         ann, scheduler_config = model
         for T in timesteps:
             start = time.perf_counter()
-            snn = convert(prepare_qcfs(ann, levels=T, timesteps=T), timesteps=T)
+            snn = convert(prepare_qcfs(ann, levels=T, timesteps=T, residual_spikes=residual_spikes), timesteps=T)
             scheduler = make_scheduler("ddim", scheduler_config)
             report = measure_energy(snn, ann, scheduler, steps, num_images=num_images, seed=0)
-            rows.append(row(name, report))
+            rows.append(row(name, report, residual_spikes))
             click.echo(f"{name} T={T}: {time.perf_counter() - start:.0f} s", err=True)
     click.echo(markdown(rows))
     if output:
