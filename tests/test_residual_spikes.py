@@ -30,6 +30,16 @@ ENCODED = {
     "up_blocks.1.resnets.1.conv_shortcut",
 }
 """The residual-reading convolutions of the tiny "attention" UNet."""
+ATTENTIONS = [
+    "down_blocks.1.attentions.0",
+    "mid_block.attentions.0",
+    "up_blocks.0.attentions.0",
+    "up_blocks.0.attentions.1",
+]
+"""Its attention modules, each split at its projections."""
+ENCODERS = {f"{name}.encoder" for name in ENCODED} | {
+    f"{name}.{which}_encoder" for name in ATTENTIONS for which in ("input", "output")
+}
 
 
 def simulate(neuron: SignedIFNeuron, steps: torch.Tensor) -> torch.Tensor:
@@ -98,7 +108,7 @@ def test_encoders_sit_in_front_of_the_residual_convs_and_the_ann_mode_is_exact(n
     encoders = {n: u for n, u in qnet.sites().items() if isinstance(u, SignedQCFS)}
     assert encoders and all(u.threshold.item() != 1.0 for u in encoders.values())
     if name == "attention":
-        assert {n.removesuffix(".encoder") for n in encoders} == ENCODED
+        assert set(encoders) == ENCODERS
     with qnet.as_ann():
         assert torch.equal(run(qnet, unet), run(unet, unet))
     plain = quantize(unet, levels=4)
@@ -143,7 +153,7 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
     assert torch.equal(run(loaded, unet), run(snn, unet))
 
 
-def test_energy_counts_the_encoded_convs_as_spike_driven_acs():
+def test_energy_counts_the_encoded_layers_as_spike_driven_acs():
     unet = make_unet(TINY_CONFIGS["attention"])
     sample, timestep, _ = make_inputs(unet)
     counts = {}
@@ -158,6 +168,12 @@ def test_energy_counts_the_encoded_convs_as_spike_driven_acs():
         assert layer.spike_driven and layer.acs > 0 and layer.macs == 0
         assert not plain.layers[(name, layer.op)].spike_driven
         assert encoded.sites[f"{name}.encoder"].spikes == layer.input_spikes > 0
+    for name in ATTENTIONS:
+        projections = [encoded.layers[(f"{name}.{layer}", "linear")] for layer in ("to_q", "to_k", "to_v", "to_out.0")]
+        assert all(layer.spike_driven and layer.acs > 0 and layer.macs == 0 for layer in projections)
+        assert projections[0].input_spikes == encoded.sites[f"{name}.input_encoder"].spikes
+        # the products stay real-valued, reported under the attention's name as in the unsplit network
+        assert encoded.layers[(name, "attention matmul")].macs == plain.layers[(name, "attention matmul")].macs
     fraction = {key: c.acs / (c.acs + c.macs) for key, c in counts.items()}
     assert fraction[True] > fraction[False] and encoded.macs < plain.macs
 
@@ -184,11 +200,12 @@ def test_calibration_initialises_and_trains_the_encoders(tmp_path):
     scheduler_config = dict(DDPMScheduler(num_train_timesteps=1000).config)
     result = calibrate(unet, scheduler_config, config, progress=False)
     assert result.qnet.config.residual_spikes and result.report["settings"]["residual_spikes"]
-    for name in ENCODED:
-        site = result.report["sites"][f"{name}.encoder"]
+    for name in ENCODERS:
+        site = result.report["sites"][name]
         assert site["before"]["threshold"] != site["after"]["threshold"]
         assert site["after"]["quantization_mse"] > 0
-    assert isinstance(convert(result.qnet, timesteps=2).sites()[f"{min(ENCODED)}.encoder"], SignedIFNeuron)
+    snn_sites = convert(result.qnet, timesteps=2).sites()
+    assert all(isinstance(snn_sites[name], SignedIFNeuron) for name in ENCODERS)
 
 
 def test_onnx_graphs_and_the_step_module_carry_the_encoders(tmp_path):
@@ -197,7 +214,7 @@ def test_onnx_graphs_and_the_step_module_carry_the_encoders(tmp_path):
     snn = convert(qnet, timesteps=4)
     assert export_qcfs(qnet, tmp_path / "qcfs.onnx").passed
     check, initial = export_step(snn, tmp_path / "step.onnx")
-    assert check.passed and {f"{name}.encoder.membrane" for name in ENCODED} <= set(initial)
+    assert check.passed and {f"{name}.membrane" for name in ENCODERS} <= set(initial)
 
     snn = convert(quantize(make_unet(TINY_CONFIGS["attention"]), levels=4, residual_spikes=True), timesteps=4)
     snn.set_execution("stepwise")
@@ -222,9 +239,10 @@ def test_sdm_convert_option_and_its_conflict_with_a_qcfs_model(tmp_path):
         ["--model", str(tmp_path / "ann"), "-T", "2", "--no-calibrate", "--residual-spikes", "--output", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert "residual spikes" in result.output and "7 ternary IF encoder" in result.output
+    assert "residual spikes" in result.output and "15 ternary IF encoder" in result.output
     report = json.loads((out / "conversion.json").read_text())
-    assert report["settings"]["residual_spikes"] and report["summary"]["sites"]["ternary IF encoder"] == 7
+    assert report["settings"]["residual_spikes"] and report["summary"]["sites"]["ternary IF encoder"] == 15
+    assert report["summary"]["nonlinear_ops"] == {"AttentionCore": 4, "GroupNorm": 21}
     assert SpikingUNet2DModel.from_pretrained(out, subfolder="unet").config.residual_spikes
 
     quantize(unet, levels=2).save_pretrained(tmp_path / "qcfs")

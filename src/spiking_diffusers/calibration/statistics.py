@@ -28,8 +28,9 @@ class SiteObserver:
         self.chunks: list[torch.Tensor] = []
         self.count = 0
 
-    def __call__(self, unit: QCFSActivation, z: torch.Tensor) -> None:
-        values = z.detach().transpose(0, 1).reshape(z.shape[1], -1).float().cpu()
+    def __call__(self, unit: QCFSActivation | SignedQCFS, z: torch.Tensor) -> None:
+        dim = -1 if isinstance(unit, SignedQCFS) and unit.channels_last else 1  # token-major attention inputs
+        values = z.detach().movedim(dim, 0).reshape(z.shape[dim], -1).float().cpu()
         keep = min(values.shape[1], max(1, self.max_values // 4))
         index = torch.randperm(values.shape[1], generator=self.generator)[:keep]
         self.chunks.append(values[:, index])

@@ -9,6 +9,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .encoded_attention import AttentionCore, is_encoded
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation
 from .residual_spikes import install_encoder_neurons, install_input_encoders
@@ -82,7 +83,7 @@ def spike_sites(unet: nn.Module, time_embedding: str) -> set[str]:
 def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str) -> None:
     """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
     signed input encoders ternary IF neurons, and every GroupNorm and attention module outside attention
-    becomes a :class:`TemporalOp`."""
+    (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`."""
     spiking = spike_sites(unet, time_embedding)
     for parent_name, parent, spec in list(iter_site_specs(unet)):
         name = site_name(parent_name, spec)
@@ -106,8 +107,9 @@ def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embe
 
 def _wrap_nonlinear_ops(module: nn.Module, nonlinear_mode: str) -> None:
     for child_name, child in list(module.named_children()):
-        if isinstance(child, (nn.GroupNorm, Attention)):
-            # An attention module is one op as a whole: its inner GroupNorm is not wrapped again.
+        if isinstance(child, (nn.GroupNorm, Attention, AttentionCore)) and not is_encoded(child):
+            # An attention module is one op as a whole: its inner GroupNorm is not wrapped again. One split
+            # at its projections (residual spikes) has its GroupNorm and its core wrapped instead.
             setattr(module, child_name, TemporalOp(child, nonlinear_mode))
         elif not isinstance(child, (TemporalOp, QCFSActivation, IFNeuron)):
             _wrap_nonlinear_ops(child, nonlinear_mode)

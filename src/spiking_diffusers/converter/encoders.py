@@ -28,15 +28,25 @@ from .qcfs import MIN_THRESHOLD, _broadcast_channels, _floor_ste
 from .temporal import TemporalModule
 
 
-def signed_qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5) -> torch.Tensor:
+def signed_qcfs(
+    z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5, channels_last: bool = False
+) -> torch.Tensor:
     """The signed QCFS function with straight-through gradients (as :func:`~.qcfs.qcfs`, range ``[-L, L]``).
 
     ``d a / d z`` is 1 where the level is inside ``[-L, L]``, 0 where the unit saturates; ``lambda`` gets
-    ``+-1`` where it saturates and the quantization-error gradient inside.
+    ``+-1`` where it saturates and the quantization-error gradient inside. Per-channel thresholds
+    broadcast on dim 1, or on the last dim with ``channels_last`` (token-major attention inputs).
     """
-    lam = _broadcast_channels(threshold, z)
+    lam = channel_values(threshold, z, channels_last)
     level = _floor_ste(z * levels / lam + phi)
     return lam / levels * torch.clamp(level, -levels, levels)
+
+
+def channel_values(values: torch.Tensor, like: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A per-channel vector (or a single value) shaped to broadcast against ``like`` on its channel dim."""
+    if channels_last and values.numel() > 1:
+        return values.to(like.dtype)  # (C,) broadcasts on the last dim as it is
+    return _broadcast_channels(values, like)
 
 
 class SignedQCFS(nn.Module):
@@ -44,9 +54,12 @@ class SignedQCFS(nn.Module):
 
     Calibration treats it like an activation site (statistics, threshold init, distillation); in
     ``mode = "ann"`` it passes its input through unchanged (``original`` is the identity).
+    ``channels_last`` marks token-major inputs ``(B, N, C)`` (attention projections).
     """
 
-    def __init__(self, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False):
+    def __init__(
+        self, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False, channels_last: bool = False
+    ):
         super().__init__()
         if levels < 1:
             raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
@@ -55,6 +68,7 @@ class SignedQCFS(nn.Module):
         self.levels = int(levels)
         self.phi = float(phi)
         self.per_channel = bool(per_channel)
+        self.channels_last = bool(channels_last)
         self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.mode = "qcfs"
         self.observers: list = []
@@ -64,10 +78,13 @@ class SignedQCFS(nn.Module):
             observer(self, z)
         if self.mode == "ann":
             return self.original(z)
-        return signed_qcfs(z, self.threshold.clamp_min(MIN_THRESHOLD), self.levels, self.phi)
+        return signed_qcfs(z, self.threshold.clamp_min(MIN_THRESHOLD), self.levels, self.phi, self.channels_last)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}"
+        return (
+            f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}, "
+            f"channels_last={self.channels_last}"
+        )
 
 
 class SignedIFNeuron(TemporalModule):
@@ -78,12 +95,13 @@ class SignedIFNeuron(TemporalModule):
     linear signal rather than standing in for an activation.
     """
 
-    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5):
+    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False):
         super().__init__()
         size = channels if per_channel else 1
         self.channels = channels
         self.per_channel = bool(per_channel)
         self.phi = float(phi)
+        self.channels_last = bool(channels_last)
         self.threshold = nn.Parameter(torch.ones(size))
         self.register_buffer("input_gain", torch.ones(size))
         self.membrane: torch.Tensor | None = None
@@ -91,14 +109,17 @@ class SignedIFNeuron(TemporalModule):
     def reset_state(self) -> None:
         self.membrane = None
 
+    def amplitude(self, like: torch.Tensor) -> torch.Tensor:
+        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
+        return channel_values(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+
     def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
         """``v(0) = phi * theta``, shaped like one time step's ``current``."""
-        theta = _broadcast_channels(self.threshold.detach().clamp_min(MIN_THRESHOLD), current)
-        return (theta * self.phi).expand_as(current).clone()
+        return (self.amplitude(current).detach() * self.phi).expand_as(current).clone()
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
-        theta = _broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), current)
-        current = current * _broadcast_channels(self.input_gain, current)
+        theta = self.amplitude(current)
+        current = current * channel_values(self.input_gain, current, self.channels_last)
         if self.execution == "batched":
             steps = self.split_time(current)
             if torch.is_grad_enabled():
@@ -148,4 +169,7 @@ class SignedIFNeuron(TemporalModule):
         return (steps - steps.detach()) * inside
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}"
+        return (
+            f"channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}, "
+            f"channels_last={self.channels_last}"
+        )

@@ -1,17 +1,19 @@
-"""Which layers read the real-valued residual stream, and how a spike encoder is put in front of them.
+"""Which weight layers read real values, and how a spike encoder is put in front of them.
 
-The option ``residual_spikes=True`` (of ``quantize``, the model configs and the calibration recipe)
-replaces each such convolution by an :class:`EncodedConv2d`: the same convolution, same weights and
-state-dict keys, whose input first passes an encoder (``<layer>.encoder``: a
-:class:`~.encoders.SignedQCFS` unit in the QCFS network, a :class:`~.encoders.SignedIFNeuron` in the
-spiking network). The registry below names the layers per diffusers module type, as
-:mod:`~spiking_diffusers.converter.sites` does for activation call sites.
+The option ``residual_spikes=True`` (of ``quantize``, the model configs and the calibration recipe) feeds
+spikes to every weight layer that otherwise reads real values at each time step:
 
-Left real-valued on purpose: the first convolution and the skip blocks' image-space paths (they read the
-analog image), the time embedding's first linear layer (the analog sinusoidal embedding), and attention.
-Attention runs as one compensated op on the running mean of its input, so its projections see real-valued
-means whatever its input is: encoding the input of an ``Attention`` module would quantize it without
-saving a single multiplication.
+- the convolutions that read the residual stream (registry below, per diffusers module type, as
+  :mod:`~spiking_diffusers.converter.sites` does for activation call sites) become :class:`EncodedConv2d`:
+  the same convolution, same weights and state-dict keys, whose input first passes ``<layer>.encoder``;
+- every ``Attention`` is split at its projections (:mod:`~.encoded_attention`), with encoders
+  ``<attention>.input_encoder`` (before ``to_q/to_k/to_v``) and ``<attention>.output_encoder`` (before
+  ``to_out``).
+
+An encoder is a :class:`~.encoders.SignedQCFS` unit in the QCFS network and a
+:class:`~.encoders.SignedIFNeuron` in the spiking network. Left real-valued on purpose: the first
+convolution and the skip blocks' image-space paths (they read the analog image) and the time embedding's
+first linear layer (the analog sinusoidal embedding).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from .encoded_attention import encode_attention, fold_attention_thresholds, is_encoded
 from .encoders import SignedIFNeuron, SignedQCFS
 
 
@@ -89,7 +93,10 @@ def iter_residual_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str
 
 
 def install_input_encoders(model: nn.Module, levels: int, phi: float, per_channel: bool) -> None:
-    """Put a :class:`SignedQCFS` encoder in front of every residual-reading convolution of ``model``."""
+    """Put a :class:`SignedQCFS` encoder in front of every residual-reading convolution of ``model`` and
+    split every attention at its projections."""
+    for attn in [module for module in model.modules() if isinstance(module, Attention)]:
+        encode_attention(attn, levels, phi, per_channel)
     for _, parent, attr in list(iter_residual_layers(model)):
         conv = getattr(parent, attr)
         encoded = EncodedConv2d.wrap(conv, SignedQCFS(conv.in_channels, levels, phi, per_channel))
@@ -100,28 +107,28 @@ def install_input_encoders(model: nn.Module, levels: int, phi: float, per_channe
 
 
 def input_encoders(model: nn.Module) -> dict[str, nn.Module]:
-    """Every input encoder by name (``<layer>.encoder``), in module order."""
-    return {
-        f"{name}.encoder": module.encoder for name, module in model.named_modules() if isinstance(module, EncodedConv2d)
-    }
+    """Every input encoder by name (``<layer>.encoder``, ``<attention>.input_encoder``, ...), in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, (SignedQCFS, SignedIFNeuron))}
 
 
 def install_encoder_neurons(model: nn.Module) -> None:
     """Turn every :class:`SignedQCFS` encoder into a :class:`SignedIFNeuron` with the same threshold, in place."""
-    for module in model.modules():
-        if isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedQCFS):
-            unit = module.encoder
-            neuron = SignedIFNeuron(unit.channels, unit.per_channel, unit.phi)
-            neuron.threshold.data.copy_(unit.threshold.data)
-            module.encoder = neuron
+    for parent in list(model.modules()):
+        for name, unit in list(parent.named_children()):
+            if isinstance(unit, SignedQCFS):
+                neuron = SignedIFNeuron(unit.channels, unit.per_channel, unit.phi, unit.channels_last)
+                neuron.threshold.data.copy_(unit.threshold.data)
+                setattr(parent, name, neuron)
 
 
 @torch.no_grad()
 def fold_encoder_thresholds(model: nn.Module) -> None:
-    """The unit-threshold form for the encoders: lambda into the convolution's input channels, 1 / lambda
-    into the neuron's input gain (its input is the shared residual stream), threshold 1."""
+    """The unit-threshold form for the encoders: lambda into the input channels of the layers each feeds,
+    1 / lambda into the neuron's input gain (its input is shared or mixed), threshold 1."""
     for module in model.modules():
-        if isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedIFNeuron):
+        if is_encoded(module) and isinstance(module.input_encoder, SignedIFNeuron):
+            fold_attention_thresholds(module)
+        elif isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedIFNeuron):
             lam = module.encoder.threshold.detach().clone()
             module.weight.mul_(lam.reshape(1, -1, 1, 1) if lam.numel() > 1 else lam.reshape(()))
             module.encoder.input_gain.div_(lam)

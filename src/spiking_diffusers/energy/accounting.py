@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..converter.encoded_attention import AttentionCore
 from ..converter.encoders import SignedIFNeuron
 from ..converter.neurons import IFNeuron
 from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
@@ -116,7 +117,8 @@ def inner_unet(model: nn.Module) -> nn.Module:
 
 def module_names(unet: nn.Module) -> dict[int, str]:
     """Names under which each module's work is reported, identical for the ANN and the SNN: the module
-    wrapped by a ``TemporalOp`` carries the wrapper's name, an IF neuron or QCFS unit its site name."""
+    wrapped by a ``TemporalOp`` carries the wrapper's name, an IF neuron or QCFS unit its site name, and
+    the core of an attention split for residual spikes (and its wrapper) the attention's name."""
     names, wrappers = {}, []
     for name, module in unet.named_modules():
         if isinstance(module, TemporalOp):
@@ -124,6 +126,8 @@ def module_names(unet: nn.Module) -> dict[int, str]:
         for wrapper in wrappers:
             if name == wrapper or name.startswith(wrapper + "."):
                 name = wrapper[: -len(".op")] + name[len(wrapper) :]
+        if isinstance(module.op if isinstance(module, TemporalOp) else module, AttentionCore):
+            name = name.removesuffix(".core")
         names.setdefault(id(module), name or "unet")
     for site, unit in site_units(unet).items():
         names[id(unit)] = site
@@ -144,7 +148,10 @@ def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
     neuron = getattr(x, _SPIKE_TAG, None)
     if neuron is None:
         return None
-    amplitude = _broadcast_channels(neuron.threshold.detach().clamp_min(MIN_THRESHOLD), x)
+    if isinstance(neuron, SignedIFNeuron):
+        amplitude = neuron.amplitude(x).detach()
+    else:
+        amplitude = _broadcast_channels(neuron.threshold.detach().clamp_min(MIN_THRESHOLD), x)
     fired = x != 0
     off = (x.abs() - amplitude).abs() > 1e-4 * amplitude
     if bool((fired & off).any()):

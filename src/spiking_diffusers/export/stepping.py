@@ -10,7 +10,8 @@ State, in :meth:`SpikingStep.state_names` order:
 - ``<site>.membrane`` for every IF neuron, and ``<site>.spike_count`` (the signed count) for signed
   neurons; then ``<layer>.encoder.membrane`` for every ternary input encoder (residual spikes). The
   neurons' own stepwise code updates them.
-- ``<op>.input_sum`` and ``<op>.output_sum`` for every compensated GroupNorm / attention. The model's own
+- ``<op>.input_sum`` and ``<op>.output_sum`` for every compensated GroupNorm / attention (attention
+  core, for an attention split by residual spikes). The model's own
   stepwise path branches on the first step and, for GroupNorm, recomputes the previous total instead of
   storing it; a graph that serves every step cannot branch on a step index that is an input, so here the
   previous total is state too (zero before the first step) and step ``t`` emits
@@ -131,11 +132,15 @@ class SpikingStep(nn.Module):
             initial[id(neuron)] = [neuron.membrane] + ([neuron.spike_count] if neuron.spike_count is not None else [])
 
         def start_op(op: CompensatedStep, args) -> None:
-            op.input_sum, op.output_sum, op.step = torch.zeros_like(args[0]), torch.zeros_like(args[0]), step
-            initial[id(op)] = [op.input_sum, op.output_sum]
+            op.input_sum, op.output_sum, op.step = torch.zeros_like(args[0]), 0, step
+
+        def record_op(op: CompensatedStep, args, output: torch.Tensor) -> None:
+            # zero sums shaped like the op's input and output (an attention core's differ: q, k, v packed in)
+            initial[id(op)] = [torch.zeros_like(args[0]), torch.zeros_like(output)]
 
         hooks = [neuron.register_forward_pre_hook(start_neuron) for neuron in self.neurons.values()]
         hooks += [op.register_forward_pre_hook(start_op) for op in self.ops.values()]
+        hooks += [op.register_forward_hook(record_op) for op in self.ops.values()]
         try:
             self.unet(sample, timestep)
         finally:
