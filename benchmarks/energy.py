@@ -6,7 +6,8 @@ every layer's work is counted (``spiking_diffusers.energy``). The cifar10 archit
 its firing rates are those of an untrained network, its operation counts those of the real model.
 
 With ``--residual-spikes`` the QCFS networks carry signed input encoders on the convolutions that read the
-residual stream (``quantize(..., residual_spikes=True)``), so the spiking networks feed those layers spikes.
+residual stream and on the attention projections (``quantize(..., residual_spikes=True)``), so the spiking
+networks feed those layers spikes.
 
     python benchmarks/energy.py [--steps 20] [--num-images 2] [--timesteps 4 8] [--models digits cifar10]
                                 [--residual-spikes]
@@ -89,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--steps", default=20, help="DDIM denoising steps of the counted sampling run.")
 @click.option("--num-images", default=2, help="Images sampled while counting.")
 @click.option("--output", default=None, type=click.Path(), help="Also write the rows as JSON here.")
-@click.option("--residual-spikes/--no-residual-spikes", default=False, help="Spike encoders on residual-reading convs.")
+@click.option("--residual-spikes/--no-residual-spikes", default=False, help="Spike encoders on real-input layers.")
 def main(models, timesteps, steps, num_images, output, residual_spikes) -> None:
     torch.set_num_threads(1)
     rows = []

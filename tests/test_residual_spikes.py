@@ -1,5 +1,6 @@
-"""Residual spikes: signed QCFS encoders in front of the convolutions that read the residual stream, their
-ternary IF neurons, and everything that must keep working with them (calibration, forms, I/O, energy, ONNX)."""
+"""Residual spikes: signed QCFS encoders in front of the convolutions that read the residual stream and of the
+attention projections, their ternary IF neurons, and everything that must keep working with them
+(calibration, threshold forms, I/O, energy, ONNX, CLI)."""
 
 from __future__ import annotations
 

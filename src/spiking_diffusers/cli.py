@@ -126,9 +126,9 @@ def residual_spikes_option() -> Callable:
     return click.option(
         "--residual-spikes/--no-residual-spikes",
         default=None,
-        help="Quantize an ANN with signed spike encoders in front of the convolutions that read the residual "
-        "stream (shortcut, down- and up-sampling), so that the SNN feeds them spikes instead of real values "
-        "[default: off for an ANN; a QCFS or spiking model keeps its own].",
+        help="Quantize an ANN with signed spike encoders in front of the layers that read real values (the "
+        "shortcut, down- and up-sampling convolutions on the residual stream, the attention projections), so "
+        "that the SNN feeds them spikes [default: off for an ANN; a QCFS or spiking model keeps its own].",
     )
 
 

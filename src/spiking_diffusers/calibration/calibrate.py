@@ -24,7 +24,8 @@ from .statistics import collect_site_inputs, init_thresholds, quantization_error
 @dataclass
 class CalibrationConfig:
     """Every knob of a calibration run (all of them go into the report). ``residual_spikes`` quantizes with
-    signed input encoders on the residual-reading convolutions (see ``quantize``), calibrated with the rest."""
+    signed input encoders on the residual-reading convolutions and the attention projections (see ``quantize``),
+    calibrated with the rest."""
 
     timesteps: int = 4
     levels: int | None = None

@@ -42,7 +42,7 @@ def build_qcfs_unet(
 ) -> UNet2DModel:
     """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
     (with temporal factors for ``tsm_steps`` spiking steps when that is not 0), and with ``residual_spikes``
-    a signed QCFS encoder in front of every residual-reading convolution."""
+    a signed QCFS encoder in front of every residual-reading convolution and attention projection."""
     unet = UNet2DModel.from_config(dict(unet_config))
     check_structure(unet)
 

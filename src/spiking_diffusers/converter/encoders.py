@@ -1,9 +1,9 @@
-"""Signed spike encoders for the layers that read the real-valued residual stream ("residual spikes").
+"""Signed spike encoders for the weight layers that read real values ("residual spikes").
 
-A convolution that reads the residual stream (a ResNet shortcut, a down- or up-sampling convolution) gets
-real values in the spiking network, at every one of the T time steps: T times the ANN's multiply-
-accumulates. With an encoder in front it reads ternary spikes (0, +lambda, -lambda) and only accumulates.
-The residual stream is signed, so the encoder is too, with its own threshold lambda:
+A convolution that reads the residual stream (a ResNet shortcut, a down- or up-sampling convolution) or an
+attention projection gets real values in the spiking network, at every one of the T time steps: T times
+the ANN's multiply-accumulates. With an encoder in front it reads ternary spikes (0, +lambda, -lambda) and
+only accumulates. Its input is signed, so the encoder is too, with its own threshold lambda:
 
 - in the QCFS network, the **signed QCFS** unit ``a(z) = lambda/L * clip(floor(z*L/lambda + phi), -L, L)``
   (``2L + 1`` levels; with ``phi = 1/2`` a symmetric rounding); its ``original`` is the identity, so
@@ -50,7 +50,7 @@ def channel_values(values: torch.Tensor, like: torch.Tensor, channels_last: bool
 
 
 class SignedQCFS(nn.Module):
-    """The signed QCFS unit in front of one residual-reading layer of the QCFS network.
+    """The signed QCFS unit in front of one real-valued-input layer of the QCFS network.
 
     Calibration treats it like an activation site (statistics, threshold init, distillation); in
     ``mode = "ann"`` it passes its input through unchanged (``original`` is the identity).

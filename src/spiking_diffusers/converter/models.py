@@ -48,8 +48,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
 
     ``forward`` has the signature of ``UNet2DModel.forward``. :meth:`as_ann` runs the original
     activations instead, giving the unquantized network from the same weights. With ``residual_spikes``
-    every convolution that reads the residual stream quantizes its input with a signed QCFS unit, so that
-    the spiking network feeds it spikes (see :mod:`~spiking_diffusers.converter.residual_spikes`).
+    every convolution that reads the residual stream, and every attention projection, quantizes its input
+    with a signed QCFS unit, so that the spiking network feeds it spikes (see
+    :mod:`~spiking_diffusers.converter.residual_spikes`).
     """
 
     config_name = "config.json"
@@ -112,7 +113,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     does not grow with T. Both give the same result to float tolerance. With ``tsm=True`` every IF neuron
     scales its input current at step t by a learnable factor p_t (SDM's temporal-wise spiking mechanism);
     all factors 1 give exactly the network without it. With ``residual_spikes`` the convolutions that read
-    the residual stream are fed by ternary IF encoders (spikes +-lambda).
+    the residual stream and the attention projections are fed by ternary IF encoders (spikes +-lambda).
     """
 
     config_name = "config.json"

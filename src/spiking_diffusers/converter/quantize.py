@@ -72,7 +72,8 @@ def quantize(
     input, or "mse": the quantization-error minimiser) measured on ``num_samples`` noised inputs; pass
     ``init=None`` to leave them at 1 (e.g. before a full calibration). ``residual_spikes=True`` also puts a
     signed QCFS encoder (its own threshold, initialised the same way) in front of every convolution that
-    reads the residual stream, so that the spiking network feeds those layers spikes too. Raises
+    reads the residual stream and of the attention projections, so that the spiking network feeds those
+    layers spikes too. Raises
     :class:`~spiking_diffusers.converter.support.UnsupportedModuleError` naming any module that
     cannot be converted.
     """

@@ -4,7 +4,7 @@ Every neuron gets threshold 1 and emits binary spikes; its calibrated lambda mov
 the consumer layer's input columns are multiplied by lambda, and 1 / lambda is folded into the private
 layer feeding the neuron (its GroupNorm affine or linear layer). Where the input is shared (the time
 embedding feeds every ResNet block) or mixed (scale-shift modulation), 1 / lambda stays as the neuron's
-input gain, as it does for the residual input encoders, whose input is the shared residual stream. The
+input gain, as it does for the input encoders of residual spikes, whose input is shared or mixed. The
 outputs are those of the lambda form up to float rounding.
 """
 

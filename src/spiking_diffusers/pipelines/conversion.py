@@ -48,7 +48,8 @@ def prepare_qcfs(
     per-channel choice and seed are overridden by the arguments here), the full calibration of
     ``sdm-calibrate`` runs; without it, thresholds are the 99.9th percentile of each site's input on
     noised probes: quick, and a poor network (see the calibration benchmark). ``residual_spikes`` puts
-    signed input encoders on the residual-reading convolutions (``None``: as ``calibration`` says, else no).
+    signed input encoders on the residual-reading convolutions and attention projections (``None``: as
+    ``calibration`` says, else no).
     """
     return calibrate_or_quantize(
         unet, levels, per_channel, seed, timesteps, scheduler_config, calibration, progress, residual_spikes
