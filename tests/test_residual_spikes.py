@@ -19,6 +19,7 @@ from spiking_diffusers.calibration.statistics import mse_threshold
 from spiking_diffusers.commands import convert as convert_command
 from spiking_diffusers.converter.encoders import SignedIFNeuron, SignedQCFS, signed_qcfs
 from spiking_diffusers.energy.accounting import OperationCounter
+from spiking_diffusers.evaluation import VariantError, prepare_variants
 from spiking_diffusers.export import SpikingStep, export_qcfs, export_step
 
 ENCODED = {
@@ -251,3 +252,11 @@ def test_sdm_convert_option_and_its_conflict_with_a_qcfs_model(tmp_path):
         convert_command.main, ["--model", str(tmp_path / "qcfs"), "--residual-spikes", "--output", str(tmp_path / "x")]
     )
     assert refused.exit_code == 2 and "without residual spikes" in refused.output
+
+
+def test_evaluation_variants_follow_the_option_and_refuse_to_change_a_model():
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    variants = prepare_variants(unet, None, [2], residual_spikes=True)
+    assert [v.unet.config.residual_spikes for v in variants[1:]] == [True, True]
+    with pytest.raises(VariantError, match="has residual spikes"):
+        prepare_variants(variants[1].unet, unet, [2], residual_spikes=False)
