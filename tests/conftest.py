@@ -98,6 +98,16 @@ def _private_cache(tmp_path_factory):
     os.environ["SDM_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdm-cache"))
 
 
+@pytest.fixture
+def single_thread():
+    """Run in-process work on one thread, like the OMP_NUM_THREADS=1 subprocesses it is compared with:
+    results that must match bit for bit need the same reduction order, which depends on the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config(request) -> dict:
     return TINY_CONFIGS[request.param]

@@ -28,6 +28,8 @@ from spiking_diffusers.errors import DamagedFileError, InputError
 
 SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000).config)
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 

@@ -22,6 +22,8 @@ from spiking_diffusers.commands import calibrate, evaluate, sample
 
 BIN = Path(sys.executable).parent
 # CPU processes whatever the machine has, one thread each (as the in-process reference runs here).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
 
