@@ -99,3 +99,16 @@ def test_calibration_with_tsm_carries_the_factors_into_conversion(tmp_path):
     with pytest.raises(ValueError, match="calibrated for T = 2"):
         convert(loaded, timesteps=4)
     assert not convert(loaded, timesteps=4, tsm=False).config.tsm
+
+
+def test_a_tsm_spiking_model_maps_back_to_its_qcfs_network_for_evaluation():
+    from spiking_diffusers.evaluation import prepare_variants
+
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    snn = convert(quantize(unet, levels=2), timesteps=2, tsm=True)
+    randomise_factors(snn)
+    qnet = snn.to_qcfs()
+    assert qnet.config.tsm_steps == 2
+    assert torch.equal(run(convert(qnet, timesteps=2), unet), run(snn, unet))
+    kinds = [variant.kind for variant in prepare_variants(snn, unet, timesteps=[2])]
+    assert kinds == ["ann", "qcfs", "snn"]

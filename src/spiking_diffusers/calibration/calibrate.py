@@ -14,7 +14,6 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
-from ..converter.temporal import TemporalOp
 from .checkpoint import CalibrationCheckpoints
 from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
 from .distill import DistillHistory, DistillSettings, distill
@@ -164,19 +163,7 @@ def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: Calibrati
 
 def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:
     """Copy a (lambda-form) spiking model's weights and thresholds back into the QCFS network they came from."""
-    if snn.config.threshold_form != "lambda":
-        raise ValueError("Only lambda-form spiking models map back onto a QCFS network.")
-    wrapped = [name for name, module in snn.unet.named_modules() if isinstance(module, TemporalOp)]
-    state = {}
-    for key, value in snn.unet.state_dict().items():
-        if key.endswith("input_gain"):
-            continue
-        for prefix in wrapped:
-            if key.startswith(prefix + ".op."):
-                key = prefix + "." + key[len(prefix) + 4 :]
-                break
-        state[key] = value
-    qnet.unet.load_state_dict(state)
+    qnet.unet.load_state_dict(snn.qcfs_state_dict())
 
 
 def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -17,13 +17,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from .building import build_qcfs_unet, install_neurons, resolve_time_embedding
+from .building import build_qcfs_unet, install_neurons, move_like, resolve_time_embedding
 from .encoders import SignedQCFS
 from .neurons import NEURON_TYPES, IFNeuron
 from .qcfs import QCFSActivation, set_tsm_steps
 from .residual_spikes import input_encoders
 from .sites import site_units
-from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule
+from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule, TemporalOp
 
 THRESHOLD_FORMS = ("lambda", "unit")
 
@@ -163,6 +163,41 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     def neurons(self) -> dict[str, IFNeuron]:
         """The sites that are spiking neurons, by name."""
         return {name: unit for name, unit in self.sites().items() if isinstance(unit, IFNeuron)}
+
+    def to_qcfs(self) -> QCFSUNet2DModel:
+        """The QCFS network with this model's weights, thresholds (and TSM factors): the network it was
+        converted from, or calibrated as. Only the lambda threshold form maps back."""
+        config = self.config
+        qnet = QCFSUNet2DModel(
+            unet_config=config.unet_config,
+            levels=config.levels,
+            phi=config.phi,
+            per_channel=config.per_channel,
+            sample_size=config.sample_size,
+            in_channels=config.in_channels,
+            out_channels=config.out_channels,
+            residual_spikes=config.residual_spikes,
+            tsm_steps=config.timesteps if config.tsm else 0,
+        )
+        move_like(qnet, self)
+        qnet.unet.load_state_dict(self.qcfs_state_dict())
+        return qnet.eval()
+
+    def qcfs_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under the names of the QCFS network's (lambda threshold form only)."""
+        if self.config.threshold_form != "lambda":
+            raise ValueError("Only lambda-form spiking models map back onto a QCFS network.")
+        wrapped = [name for name, module in self.unet.named_modules() if isinstance(module, TemporalOp)]
+        state = {}
+        for key, value in self.unet.state_dict().items():
+            if key.endswith("input_gain"):
+                continue
+            for prefix in wrapped:
+                if key.startswith(prefix + ".op."):
+                    key = prefix + "." + key[len(prefix) + 4 :]
+                    break
+            state[key] = value
+        return state
 
     def set_execution(self, execution: str) -> None:
         """Switch between ``"batched"`` and ``"stepwise"`` simulation (recorded in the config)."""

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..calibration.calibrate import CalibrationConfig, load_snn_weights_into_qcfs
+from ..calibration.calibrate import CalibrationConfig
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
-from ..converter.building import move_like, unet_config_dict
+from ..converter.building import unet_config_dict
 from ..pipelines.conversion import prepare_qcfs
 
 
@@ -119,18 +119,7 @@ def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
         raise VariantError(f"The spiking model has {config.neuron} neurons; --neuron {neuron} cannot change them.")
     variants = [Variant("ANN", "ann", ann)]
     if config.threshold_form == "lambda":
-        qnet = QCFSUNet2DModel(
-            unet_config=config.unet_config,
-            levels=level,
-            phi=config.phi,
-            per_channel=config.per_channel,
-            sample_size=config.sample_size,
-            in_channels=config.in_channels,
-            out_channels=config.out_channels,
-            residual_spikes=config.residual_spikes,
-        )
-        move_like(qnet, snn)
-        load_snn_weights_into_qcfs(snn, qnet)
+        qnet = snn.to_qcfs()
         variants.append(Variant(f"QCFS L={level}", "qcfs", qnet.eval(), levels=level))
     return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
 
