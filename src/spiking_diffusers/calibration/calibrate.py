@@ -39,7 +39,7 @@ class CalibrationConfig:
     sampler_steps: int = 20
     image_dir: str | None = None
     stats_batches: int = 4
-    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=600, batch_size=32, lr=1e-3))
+    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=2000, batch_size=32, lr=1e-3))
     snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=1e-4))
     seed: int = 0
     cache_dir: str | None = None
