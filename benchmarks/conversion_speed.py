@@ -23,23 +23,12 @@ import torch
 from diffusers import UNet2DModel
 
 from spiking_diffusers import convert, quantize
-
-CIFAR10_CONFIG = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    norm_num_groups=32,
-    attention_head_dim=None,
-)
+from spiking_diffusers.architectures import DDPM_CIFAR10_32
 
 
 def build(kind: str, timesteps: int, execution: str):
     torch.manual_seed(0)
-    unet = UNet2DModel(**CIFAR10_CONFIG).eval()
+    unet = UNet2DModel(**DDPM_CIFAR10_32).eval()
     if kind == "ann":
         return unet
     qnet = quantize(unet, levels=max(timesteps, 1), num_samples=2)

@@ -24,30 +24,19 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from spiking_diffusers import convert
+from spiking_diffusers.architectures import DDPM_CIFAR10_32
 from spiking_diffusers.energy.measure import measure_energy
 from spiking_diffusers.energy.report import OP_CLASSES, EnergyReport
 from spiking_diffusers.loading import load_model, shipped_model_path
 from spiking_diffusers.pipelines import make_scheduler
 from spiking_diffusers.pipelines.conversion import prepare_qcfs
 
-CIFAR10_CONFIG = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    norm_num_groups=32,
-    attention_head_dim=None,
-)
-
 
 def load(name: str) -> tuple[UNet2DModel, dict] | None:
     """The ANN and its scheduler config, or ``None`` when the shipped model is not there."""
     if name == "cifar10":
         torch.manual_seed(0)
-        return UNet2DModel(**CIFAR10_CONFIG).eval(), dict(DDPMScheduler().config)
+        return UNet2DModel(**DDPM_CIFAR10_32).eval(), dict(DDPMScheduler().config)
     if not (Path(shipped_model_path()) / "model_index.json").is_file():
         return None
     loaded = load_model(None)

@@ -8,19 +8,6 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-CIFAR10_CONFIG = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    norm_num_groups=32,
-    attention_head_dim=None,
-)
-"""The exact architecture of google/ddpm-cifar10-32."""
-
 _TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1)
 
 TINY_CONFIGS = {

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DConditionModel, UNet2DModel
 
-from conftest import CIFAR10_CONFIG, TINY_CONFIGS, make_inputs, make_unet, relative_error
+from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, UnsupportedModuleError, convert, quantize
+from spiking_diffusers.architectures import DDPM_CIFAR10_32
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.qcfs import QCFSActivation
 from spiking_diffusers.converter.temporal import TemporalOp
@@ -211,7 +212,7 @@ def test_invalid_settings_are_rejected():
 
 
 def test_cifar10_architecture_converts_and_converges():
-    unet = make_unet(CIFAR10_CONFIG, dtype=torch.float32)
+    unet = make_unet(DDPM_CIFAR10_32, dtype=torch.float32)
     errors = []
     for steps in (4, 16):
         qnet = quantize(unet, levels=steps, num_samples=2)
