@@ -1,5 +1,6 @@
 """spiking-diffusers: pretrained diffusers UNets as QCFS-quantized and integrate-and-fire spiking networks."""
 
+from .calibration import CalibrationConfig, calibrate
 from .converter import (
     QCFSUNet2DModel,
     SpikingUNet2DModel,
@@ -12,10 +13,12 @@ from .pipelines import SpikingDiffusionPipeline
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationConfig",
     "QCFSUNet2DModel",
     "SpikingDiffusionPipeline",
     "SpikingUNet2DModel",
     "UnsupportedModuleError",
+    "calibrate",
     "convert",
     "quantize",
 ]
