@@ -4,7 +4,6 @@ for the default calibration that ``sdm-convert`` runs on an uncalibrated model."
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -186,10 +185,3 @@ def _settings(config: CalibrationConfig) -> dict[str, Any]:
     settings = asdict(config)
     settings["levels"] = config.resolved_levels
     return settings
-
-
-def snn_from_calibration(result: CalibrationResult, **convert_options) -> SpikingUNet2DModel:
-    """Convert a calibration result at the T it was fine-tuned for (options as for ``convert``)."""
-    options = {"timesteps": result.report["settings"]["timesteps"], "neuron": result.report["settings"]["neuron"]}
-    options.update(convert_options)
-    return convert(copy.deepcopy(result.qnet), **options)

@@ -35,7 +35,6 @@ from .distill import DistillHistory, DistillState
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINGERPRINT_FILE = "settings.json"
-PHASES = ("distill", "snn")
 
 
 def checkpoint_dir(output: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -182,7 +182,6 @@ def distill(
     settings: DistillSettings,
     description: str = "distill",
     progress: bool = True,
-    student_unet: Callable[[nn.Module], nn.Module] = lambda model: model.unet,
     checkpoint: PhaseCheckpoint | None = None,
     resume: DistillState | None = None,
 ) -> DistillHistory:
@@ -217,7 +216,7 @@ def distill(
         x_t, timesteps = x_t[share].to(device), timesteps[share].to(device)
         with torch.no_grad(), _maybe_record(teacher, use_blocks) as teacher_blocks:
             target = teacher(x_t, timesteps).sample
-        with _maybe_record(student_unet(student), use_blocks) as blocks:
+        with _maybe_record(student.unet, use_blocks) as blocks:
             prediction = student(x_t, timesteps).sample
         # This process's part of the whole batch's loss: the parts (and their gradients) sum to the whole.
         output_loss = nn.functional.mse_loss(prediction, target) * fraction
