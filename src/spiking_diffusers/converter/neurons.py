@@ -53,8 +53,20 @@ class IFNeuron(TemporalModule):
         self.membrane = None
         self.spike_count = None
 
+    def amplitude(self, like: torch.Tensor) -> torch.Tensor:
+        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
+        return _broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like)
+
+    def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
+        """The threshold the membrane is compared with: lambda times the threshold-guidance scale."""
+        return self.amplitude(like) * self.threshold_scale
+
+    def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
+        """``v(0) = phi * theta`` (theta: the firing threshold), shaped like one time step's ``current``."""
+        return (self.firing_threshold(current).detach() * self.phi).expand_as(current).clone()
+
     def forward(self, current: torch.Tensor) -> torch.Tensor:
-        amplitude = _broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), current)
+        amplitude = self.amplitude(current)
         firing = amplitude * self.threshold_scale
         current = current * _broadcast_channels(self.input_gain, current)
         if self.execution == "batched":
@@ -71,7 +83,7 @@ class IFNeuron(TemporalModule):
             current = current * self._factors()[self.step].to(current.dtype)
         self.step += 1
         if self.membrane is None:
-            self.membrane = (firing * self.phi).expand_as(current).detach()
+            self.membrane = self.initial_membrane(current)
             self.spike_count = torch.zeros_like(current) if self.neuron == "signed_if" else None
         self.membrane, spike, self.spike_count = self._integrate(
             self.membrane, current.detach(), firing.detach(), self.spike_count

@@ -41,7 +41,6 @@ from torch.overrides import TorchFunctionMode
 from ..converter.encoded_attention import AttentionCore
 from ..converter.encoders import SignedIFNeuron
 from ..converter.neurons import IFNeuron
-from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalOp
 
@@ -148,10 +147,7 @@ def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
     neuron = getattr(x, _SPIKE_TAG, None)
     if neuron is None:
         return None
-    if isinstance(neuron, SignedIFNeuron):
-        amplitude = neuron.amplitude(x).detach()
-    else:
-        amplitude = _broadcast_channels(neuron.threshold.detach().clamp_min(MIN_THRESHOLD), x)
+    amplitude = neuron.amplitude(x).detach()
     fired = x != 0
     off = (x.abs() - amplitude).abs() > 1e-4 * amplitude
     if bool((fired & off).any()):

@@ -32,7 +32,6 @@ from torch import nn
 from ..converter.encoders import SignedIFNeuron
 from ..converter.models import SpikingUNet2DModel
 from ..converter.neurons import IFNeuron
-from ..converter.qcfs import MIN_THRESHOLD, _broadcast_channels
 from ..converter.residual_spikes import input_encoders
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalModule, TemporalOp
@@ -122,14 +121,11 @@ class SpikingStep(nn.Module):
         initial: dict[int, list[torch.Tensor]] = {}
 
         def start_neuron(neuron: IFNeuron | SignedIFNeuron, args) -> None:
-            if isinstance(neuron, SignedIFNeuron):
-                neuron.membrane = neuron.initial_membrane(args[0])
-                initial[id(neuron)] = [neuron.membrane]
-                return
-            firing = _broadcast_channels(neuron.threshold.clamp_min(MIN_THRESHOLD), args[0]) * neuron.threshold_scale
-            neuron.membrane = (firing * neuron.phi).expand_as(args[0]).clone()
-            neuron.spike_count = torch.zeros_like(args[0]) if neuron.neuron == "signed_if" else None
-            initial[id(neuron)] = [neuron.membrane] + ([neuron.spike_count] if neuron.spike_count is not None else [])
+            neuron.membrane = neuron.initial_membrane(args[0])
+            initial[id(neuron)] = [neuron.membrane]
+            if _counts_spikes(neuron):
+                neuron.spike_count = torch.zeros_like(args[0])
+                initial[id(neuron)].append(neuron.spike_count)
 
         def start_op(op: CompensatedStep, args) -> None:
             op.input_sum, op.output_sum, op.step = torch.zeros_like(args[0]), 0, step
