@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qcfs import MIN_THRESHOLD, _broadcast_channels, _floor_ste
+from .qcfs import MIN_THRESHOLD, broadcast_channels, floor_ste
 from .temporal import TemporalModule
 
 
@@ -37,16 +37,9 @@ def signed_qcfs(
     ``+-1`` where it saturates and the quantization-error gradient inside. Per-channel thresholds
     broadcast on dim 1, or on the last dim with ``channels_last`` (token-major attention inputs).
     """
-    lam = channel_values(threshold, z, channels_last)
-    level = _floor_ste(z * levels / lam + phi)
+    lam = broadcast_channels(threshold, z, channels_last)
+    level = floor_ste(z * levels / lam + phi)
     return lam / levels * torch.clamp(level, -levels, levels)
-
-
-def channel_values(values: torch.Tensor, like: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """A per-channel vector (or a single value) shaped to broadcast against ``like`` on its channel dim."""
-    if channels_last and values.numel() > 1:
-        return values.to(like.dtype)  # (C,) broadcasts on the last dim as it is
-    return _broadcast_channels(values, like)
 
 
 class SignedQCFS(nn.Module):
@@ -111,7 +104,7 @@ class SignedIFNeuron(TemporalModule):
 
     def amplitude(self, like: torch.Tensor) -> torch.Tensor:
         """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
-        return channel_values(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
 
     def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
         """``v(0) = phi * theta``, shaped like one time step's ``current``."""
@@ -119,7 +112,7 @@ class SignedIFNeuron(TemporalModule):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         theta = self.amplitude(current)
-        current = current * channel_values(self.input_gain, current, self.channels_last)
+        current = current * broadcast_channels(self.input_gain, current, self.channels_last)
         if self.execution == "batched":
             steps = self.split_time(current)
             if torch.is_grad_enabled():

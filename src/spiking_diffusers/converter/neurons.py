@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qcfs import MIN_THRESHOLD, _broadcast_channels
+from .qcfs import MIN_THRESHOLD, broadcast_channels
 from .temporal import TemporalModule
 
 NEURON_TYPES = ("if", "signed_if")
@@ -55,7 +55,7 @@ class IFNeuron(TemporalModule):
 
     def amplitude(self, like: torch.Tensor) -> torch.Tensor:
         """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
-        return _broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like)
+        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like)
 
     def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
         """The threshold the membrane is compared with: lambda times the threshold-guidance scale."""
@@ -68,7 +68,7 @@ class IFNeuron(TemporalModule):
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         amplitude = self.amplitude(current)
         firing = amplitude * self.threshold_scale
-        current = current * _broadcast_channels(self.input_gain, current)
+        current = current * broadcast_channels(self.input_gain, current)
         if self.execution == "batched":
             steps = self.split_time(current)
             if self.temporal_factors is not None:

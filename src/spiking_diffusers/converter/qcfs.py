@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Thresholds are kept positive at use; calibration clamps the parameters themselves after each step.
 MIN_THRESHOLD = 1e-4
+"""The smallest threshold lambda any unit or neuron uses: thresholds are clamped to it where they are used,
+and calibration clamps the parameters themselves to it after every step, so a threshold never reaches 0."""
 
 
-def _floor_ste(x: torch.Tensor) -> torch.Tensor:
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
     """Floor in the forward pass, identity in the backward pass (straight-through estimator)."""
     return x + (torch.floor(x) - x).detach()
 
@@ -29,15 +30,18 @@ def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5
     gets 1 where the unit saturates and the LSQ-style quantization-error gradient inside the range.
     ``threshold`` broadcasts against ``z`` on the channel dimension (dim 1) when it has one value per channel.
     """
-    lam = _broadcast_channels(threshold, z)
-    level = _floor_ste(z * levels / lam + phi)
+    lam = broadcast_channels(threshold, z)
+    level = floor_ste(z * levels / lam + phi)
     return lam / levels * torch.clamp(level, 0, levels)
 
 
-def _broadcast_channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-channel vector (or a single value) to broadcast against ``like`` on dim 1."""
+def broadcast_channels(values: torch.Tensor, like: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A per-channel vector (or a single value) shaped, in ``like``'s dtype, to broadcast against ``like`` on
+    its channel dim: dim 1, or the last dim with ``channels_last`` (token-major ``(B, N, C)`` inputs)."""
     if values.numel() == 1:
         return values.reshape(()).to(like.dtype)
+    if channels_last:
+        return values.to(like.dtype)  # (C,) broadcasts on the last dim as it is
     return values.reshape(1, -1, *([1] * (like.dim() - 2))).to(like.dtype)
 
 
