@@ -23,6 +23,7 @@ from ..converter.neurons import IFNeuron
 from ..converter.quantize import conditioning_kwargs
 from ..converter.sites import site_wiring
 from ..errors import check_finite
+from ..metrics import relative_error
 
 SITE_KINDS = ("spatial IF", "time-embedding IF", "analog QCFS", "ternary IF encoder")
 """The kinds of site a conversion summary counts; the encoders (residual spikes) only when present."""
@@ -128,10 +129,6 @@ def _tsm_summary(snn: SpikingUNet2DModel) -> dict[str, Any]:
     return {"enabled": True, "min_per_step": stacked.amin(0).tolist(), "max_per_step": stacked.amax(0).tolist()}
 
 
-def _relative_error(prediction: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((prediction - reference).norm() / reference.norm().clamp_min(1e-12))
-
-
 @torch.no_grad()
 def noise_prediction_errors(
     snn: SpikingUNet2DModel,
@@ -190,8 +187,8 @@ def noise_prediction_errors(
         rows.append(
             {
                 "t": int(t[0]),
-                "qcfs_vs_ann": _relative_error(outputs["QCFS"], reference),
-                "snn_vs_ann": _relative_error(outputs["spiking"], reference),
+                "qcfs_vs_ann": relative_error(outputs["QCFS"], reference),
+                "snn_vs_ann": relative_error(outputs["spiking"], reference),
             }
         )
     return rows
