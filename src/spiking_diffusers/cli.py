@@ -185,6 +185,11 @@ def get_device(name: str) -> torch.device:
         raise CommandError(str(err), exit_code=2) from err
 
 
+def option_given(name: str) -> bool:
+    """Whether the running command's option ``name`` was passed on the command line (not left at its default)."""
+    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
 def parse_float_list(value: str, name: str, positive: bool = True) -> list[float]:
     """``"0.99,1.0"`` -> ``[0.99, 1.0]``, with a usage error naming the option on bad input."""
     try:

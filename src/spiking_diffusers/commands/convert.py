@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 import torch
-from click.core import ParameterSource
 from diffusers import UNet2DModel
 
 from ..calibration.calibrate import CalibrationConfig
@@ -25,6 +24,7 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    option_given,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -139,11 +139,6 @@ def main(
     _print_report(report, output)
 
 
-def _given(name: str) -> bool:
-    """Whether the option ``name`` was passed on the command line (not left at its default)."""
-    return click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE
-
-
 def _reference_ann(reference: str, qnet: QCFSUNet2DModel, device: torch.device) -> UNet2DModel:
     """The ``--reference`` ANN, checked to be the architecture the QCFS network was made from."""
     loaded = load_model(reference, device)
@@ -172,9 +167,9 @@ def _qcfs_network(
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     if loaded.kind == "qcfs":
         qnet = loaded.unet
-        if _given("levels") and levels != qnet.config.levels:
+        if option_given("levels") and levels != qnet.config.levels:
             raise CommandError(f"--levels {levels} conflicts with the QCFS model's L = {qnet.config.levels}.", 2)
-        if _given("per_channel") and per_channel != qnet.config.per_channel:
+        if option_given("per_channel") and per_channel != qnet.config.per_channel:
             raise CommandError("--per-channel/--per-layer conflicts with the QCFS model's thresholds.", 2)
         return qnet, None, {}
     result = calibrate_or_quantize(

@@ -19,6 +19,7 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    option_given,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -116,8 +117,7 @@ def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int
     ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
     if loaded.kind == "qcfs":
         return convert(loaded.unet, timesteps=timesteps), ann, None
-    given = click.get_current_context().get_parameter_source("timesteps") is click.core.ParameterSource.COMMANDLINE
-    return loaded.unet, ann, timesteps if given else None
+    return loaded.unet, ann, timesteps if option_given("timesteps") else None
 
 
 def _write(report: EnergyReport, settings: dict, directory: Path) -> None:

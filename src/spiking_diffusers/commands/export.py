@@ -18,6 +18,7 @@ from ..cli import (
     CommandError,
     atomic_directory,
     model_option,
+    option_given,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -72,7 +73,7 @@ def main(model, output, overwrite, timesteps, levels, which, seed, residual_spik
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes)
     if qnet is None:
-        if _given("which") and "qcfs" in graphs:
+        if option_given("which") and "qcfs" in graphs:
             raise CommandError(
                 f"{loaded.source} is a spiking model; the qcfs graph needs the original or the QCFS model.", 2
             )
@@ -114,15 +115,11 @@ def main(model, output, overwrite, timesteps, levels, which, seed, residual_spik
         )
 
 
-def _given(name: str) -> bool:
-    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
-
-
 def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
     """``(qnet, snn)``: the QCFS network (``None`` for a spiking model) and the spiking network."""
     if loaded.kind == "snn":
         snn = loaded.unet
-        if _given("timesteps"):
+        if option_given("timesteps"):
             snn.register_to_config(timesteps=timesteps)
         return None, snn
     if loaded.kind == "qcfs":
