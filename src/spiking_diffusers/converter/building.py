@@ -3,6 +3,7 @@ non-linear ops are touched; the rest of the diffusers UNet, and its forward code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from diffusers import UNet2DModel
@@ -23,6 +24,11 @@ TIME_EMBEDDING_MODES = ("auto", "spiking", "analog")
 def unet_config_dict(unet: UNet2DModel) -> dict[str, Any]:
     """The UNet's config as a plain JSON-able dict, without diffusers' private bookkeeping keys."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
+
+
+def spatial_size(sample_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` from a UNet config's ``sample_size``: one int for square samples, or a pair."""
+    return (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
 
 
 def move_like(module: nn.Module, reference: nn.Module) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from .building import move_like, unet_config_dict
+from .building import move_like, spatial_size, unet_config_dict
 from .models import QCFSUNet2DModel
 from .support import check_functional_activations, check_structure
 
@@ -33,8 +33,7 @@ def noised_probe_batches(
     calibration package builds better inputs from the model's own samples.
     """
     generator = torch.Generator().manual_seed(seed)
-    size = unet_config.get("sample_size") or 32
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = spatial_size(unet_config.get("sample_size") or 32)
     train_steps = unet_config.get("num_train_timesteps") or 1000
     # from 1: Fourier-embedded UNets take log(t)
     timesteps = torch.linspace(1, train_steps - 1, num_samples).round().long()

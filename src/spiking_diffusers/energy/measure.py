@@ -7,6 +7,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import nn
 
+from ..converter.building import spatial_size
 from ..converter.models import SpikingUNet2DModel
 from ..pipelines import SpikingDiffusionPipeline
 from .accounting import Accounting, OperationCounter, inner_unet
@@ -40,8 +41,7 @@ def count_sampling(
 def count_forward(model: nn.Module, timestep: int = 500) -> Accounting:
     """Count the work of one forward pass of ``model`` on one random input."""
     config = inner_unet(model).config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = spatial_size(config.sample_size)
     param = next(model.parameters())
     sample = torch.randn(1, config.in_channels, height, width, device=param.device, dtype=param.dtype)
     with OperationCounter(model) as counter:

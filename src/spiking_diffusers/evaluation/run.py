@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.calibrate import CalibrationConfig
 from ..calibration.data import default_cache_dir, load_image_folder
+from ..converter.building import spatial_size
 from ..digits import load_digit_images
 from ..metrics import (
     DigitFeatures,
@@ -130,8 +131,7 @@ def evaluate(
 
 
 def _sample_shape(model: nn.Module) -> tuple[int, int, int]:
-    size = model.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = spatial_size(model.config.sample_size)
     return (int(model.config.in_channels), int(height), int(width))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
 from .stepping import SpikingStep
@@ -89,8 +90,7 @@ def _float32_cpu(model: nn.Module) -> nn.Module:
 def random_inputs(model: nn.Module, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A normal random ``sample`` and uniform random diffusion timesteps for ``model``."""
     config = model.unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = spatial_size(config.sample_size)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, config.in_channels, height, width, generator=generator)
     timestep = torch.randint(1, config.num_train_timesteps or 1000, (batch,), generator=generator)

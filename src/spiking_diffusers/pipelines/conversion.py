@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.calibrate import CalibrationConfig, CalibrationResult, calibrate
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, TemporalOp, quantize
+from ..converter.building import spatial_size
 from ..converter.encoders import SignedIFNeuron
 from ..converter.neurons import IFNeuron
 from ..converter.quantize import conditioning_kwargs
@@ -151,8 +152,7 @@ def noise_prediction_errors(
     noise_schedule = DDPMScheduler.from_config(scheduler_config)
     train_steps = noise_schedule.config.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)
-    size = config.get("sample_size") or 32
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = spatial_size(config.get("sample_size") or 32)
     coarse = torch.rand(
         num_samples, config["in_channels"], max(height // 4, 1), max(width // 4, 1), generator=generator
     )

@@ -28,6 +28,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
@@ -75,9 +76,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.unet.config
-        size = config.sample_size
-        spatial = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, config.in_channels, *spatial)
+        return (batch_size, config.in_channels, *spatial_size(config.sample_size))
 
     @torch.no_grad()
     def __call__(
