@@ -140,6 +140,14 @@ def test_to_dtype_and_snn_timesteps_override():
     assert not torch.equal(run(snn, unet.double(), snn_timesteps=1), run(snn, unet.double(), snn_timesteps=8))
 
 
+@pytest.mark.parametrize("steps", [0, -1])
+def test_snn_timesteps_below_one_is_refused(steps):
+    unet = make_unet(TINY_CONFIGS["no_mid"])
+    snn = convert(quantize(unet, levels=2), timesteps=2)
+    with pytest.raises(ValueError, match="snn_timesteps must be at least 1"):  # 0 once fell back to the model's T
+        run(snn, unet, snn_timesteps=steps)
+
+
 def test_stock_ddpm_pipeline_samples_with_the_spiking_unet():
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
     snn = convert(quantize(unet, levels=4), timesteps=4)

@@ -213,7 +213,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         snn_timesteps: int | None = None,
     ) -> SpikingUNet2DOutput | tuple:
         """Simulate ``snn_timesteps`` (default: the configured T) spiking steps on ``sample``."""
-        num_steps = int(snn_timesteps or self.config.timesteps)
+        num_steps = int(self.config.timesteps if snn_timesteps is None else snn_timesteps)
         if num_steps < 1:
             raise ValueError(f"snn_timesteps must be at least 1, got {num_steps}.")
         execution = self.config.execution
