@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,16 @@ def test_hub_id_while_offline_as_a_console_script(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("Error:") and "offline" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_command_run_outside_the_main_thread_fails_cleanly(tmp_path):
+    """Signal handlers can only be set in the main thread; a command run in another once died of that."""
+    results = []
+    args = ["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    worker = threading.Thread(target=lambda: results.append(CliRunner().invoke(convert_cmd.main, args)))
+    worker.start()
+    worker.join()
+    assert results[0].exit_code == 2 and "No such directory" in results[0].output, results[0].output
 
 
 def test_images_of_another_size_and_channel_count_are_converted(paths, tmp_path):

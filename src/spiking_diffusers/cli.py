@@ -41,7 +41,10 @@ class SdmCommand(click.Command):
     """A click command that turns expected exceptions into one-line errors with the right exit code."""
 
     def invoke(self, ctx: click.Context):
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # Python takes signal handlers in the main thread only; a command run from another thread (a notebook
+        # worker, a test runner's thread) keeps the default SIGTERM behaviour.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if main_thread else None
         try:
             with _quiet_unless_main_process():
                 return super().invoke(ctx)
@@ -59,7 +62,8 @@ class SdmCommand(click.Command):
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CommandError(f"{message} (set SDM_DEBUG=1 for the traceback)", exit_code=1) from err
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
