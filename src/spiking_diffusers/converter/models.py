@@ -29,7 +29,7 @@ THRESHOLD_FORMS = ("lambda", "unit")
 
 
 class _SiteModelMixin:
-    """Helpers shared by both models: site lookup and the UNet-like ``config`` surface pipelines read."""
+    """What both models share: their sites (activation units or neurons, and input encoders) and thresholds."""
 
     unet: torch.nn.Module
 

@@ -1,8 +1,9 @@
 """The conversion workflow behind ``sdm-convert``, as library functions: get a QCFS network from an ANN,
 describe what the conversion did, and measure how closely the spiking network follows the original.
 
-:func:`prepare_qcfs` is the single place where an uncalibrated ANN becomes a QCFS network: calibrated with
-the same recipe as ``sdm-calibrate``, or (quick, poor) with percentile thresholds only.
+:func:`calibrate_or_quantize` (and :func:`prepare_qcfs`, the same without the report) is the single place
+where an uncalibrated ANN becomes a QCFS network: calibrated with the same recipe as ``sdm-calibrate``, or
+(quick, poor) with percentile thresholds only.
 """
 
 from __future__ import annotations
