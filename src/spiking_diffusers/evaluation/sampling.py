@@ -43,7 +43,6 @@ def sample_variant(
     """``num_images`` images of ``variant`` in ``[-1, 1]`` (CPU, float32) and the wall time in seconds."""
     pipe = SpikingDiffusionPipeline(unet=variant.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(leave=False, desc="denoising", disable=not progress)
-    snn_timesteps = variant.timesteps if variant.kind == "snn" else None
     images = []
     start = time.perf_counter()
     batches = my_batches(num_images, batch_size)  # this process's share under accelerate launch
@@ -55,7 +54,7 @@ def sample_variant(
                 generator=image_generators(seed, indices),
                 num_inference_steps=steps,
                 output_type="pt",
-                snn_timesteps=snn_timesteps,
+                **variant.forward_kwargs,
             ).images
             images.append(out.float().cpu() * 2 - 1)
             bar.update(len(indices))
