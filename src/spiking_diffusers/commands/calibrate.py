@@ -7,7 +7,7 @@ import click
 
 from ..calibration.calibrate import CalibrationConfig, calibrate
 from ..calibration.checkpoint import CalibrationCheckpoints, checkpoint_dir
-from ..calibration.distill import DistillSettings
+from ..calibration.distill import TRAIN_OPTIONS, DistillSettings
 from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
 from ..cli import (
     CommandError,
@@ -18,6 +18,7 @@ from ..cli import (
     residual_spikes_option,
     sdm_command,
 )
+from ..converter.neurons import NEURON_TYPES
 from ..distributed import is_main_process
 from ..loading import load_model
 
@@ -48,7 +49,7 @@ Examples:
 @click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: T].")
 @click.option("--per-channel/--per-layer", default=DEFAULTS.per_channel, help="One threshold per channel, or per site.")
 @click.option(
-    "--neuron", type=click.Choice(["if", "signed_if"]), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
+    "--neuron", type=click.Choice(NEURON_TYPES), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
 )
 @residual_spikes_option()
 @click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
@@ -101,7 +102,7 @@ Examples:
 @click.option("--tsm-lr", default=DEFAULTS.snn.tsm_lr, type=click.FloatRange(min=0, min_open=True))
 @click.option(
     "--snn-train",
-    type=click.Choice(["weights", "thresholds", "tsm"]),
+    type=click.Choice(TRAIN_OPTIONS),
     default=DEFAULTS.snn.train,
     help="What SNN fine-tuning fits (tsm: the temporal factors alone).",
 )

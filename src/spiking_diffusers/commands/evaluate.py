@@ -15,6 +15,8 @@ from ..cli import (
     residual_spikes_option,
     sdm_command,
 )
+from ..converter.neurons import NEURON_TYPES
+from ..converter.temporal import EXECUTION_MODES
 from ..distributed import is_main_process
 from ..evaluation import (
     GRID_PNG,
@@ -64,12 +66,10 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--timesteps", "-T", default="1,2,4,8,16", callback=parse_int_list, help="SNN time steps T to compare.")
 @click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: L = T].")
-@click.option(
-    "--neuron", type=click.Choice(["if", "signed_if"]), default=None, help="Neuron for conversions [default: if]."
-)
+@click.option("--neuron", type=click.Choice(NEURON_TYPES), default=None, help="Neuron for conversions [default: if].")
 @click.option(
     "--execution",
-    type=click.Choice(["auto", "batched", "stepwise"]),
+    type=click.Choice(["auto", *EXECUTION_MODES]),
     default="auto",
     help="SNN time simulation; same result. auto: stepwise on CPU (faster there), batched elsewhere.",
 )
