@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -25,6 +26,9 @@ from . import distributed
 from .converter.support import UnsupportedModuleError
 from .errors import SdmError
 from .loading import LoadedModel, ModelLoadError, resolve_device
+
+if TYPE_CHECKING:
+    from .calibration.calibrate import CalibrationConfig
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -40,7 +44,8 @@ class CommandError(click.ClickException):
 class SdmCommand(click.Command):
     """A click command that turns expected exceptions into one-line errors with the right exit code."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; expected failures become a :class:`CommandError` (SIGTERM: a ``KeyboardInterrupt``)."""
         # Python takes signal handlers in the main thread only; a command run from another thread (a notebook
         # worker, a test runner's thread) keeps the default SIGTERM behaviour.
         main_thread = threading.current_thread() is threading.main_thread()
@@ -89,10 +94,12 @@ def sdm_command(**kwargs) -> Callable:
 def model_option(
     help_text: str = "Hub id or local directory; default: the digits DDPM shipped in the package.",
 ) -> Callable:
+    """``--model ID_OR_DIR`` (default ``None``: the shipped model), with the command's own ``help_text``."""
     return click.option("--model", "model", default=None, metavar="ID_OR_DIR", help=help_text)
 
 
 def device_option() -> Callable:
+    """``--device auto|cpu|cuda|mps`` (see :func:`get_device`)."""
     return click.option(
         "--device",
         type=click.Choice(["auto", "cpu", "cuda", "mps"]),
@@ -157,7 +164,7 @@ def calibration_config(
     snn_steps: int,
     neuron: str | None = None,
     residual_spikes: bool | None = None,
-):
+) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
 

@@ -45,9 +45,11 @@ class CalibrationConfig:
 
     @property
     def resolved_levels(self) -> int:
+        """The QCFS levels L: ``levels``, or T (``timesteps``) when it is not set."""
         return int(self.levels or self.timesteps)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` for settings no calibration can run with."""
         if self.timesteps < 1 or self.resolved_levels < 1:
             raise ValueError("timesteps and levels must be at least 1.")
         if self.num_samples < 1:

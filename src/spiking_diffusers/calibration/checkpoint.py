@@ -64,9 +64,11 @@ class CalibrationCheckpoints:
 
     @property
     def path(self) -> Path:
+        """The checkpoint file (``checkpoint.pt`` in the directory)."""
         return self.directory / CHECKPOINT_FILE
 
     def exists(self) -> bool:
+        """Whether a checkpoint has been written."""
         return self.path.is_file()
 
     def start(self, fingerprint: dict[str, Any]) -> SavedCalibration | None:

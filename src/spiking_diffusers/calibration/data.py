@@ -125,6 +125,7 @@ class NoisedBatches:
         return timesteps[torch.randperm(count, generator=self.generator)]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch ``(x_t, t)``: x0 drawn from the pool, noised with fresh noise at stratified timesteps."""
         index = torch.randint(0, len(self.x0), (batch_size,), generator=self.generator)
         x0 = self.x0[index]
         noise = torch.randn(x0.shape, generator=self.generator)

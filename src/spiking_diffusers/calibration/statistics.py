@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from ..converter.encoders import SignedQCFS, signed_qcfs
+from ..converter.models import QCFSUNet2DModel
 from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, qcfs
 
 THRESHOLD_INITS = ("percentile", "mse")
@@ -37,6 +38,7 @@ class SiteObserver:
         self.count += values.shape[1]
 
     def values(self) -> torch.Tensor:
+        """The kept inputs, ``(C, n)`` with ``n`` at most ``max_values``."""
         values = torch.cat(self.chunks, dim=1)
         if values.shape[1] > self.max_values:
             index = torch.randperm(values.shape[1], generator=self.generator)[: self.max_values]
@@ -46,7 +48,10 @@ class SiteObserver:
 
 @torch.no_grad()
 def collect_site_inputs(
-    qnet, batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], max_values: int = 4096, seed: int = 0
+    qnet: QCFSUNet2DModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]],
+    max_values: int = 4096,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
     generator = torch.Generator().manual_seed(seed)
@@ -116,7 +121,7 @@ def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS) 
 
 @torch.no_grad()
 def init_thresholds(
-    qnet, site_inputs: dict[str, torch.Tensor], method: str = "percentile", percentile: float = 99.9
+    qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor], method: str = "percentile", percentile: float = 99.9
 ) -> None:
     """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse)."""
     if method not in THRESHOLD_INITS:
@@ -137,7 +142,7 @@ def init_thresholds(
 
 def _site_threshold(
     values: torch.Tensor, unit: QCFSActivation | SignedQCFS, method: str, percentile: float, per_channel: bool
-):
+) -> torch.Tensor:
     signed = isinstance(unit, SignedQCFS)
     if method == "percentile":
         return percentile_threshold(values, percentile, per_channel, signed)

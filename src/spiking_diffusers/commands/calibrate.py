@@ -190,6 +190,7 @@ def build_config(
 
 
 def print_summary(report: dict, output: str) -> None:
+    """The command's closing lines: sites calibrated, quantization error before and after, loss per phase."""
     sites = report["sites"]
     before = sum(s["before"]["quantization_mse"] for s in sites.values()) / len(sites)
     after = sum(s["after"]["quantization_mse"] for s in sites.values()) / len(sites)

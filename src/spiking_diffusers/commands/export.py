@@ -41,6 +41,7 @@ Examples:
 
 
 def parse_which(value: str) -> list[str]:
+    """``--which``: ``"step,qcfs"`` -> ``["qcfs", "step"]`` (in :data:`GRAPHS` order), a usage error otherwise."""
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in GRAPHS]
     if unknown or not names:

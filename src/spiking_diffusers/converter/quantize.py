@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from diffusers import UNet2DModel
 
@@ -45,7 +47,9 @@ def noised_probe_batches(
     return batches
 
 
-def to_device(batches, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+def to_device(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Move ``(sample, timestep, kwargs)`` batches to a device; samples (and float kwargs) to ``dtype``."""
 
     def move(value):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DModel
@@ -38,6 +39,7 @@ class SiteSpec:
 
     @property
     def ndim(self) -> int:
+        """The rank of the site's input: 2 for the time embedding ``(B, C)``, 4 for feature maps."""
         return 2 if self.kind == "temb" else 4
 
 
@@ -105,9 +107,10 @@ class CallSiteRouter(nn.Module):
         self.position = 0
 
     def rewind(self, *_args) -> None:
+        """Start the call order again (the parent's forward pre-hook)."""
         self.position = 0
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.position >= len(self.order):
             raise RuntimeError(
                 f"Activation called more often than the {len(self.order)} known call sites {self.order}; "

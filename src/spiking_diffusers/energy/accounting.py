@@ -87,6 +87,7 @@ class SiteRate:
 
     @property
     def firing_rate(self) -> float:
+        """Spikes per neuron per time step."""
         return self.spikes / self.elements if self.elements else 0.0
 
 
@@ -101,10 +102,12 @@ class Accounting:
 
     @property
     def macs(self) -> int:
+        """Multiply-accumulates over every layer."""
         return sum(layer.macs for layer in self.layers.values())
 
     @property
     def acs(self) -> int:
+        """Accumulates (spike-driven synaptic operations) over every layer."""
         return sum(layer.acs for layer in self.layers.values())
 
 
@@ -155,7 +158,14 @@ def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
     return fired.to(torch.float64)
 
 
-def conv_acs(indicator: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> int:
+def conv_acs(
+    indicator: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, ...],
+    padding: int | tuple[int, ...] | str,
+    dilation: int | tuple[int, ...],
+    groups: int,
+) -> int:
     """Accumulates of a convolution on a spike map: for every output position and output channel, the
     spikes in its receptive field (exact at the borders, for any stride, padding, dilation and groups)."""
     channels = indicator.shape[1]

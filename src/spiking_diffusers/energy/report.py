@@ -29,6 +29,7 @@ class EnergyModel:
     ac_pj: float = 0.9
 
     def energy_pj(self, macs: float, acs: float) -> float:
+        """Energy in pJ of ``macs`` multiply-accumulates and ``acs`` accumulates."""
         return self.mac_pj * macs + self.ac_pj * acs
 
 
@@ -49,6 +50,7 @@ class LayerRow:
 
     @property
     def op_class(self) -> str:
+        """Which of the :data:`OP_CLASSES` this row's work belongs to."""
         if self.spike_driven:
             return OP_CLASSES[0]
         if self.op in ("attention matmul", "softmax"):
@@ -122,6 +124,7 @@ class EnergyReport:
         return {name: (snn, ann) for name, (snn, ann) in parts.items()}
 
     def totals(self) -> dict[str, float]:
+        """The totals per denoising step and per image, the SNN / ANN ratio and the spike-driven shares."""
         per_image = self.unet_evaluations_per_image
         return {
             "timesteps": self.timesteps,
@@ -140,6 +143,7 @@ class EnergyReport:
         }
 
     def to_dict(self) -> dict:
+        """Everything in the report as JSON-able data (the content of ``energy.json`` beside its settings)."""
         return {
             "totals": self.totals(),
             "energy_model_pj": asdict(self.energy_model),

@@ -79,6 +79,7 @@ class ExportCheck:
 
     @property
     def passed(self) -> bool:
+        """Whether the check did not fail (``status`` other than ``"FAILED"``)."""
         return self.status != "FAILED"
 
 

@@ -96,7 +96,9 @@ class SpikingStep(nn.Module):
             names += [f"{op}.input_sum", f"{op}.output_sum"]
         return names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, step: torch.Tensor, *state: torch.Tensor):
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, step: torch.Tensor, *state: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         values = iter(state)
         for neuron in self.neurons.values():
             neuron.membrane = next(values)

@@ -61,6 +61,7 @@ class ReferenceStatistics:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStatistics:
+        """Read statistics written by :meth:`save`."""
         tensors = load_file(str(path))
         return cls(tensors["feature_sum"], tensors["outer_sum"], int(tensors["count"]))
 
