@@ -14,7 +14,7 @@ from .encoded_attention import AttentionCore, is_encoded
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation
 from .residual_spikes import install_encoder_neurons, install_input_encoders
-from .sites import CallSiteRouter, SiteSpec, install_units, iter_site_specs, site_name
+from .sites import SiteSpec, install_units, iter_site_specs, replace_site_unit, site_name, site_unit
 from .support import check_structure
 from .temporal import TemporalOp
 
@@ -95,18 +95,14 @@ def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embe
         name = site_name(parent_name, spec)
         if name not in spiking:
             continue
-        holder = getattr(parent, spec.activation)
-        unit = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+        unit = site_unit(parent, spec)
         factors = unit.temporal_factors
         tsm_steps = 0 if factors is None else factors.numel()
         neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps)
         neuron_module.threshold.data.copy_(unit.threshold.data)
         if factors is not None:
             neuron_module.temporal_factors.data.copy_(factors.data)
-        if isinstance(holder, CallSiteRouter):
-            holder.units[spec.name] = neuron_module
-        else:
-            setattr(parent, spec.activation, neuron_module)
+        replace_site_unit(parent, spec, neuron_module)
     install_encoder_neurons(unet)
     _wrap_nonlinear_ops(unet, nonlinear_mode)
 

@@ -150,14 +150,24 @@ def install_units(model: nn.Module, make_unit: Callable[[str, SiteSpec, nn.Modul
             parent.register_forward_pre_hook(router.rewind)
 
 
+def site_unit(parent: nn.Module, spec: SiteSpec) -> nn.Module:
+    """The unit installed at site ``spec`` of ``parent`` (behind the :class:`CallSiteRouter` of a shared activation)."""
+    holder = getattr(parent, spec.activation)
+    return holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+
+
+def replace_site_unit(parent: nn.Module, spec: SiteSpec, unit: nn.Module) -> None:
+    """Install ``unit`` at site ``spec`` of ``parent`` in place of the one there."""
+    holder = getattr(parent, spec.activation)
+    if isinstance(holder, CallSiteRouter):
+        holder.units[spec.name] = unit
+    else:
+        setattr(parent, spec.activation, unit)
+
+
 def site_units(model: nn.Module) -> dict[str, nn.Module]:
     """Map every site name to the unit currently installed there (QCFS unit or neuron)."""
-    units = {}
-    for parent_name, parent, spec in iter_site_specs(model):
-        holder = getattr(parent, spec.activation)
-        unit = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
-        units[site_name(parent_name, spec)] = unit
-    return units
+    return {site_name(name, spec): site_unit(parent, spec) for name, parent, spec in iter_site_specs(model)}
 
 
 def site_wiring(model: nn.Module) -> dict[str, tuple[nn.Module, SiteSpec]]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .neurons import IFNeuron
 from .residual_spikes import fold_encoder_thresholds
-from .sites import CallSiteRouter, iter_site_specs
+from .sites import iter_site_specs, site_unit
 from .temporal import TemporalOp
 
 
@@ -29,8 +29,7 @@ def _channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch
 def fold_unit_thresholds(unet: nn.Module) -> None:
     """Rewrite the weights of a spiking UNet (lambda form) in place so that every threshold is 1."""
     for _, parent, spec in list(iter_site_specs(unet)):
-        holder = getattr(parent, spec.activation)
-        neuron = holder.units[spec.name] if isinstance(holder, CallSiteRouter) else holder
+        neuron = site_unit(parent, spec)
         if not isinstance(neuron, IFNeuron):
             continue
         lam = neuron.threshold.detach().clone()
