@@ -15,7 +15,7 @@ import torch
 
 from ..converter.encoders import SignedQCFS, signed_qcfs
 from ..converter.models import QCFSUNet2DModel
-from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, qcfs
+from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
 
 THRESHOLD_INITS = ("percentile", "mse")
 
@@ -55,7 +55,7 @@ def collect_site_inputs(
 ) -> dict[str, torch.Tensor]:
     """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
     generator = torch.Generator().manual_seed(seed)
-    units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, (QCFSActivation, SignedQCFS))}
+    units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, QuantizerUnit)}
     observers = {name: SiteObserver(max_values, generator) for name in units}
     for name, unit in units.items():
         unit.observers.append(observers[name])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qcfs import MIN_THRESHOLD, broadcast_channels, floor_ste
+from .qcfs import MIN_THRESHOLD, QuantizerUnit, broadcast_channels, floor_ste
 from .temporal import TemporalModule
 
 
@@ -42,7 +42,7 @@ def signed_qcfs(
     return lam / levels * torch.clamp(level, -levels, levels)
 
 
-class SignedQCFS(nn.Module):
+class SignedQCFS(QuantizerUnit):
     """The signed QCFS unit in front of one real-valued-input layer of the QCFS network.
 
     Calibration treats it like an activation site (statistics, threshold init, distillation); in
@@ -53,31 +53,15 @@ class SignedQCFS(nn.Module):
     def __init__(
         self, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False, channels_last: bool = False
     ):
-        super().__init__()
-        if levels < 1:
-            raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
-        self.original = nn.Identity()
-        self.channels = channels
-        self.levels = int(levels)
-        self.phi = float(phi)
-        self.per_channel = bool(per_channel)
+        super().__init__(nn.Identity(), channels, levels, phi, per_channel)
         self.channels_last = bool(channels_last)
-        self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
-        self.mode = "qcfs"
-        self.observers: list = []
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for observer in self.observers:
-            observer(self, z)
-        if self.mode == "ann":
-            return self.original(z)
-        return signed_qcfs(z, self.threshold.clamp_min(MIN_THRESHOLD), self.levels, self.phi, self.channels_last)
+    def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """:func:`signed_qcfs` at ``threshold``."""
+        return signed_qcfs(z, threshold, self.levels, self.phi, self.channels_last)
 
     def extra_repr(self) -> str:
-        return (
-            f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}, "
-            f"channels_last={self.channels_last}"
-        )
+        return f"{super().extra_repr()}, channels_last={self.channels_last}"
 
 
 class SignedIFNeuron(TemporalModule):

@@ -18,9 +18,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .building import build_qcfs_unet, install_neurons, move_like, resolve_time_embedding
-from .encoders import SignedQCFS
 from .neurons import NEURON_TYPES, IFNeuron
-from .qcfs import QCFSActivation, set_tsm_steps
+from .qcfs import QuantizerUnit, set_tsm_steps
 from .residual_spikes import input_encoders
 from .sites import site_units
 from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule, TemporalOp
@@ -89,7 +88,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     def as_ann(self) -> Iterator[QCFSUNet2DModel]:
         """Run the original activations (SiLU, ...; the identity for input encoders) instead of the QCFS
         units inside this context."""
-        units = [unit for unit in self.unet.modules() if isinstance(unit, (QCFSActivation, SignedQCFS))]
+        units = [unit for unit in self.unet.modules() if isinstance(unit, QuantizerUnit)]
         for unit in units:
             unit.mode = "ann"
         try:

@@ -45,7 +45,41 @@ def broadcast_channels(values: torch.Tensor, like: torch.Tensor, channels_last: 
     return values.reshape(1, -1, *([1] * (like.dim() - 2))).to(like.dtype)
 
 
-class QCFSActivation(nn.Module):
+class QuantizerUnit(nn.Module):
+    """What a QCFS unit and a signed QCFS encoder share: a trainable threshold (one, or one per channel),
+    ``levels`` and ``phi``, the ``original`` function (``mode = "ann"`` runs it instead of the quantizer),
+    and ``observers``, called with every input (activation statistics). Subclasses define :meth:`quantize`.
+    """
+
+    def __init__(self, original: nn.Module, channels: int, levels: int, phi: float, per_channel: bool):
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
+        self.original = original
+        self.channels = channels
+        self.levels = int(levels)
+        self.phi = float(phi)
+        self.per_channel = bool(per_channel)
+        self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
+        self.mode = "qcfs"
+        self.observers: list = []
+
+    def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """The unit's quantizer at ``threshold`` (already clamped to :data:`MIN_THRESHOLD`)."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for observer in self.observers:
+            observer(self, z)
+        if self.mode == "ann":
+            return self.original(z)
+        return self.quantize(z, self.threshold.clamp_min(MIN_THRESHOLD))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}"
+
+
+class QCFSActivation(QuantizerUnit):
     """One activation call site turned into a QCFS unit with its own trainable threshold.
 
     The original activation is kept (it has no parameters) so that the same network can run as the
@@ -61,33 +95,17 @@ class QCFSActivation(nn.Module):
         per_channel: bool = False,
         tsm_steps: int = 0,
     ):
-        super().__init__()
-        if levels < 1:
-            raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
-        self.original = original
-        self.channels = channels
-        self.levels = int(levels)
-        self.phi = float(phi)
-        self.per_channel = bool(per_channel)
-        self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
+        super().__init__(original, channels, levels, phi, per_channel)
         # Temporal factors (TSM) the spiking network was fine-tuned with; unused by the QCFS function itself,
         # kept here so a calibrated QCFS model converts back into the same spiking network.
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
-        self.mode = "qcfs"
-        self.observers: list = []
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for observer in self.observers:
-            observer(self, z)
-        if self.mode == "ann":
-            return self.original(z)
-        return qcfs(z, self.threshold.clamp_min(MIN_THRESHOLD), self.levels, self.phi)
+    def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """:func:`qcfs` at ``threshold``."""
+        return qcfs(z, threshold, self.levels, self.phi)
 
     def extra_repr(self) -> str:
-        return (
-            f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}, "
-            f"original={type(self.original).__name__}"
-        )
+        return f"{super().extra_repr()}, original={type(self.original).__name__}"
 
 
 def set_tsm_steps(model: nn.Module, steps: int) -> None:
