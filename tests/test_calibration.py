@@ -64,6 +64,12 @@ def test_model_samples_are_cached_and_reused(tmp_path):
     assert len(cached) == 1 and first.shape == (3, 1, 8, 8) and first.abs().max() <= 1
     again = sample_model_images(unet, SCHEDULER_CONFIG, 3, sampler_steps=2, cache_dir=tmp_path, progress=False)
     assert torch.equal(first, again)
+    # Another noise schedule samples other images from the same weights: never the cached ones.
+    cosine = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config)
+    other = sample_model_images(unet, cosine, 3, sampler_steps=2, cache_dir=tmp_path, progress=False)
+    assert not torch.equal(other, first)
+    fresh = sample_model_images(unet, cosine, 3, sampler_steps=2, cache_dir=tmp_path / "fresh", progress=False)
+    assert torch.equal(other, fresh)
 
 
 def test_distillation_reduces_the_output_error():

@@ -47,16 +47,23 @@ def sample_model_images(
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """``num_samples`` images in [-1, 1] drawn from ``unet`` with DDIM (eta 0), cached on disk."""
+    """``num_samples`` images in [-1, 1] drawn from ``unet`` with DDIM (eta 0), cached on disk.
+
+    The cache key holds everything the images depend on: the model, the sampler's noise schedule (the same
+    weights sample other images under another schedule), the count, the DDIM steps and the seed.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = f"{model_fingerprint(unet)}-n{num_samples}-s{sampler_steps}-seed{seed}"
+    sampler = DDIMScheduler.from_config(scheduler_config)
+    schedule = {k: v for k, v in sampler.config.items() if not k.startswith("_")}
+    schedule_key = hashlib.sha256(json.dumps(schedule, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    key = f"{model_fingerprint(unet)}-{schedule_key}-n{num_samples}-s{sampler_steps}-seed{seed}"
     path = cache_dir / "calibration" / f"{key}.safetensors"
     if path.is_file():
         try:
             return load_file(path)["x0"]
         except Exception:  # a damaged cache entry is simply rebuilt
             path.unlink(missing_ok=True)
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe = DDIMPipeline(unet=unet, scheduler=sampler)
     pipe.set_progress_bar_config(disable=True)
     chunks = []
     from tqdm.auto import tqdm
