@@ -112,3 +112,13 @@ def test_a_tsm_spiking_model_maps_back_to_its_qcfs_network_for_evaluation():
     assert torch.equal(run(convert(qnet, timesteps=2), unet), run(snn, unet))
     kinds = [variant.kind for variant in prepare_variants(snn, unet, timesteps=[2])]
     assert kinds == ["ann", "qcfs", "snn"]
+
+
+def test_evaluating_a_tsm_model_at_another_T_is_a_clear_usage_error():
+    from spiking_diffusers.evaluation import VariantError, prepare_variants
+
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    snn = convert(quantize(unet, levels=2), timesteps=2, tsm=True)
+    for model in (snn, snn.to_qcfs()):
+        with pytest.raises(VariantError, match="--timesteps 2"):
+            prepare_variants(model, unet, timesteps=[1, 2, 4])

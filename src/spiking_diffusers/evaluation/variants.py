@@ -105,13 +105,21 @@ def _from_qcfs(qnet, ann, timesteps, levels, snn_options) -> list[Variant]:
     level = int(qnet.config.levels)
     if levels is not None and levels != level:
         raise VariantError(f"The QCFS model has L = {level}; --levels {levels} cannot change it.")
+    _check_tsm_timesteps(int(qnet.config.get("tsm_steps") or 0), timesteps)
     snn = convert(qnet, timesteps=max(timesteps), **snn_options)
     variants = [Variant("ANN", "ann", ann), Variant(f"QCFS L={level}", "qcfs", qnet, levels=level)]
     return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
 
 
+def _check_tsm_timesteps(tsm_steps: int, timesteps: list[int]) -> None:
+    """A model with temporal factors (TSM) simulates only the T its factors were learned for."""
+    if tsm_steps and set(timesteps) != {tsm_steps}:
+        raise VariantError(f"The model's temporal factors (TSM) are for T = {tsm_steps}; pass --timesteps {tsm_steps}.")
+
+
 def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
     config = snn.config
+    _check_tsm_timesteps(int(config.timesteps) if config.tsm else 0, timesteps)
     level = int(config.levels)
     if levels is not None and levels != level:
         raise VariantError(f"The spiking model has L = {level}; --levels {levels} cannot change it.")
