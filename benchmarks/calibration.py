@@ -33,7 +33,7 @@ RECIPES = {
     ),
     "mse init + distillation": dataclasses.replace(DEFAULT, snn=dataclasses.replace(DEFAULT.snn, steps=0)),
     "+ SNN-aware fine-tuning (default)": DEFAULT,
-    "default, signed IF": dataclasses.replace(DEFAULT, neuron="signed_if"),
+    "default with signed IF": dataclasses.replace(DEFAULT, neuron="signed_if"),
 }
 
 
@@ -41,13 +41,17 @@ RECIPES = {
 @click.option("--num-images", default=1000, help="Samples per network.")
 @click.option("--steps", default=20, help="DDIM steps.")
 @click.option("--timesteps", default="1,2,4,8,16", help="SNN time steps T (L = T).")
-@click.option("--recipes", default=",".join(RECIPES), help="Which rows to run.")
+@click.option("--recipes", default=",".join(RECIPES), help="Which rows to run (comma-separated names).")
 @click.option("--seed", default=0)
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Also write the reports as JSON.")
 def main(num_images: int, steps: int, timesteps: str, recipes: str, seed: int, output) -> None:
     loaded = load_model(None, "cpu")
+    names = [r.strip() for r in recipes.split(",")]
+    unknown = [name for name in names if name not in RECIPES]
+    if unknown:
+        raise click.BadParameter(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}.", param_hint="--recipes")
     summary = {}
-    for name in [r.strip() for r in recipes.split(",")]:
+    for name in names:
         recipe = RECIPES[name]
         config = EvaluationConfig(
             timesteps=[int(t) for t in timesteps.split(",")],
