@@ -42,7 +42,7 @@ def plot_calibration(report: dict, path: str | Path) -> None:
                 range(len(names)), [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15
             )
     ax_sites.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax_sites.set_ylabel("threshold lambda (per-channel range shaded)")
+    ax_sites.set_ylabel("threshold lambda\n(per-channel range shaded)")
     ax_sites.set_yscale("log")
     ax_sites.legend()
     offset = 0
