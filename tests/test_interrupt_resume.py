@@ -123,6 +123,12 @@ def _previous_result(out: Path) -> None:
     (out / "keep.txt").write_text("previous result")
 
 
+def _default_sigint() -> None:
+    """Give the child the default SIGINT action: a shell runs background jobs (``make test &``) with SIGINT
+    ignored, the children inherit that, and Python then never turns SIGINT into a ``KeyboardInterrupt``."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop_when(process: subprocess.Popen, ready, sig: int, timeout: float = 120.0) -> tuple[int, str]:
     """Send ``sig`` to ``process`` once ``ready()`` holds; return its exit code and stderr."""
     deadline = time.monotonic() + timeout
@@ -185,6 +191,7 @@ def test_sigint_mid_conversion_keeps_the_previous_output(ann_dir, tmp_path):
         [BIN / "sdm-convert", "--model", str(ann_dir), "-T", "2", "--calibration-samples", "8",
          "--calibration-steps", "5000", "--output", str(out), "--overwrite"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(ENV, SDM_CACHE_DIR=str(cache)),
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     code, stderr = _stop_when(process, lambda: any(cache.glob("calibration/*.safetensors")), signal.SIGINT)
     assert code == 130, stderr
