@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 _TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1)
 
@@ -98,3 +99,15 @@ def single_thread():
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config(request) -> dict:
     return TINY_CONFIGS[request.param]
+
+
+def save_digit_sized_models(root: Path) -> dict[str, Path]:
+    """A tiny 1x16x16 ANN pipeline (the digit metric applies) and its spiking pipeline, saved under ``root``;
+    ``cache`` is a fresh cache directory beside them."""
+    from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+
+    unet = make_unet(dict(TINY_CONFIGS["attention"], sample_size=16), dtype=torch.float32)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "ann")
+    snn = convert(quantize(unet, levels=2), timesteps=2)
+    SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
+    return {"ann": root / "ann", "snn": root / "snn", "cache": root / "cache"}

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIGS, make_unet
-from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+from conftest import save_digit_sized_models
 from spiking_diffusers.commands import calibrate, energy, evaluate, export, sample
 from spiking_diffusers.commands import convert as convert_cmd
 
@@ -44,12 +42,7 @@ calibration inside sdm-convert and sdm-eval)."""
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    unet = make_unet(dict(TINY_CONFIGS["attention"], sample_size=16), dtype=torch.float32)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "ann")
-    snn = convert(quantize(unet, levels=2), timesteps=2)
-    SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
-    return {"ann": root / "ann", "snn": root / "snn", "cache": root / "cache"}
+    return save_digit_sized_models(tmp_path_factory.mktemp("models"))
 
 
 def _without_timings(value):

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from diffusers import DDPMPipeline, DDPMScheduler
 
-from conftest import TINY_CONFIGS, make_unet
-from spiking_diffusers import QCFSUNet2DModel, SpikingDiffusionPipeline, convert, quantize
+from conftest import save_digit_sized_models
+from spiking_diffusers import QCFSUNet2DModel
 from spiking_diffusers.commands import calibrate, evaluate, sample
 
 BIN = Path(sys.executable).parent
@@ -49,12 +47,7 @@ def torchrun(script: str, *args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A 1x16x16 ANN (the digit metric applies) and its spiking network."""
-    root = tmp_path_factory.mktemp("models")
-    unet = make_unet(dict(TINY_CONFIGS["attention"], sample_size=16), dtype=torch.float32)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "ann")
-    snn = convert(quantize(unet, levels=2), timesteps=2)
-    SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
-    return {"ann": root / "ann", "snn": root / "snn", "cache": root / "cache"}
+    return save_digit_sized_models(tmp_path_factory.mktemp("models"))
 
 
 def test_sample_two_processes_write_the_images_of_one(models, tmp_path):
