@@ -60,9 +60,12 @@ def main(num_images: int, val_images: int, steps: int, timesteps: str, scales: s
                 with scaled_thresholds(snn, scale):
                     val_fd[scale] = frechet(sample(snn, f"SNN T={t}", t, 1, val_images))
             best = min(val_fd, key=val_fd.get)
+            main_images = {}  # by scale: when validation picks 1.0, the guided cell reuses the plain images
             for scale, label in ((1.0, "plain"), (best, "guided")):
-                with scaled_thresholds(snn, scale):
-                    images = sample(snn, f"SNN T={t}", t, 0, num_images)
+                if scale not in main_images:
+                    with scaled_thresholds(snn, scale):
+                        main_images[scale] = sample(snn, f"SNN T={t}", t, 0, num_images)
+                images = main_images[scale]
                 name = f"{'TSM' if tsm else 'no TSM'}, {label}"
                 row[name] = (frechet(images) / ann_fd, paired_psnr(images, ann_main).mean().item(), scale)
             click.echo(f"T={t} tsm={tsm}: validation FD by scale {val_fd}; {time.perf_counter() - start:.0f} s")
