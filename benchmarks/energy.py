@@ -25,11 +25,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from spiking_diffusers import convert
 from spiking_diffusers.architectures import DDPM_CIFAR10_32
+from spiking_diffusers.calibration.policy import calibrate_or_quantize
 from spiking_diffusers.energy.measure import measure_energy
 from spiking_diffusers.energy.report import OP_CLASSES, EnergyReport
 from spiking_diffusers.loading import load_model, shipped_model_path
 from spiking_diffusers.pipelines import make_scheduler
-from spiking_diffusers.pipelines.conversion import prepare_qcfs
 
 
 def load(name: str) -> tuple[UNet2DModel, dict] | None:
@@ -91,7 +91,9 @@ def main(models, timesteps, steps, num_images, output, residual_spikes) -> None:
         ann, scheduler_config = model
         for T in timesteps:
             start = time.perf_counter()
-            snn = convert(prepare_qcfs(ann, levels=T, timesteps=T, residual_spikes=residual_spikes), timesteps=T)
+            snn = convert(
+                calibrate_or_quantize(ann, levels=T, timesteps=T, residual_spikes=residual_spikes).qnet, timesteps=T
+            )
             scheduler = make_scheduler("ddim", scheduler_config)
             report = measure_energy(snn, ann, scheduler, steps, num_images=num_images, seed=0)
             rows.append(row(name, report, residual_spikes))

@@ -13,7 +13,7 @@ from spiking_diffusers import QCFSUNet2DModel, convert, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate, load_snn_weights_into_qcfs
 from spiking_diffusers.calibration.data import NoisedBatches, sample_model_images
 from spiking_diffusers.calibration.distill import DistillSettings, distill
-from spiking_diffusers.calibration.statistics import mse_threshold, percentile_threshold
+from spiking_diffusers.converter.thresholds import mse_threshold, percentile_threshold
 
 SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000).config)
 

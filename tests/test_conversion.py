@@ -227,6 +227,10 @@ def test_cifar10_architecture_converts_and_converges():
         snn = convert(qnet, timesteps=steps)
         errors.append(relative_error(run(snn, unet, batch=1), run(qnet, unet, batch=1)))
     assert errors[0] > errors[1]
+    # Both execution modes agree. Compared in float64: in float32 the batched (T x B) and the step-wise
+    # convolutions round differently on some CPUs, a membrane within rounding of its threshold then fires in
+    # one mode only, and through 35 M random weights such flips add up to a 10 % difference (seen on AVX2).
+    snn, unet = snn.double(), unet.double()
     batched = run(snn, unet, batch=1, snn_timesteps=2)
     snn.set_execution("stepwise")
-    assert torch.allclose(run(snn, unet, batch=1, snn_timesteps=2), batched, atol=1e-4)
+    assert torch.allclose(run(snn, unet, batch=1, snn_timesteps=2), batched, atol=1e-9)

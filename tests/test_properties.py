@@ -46,7 +46,7 @@ def run_stepwise(neuron: IFNeuron, current: torch.Tensor) -> tuple[torch.Tensor,
     with torch.no_grad():
         for step in current:
             outputs.append(neuron(step.reshape(-1, 1)).reshape(-1))
-            if neuron.spike_count is not None:
+            if "spike_count" in neuron.memory_names():
                 counts.append(neuron.spike_count.reshape(-1).clone())
     return torch.stack(outputs), counts
 

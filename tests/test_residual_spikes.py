@@ -15,9 +15,10 @@ from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.distill import DistillSettings
-from spiking_diffusers.calibration.statistics import mse_threshold
 from spiking_diffusers.commands import convert as convert_command
-from spiking_diffusers.converter.encoders import SignedIFNeuron, SignedQCFS, signed_qcfs
+from spiking_diffusers.converter.encoders import SignedQCFS, signed_qcfs
+from spiking_diffusers.converter.neurons import TernaryIFEncoder
+from spiking_diffusers.converter.thresholds import mse_threshold
 from spiking_diffusers.energy.accounting import OperationCounter
 from spiking_diffusers.evaluation import VariantError, prepare_variants
 from spiking_diffusers.export import SpikingStep, export_qcfs, export_step
@@ -44,7 +45,7 @@ ENCODERS = {f"{name}.encoder" for name in ENCODED} | {
 }
 
 
-def simulate(neuron: SignedIFNeuron, steps: torch.Tensor) -> torch.Tensor:
+def simulate(neuron: TernaryIFEncoder, steps: torch.Tensor) -> torch.Tensor:
     """Mean output of ``neuron`` over the ``(T, ...)`` input currents ``steps`` (batched execution)."""
     neuron.begin(steps.shape[0], "batched")
     with torch.no_grad():
@@ -74,7 +75,7 @@ def test_signed_qcfs_levels_clipping_and_gradients():
 @pytest.mark.parametrize("phi", [0.0, 0.5])
 @pytest.mark.parametrize("levels", [1, 2, 4, 8])
 def test_theorem1_analogue_constant_input_T_equals_L_reproduces_signed_qcfs(levels, phi):
-    neuron = SignedIFNeuron(channels=1, phi=phi).double()
+    neuron = TernaryIFEncoder(channels=1, phi=phi).double()
     neuron.threshold.data.fill_(1.5)
     # an even count keeps 0 off the grid: a level boundary at phi = 0, where linspace gives -6e-17
     z = torch.linspace(-3.0, 3.0, 2000, dtype=torch.float64).reshape(-1, 1)
@@ -87,14 +88,14 @@ def test_mean_output_is_unbiased_and_within_half_a_level_of_the_mean_input(steps
     """Any input sequence inside the range: the spikes carry the input's sum up to the final membrane."""
     generator = torch.Generator().manual_seed(steps)
     currents = (torch.rand(steps, 20000, 1, generator=generator, dtype=torch.float64) * 2 - 1) * 0.9
-    neuron = SignedIFNeuron(channels=1).double()  # threshold 1, v(0) = 1/2
+    neuron = TernaryIFEncoder(channels=1).double()  # threshold 1, v(0) = 1/2
     error = simulate(neuron, currents) - currents.mean(0)
     assert error.abs().max().item() <= 0.5 / steps + 1e-12
     assert abs(error.mean().item()) < 0.05 / steps
 
 
 def test_stepwise_equals_batched_single_layer_per_channel():
-    neuron = SignedIFNeuron(channels=3, per_channel=True).double()
+    neuron = TernaryIFEncoder(channels=3, per_channel=True).double()
     neuron.threshold.data = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     currents = torch.randn(6, 5, 3, 4, 4, dtype=torch.float64)
     neuron.begin(6, "stepwise")
@@ -133,12 +134,12 @@ def test_batched_equals_stepwise_and_unit_form_equals_lambda_form(name):
     unet = make_unet(TINY_CONFIGS[name])
     qnet = quantize(unet, levels=4, per_channel=True, residual_spikes=True)
     snn = convert(qnet, timesteps=5)
-    assert any(isinstance(u, SignedIFNeuron) for u in snn.sites().values())
+    assert any(isinstance(u, TernaryIFEncoder) for u in snn.sites().values())
     batched = run(snn, unet)
     snn.set_execution("stepwise")
     assert torch.allclose(run(snn, unet), batched, atol=1e-10)
     unit_form = convert(qnet, timesteps=5, threshold_form="unit")
-    assert all(torch.all(u.threshold == 1) for u in unit_form.sites().values() if isinstance(u, SignedIFNeuron))
+    assert all(torch.all(u.threshold == 1) for u in unit_form.sites().values() if isinstance(u, TernaryIFEncoder))
     assert torch.allclose(run(unit_form, unet), batched, atol=1e-10)
 
 
@@ -207,7 +208,7 @@ def test_calibration_initialises_and_trains_the_encoders(tmp_path):
         assert site["before"]["threshold"] != site["after"]["threshold"]
         assert site["after"]["quantization_mse"] > 0
     snn_sites = convert(result.qnet, timesteps=2).sites()
-    assert all(isinstance(snn_sites[name], SignedIFNeuron) for name in ENCODERS)
+    assert all(isinstance(snn_sites[name], TernaryIFEncoder) for name in ENCODERS)
 
 
 def test_onnx_graphs_and_the_step_module_carry_the_encoders(tmp_path):

@@ -1,18 +1,20 @@
 """Calibration of QCFS thresholds (and weights) so the spiking network reproduces the original UNet."""
 
+from ..converter.thresholds import collect_site_inputs, init_thresholds, mse_threshold, percentile_threshold
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 from .distill import DistillSettings
-from .report import save_calibration
-from .statistics import collect_site_inputs, init_thresholds, mse_threshold, percentile_threshold
+from .policy import calibrate_or_quantize
+from .report import write_calibration_report
 
 __all__ = [
     "CalibrationConfig",
     "CalibrationResult",
     "DistillSettings",
     "calibrate",
+    "calibrate_or_quantize",
     "collect_site_inputs",
     "init_thresholds",
     "mse_threshold",
     "percentile_threshold",
-    "save_calibration",
+    "write_calibration_report",
 ]

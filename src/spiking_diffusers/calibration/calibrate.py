@@ -13,10 +13,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
+from ..converter.thresholds import collect_site_inputs, init_thresholds, quantization_error
 from .checkpoint import CalibrationCheckpoints
 from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
 from .distill import DistillHistory, DistillSettings, distill
-from .statistics import collect_site_inputs, init_thresholds, quantization_error
 
 
 @dataclass

@@ -1,27 +1,19 @@
-"""Writing a calibration: the QCFS model and scheduler as a pipeline directory, the JSON report, and a
-PNG with the per-site thresholds and the loss curves."""
+"""Writing a calibration's report: the JSON and a PNG with the per-site thresholds and the loss curves."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from diffusers import SchedulerMixin
-
-from .calibrate import CalibrationResult
-
 REPORT_FILE = "calibration_report.json"
 PLOT_FILE = "calibration.png"
 
 
-def save_calibration(result: CalibrationResult, scheduler: SchedulerMixin, directory: str | Path) -> None:
-    """Save a calibrated model so that ``sdm-convert --model DIR`` and ``from_pretrained`` load it directly."""
-    from ..pipelines import SpikingDiffusionPipeline
-
+def write_calibration_report(report: dict, directory: str | Path) -> None:
+    """Write ``report`` as :data:`REPORT_FILE` and its plot as :data:`PLOT_FILE` into ``directory``."""
     directory = Path(directory)
-    SpikingDiffusionPipeline(unet=result.qnet, scheduler=scheduler).save_pretrained(directory)
-    (directory / REPORT_FILE).write_text(json.dumps(result.report, indent=2))
-    plot_calibration(result.report, directory / PLOT_FILE)
+    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    plot_calibration(report, directory / PLOT_FILE)
 
 
 def plot_calibration(report: dict, path: str | Path) -> None:

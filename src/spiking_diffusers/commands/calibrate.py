@@ -8,7 +8,7 @@ import click
 from ..calibration.calibrate import CalibrationConfig, calibrate
 from ..calibration.checkpoint import CalibrationCheckpoints, checkpoint_dir
 from ..calibration.distill import TRAIN_OPTIONS, DistillSettings
-from ..calibration.report import PLOT_FILE, REPORT_FILE, save_calibration
+from ..calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
 from ..cli import (
     CommandError,
     atomic_directory,
@@ -21,6 +21,7 @@ from ..cli import (
 from ..converter.neurons import NEURON_TYPES
 from ..distributed import is_main_process
 from ..loading import load_model
+from ..pipelines import SpikingDiffusionPipeline
 
 DEFAULTS = CalibrationConfig()
 """The recipe's defaults, shown by --help; the same object sdm-convert calibrates with."""
@@ -135,7 +136,8 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
     try:
         with atomic_directory(output, overwrite=overwrite) as staging:
             result = calibrate(loaded.unet, dict(loaded.scheduler.config), config, is_main_process(), checkpoints)
-            save_calibration(result, loaded.scheduler, staging)
+            SpikingDiffusionPipeline(unet=result.qnet, scheduler=loaded.scheduler).save_pretrained(staging)
+            write_calibration_report(result.report, staging)
     except KeyboardInterrupt as err:
         if not checkpoints.exists():
             raise CommandError("Interrupted before the first checkpoint; no partial output was written.", 130) from err

@@ -15,7 +15,8 @@ import torch
 from diffusers import UNet2DModel
 
 from ..calibration.calibrate import CalibrationConfig
-from ..calibration.report import PLOT_FILE, REPORT_FILE, plot_calibration
+from ..calibration.policy import calibrate_or_quantize
+from ..calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
 from ..cli import (
     CommandError,
     atomic_directory,
@@ -33,10 +34,11 @@ from ..converter import QCFSUNet2DModel, convert
 from ..converter.building import unet_config_dict
 from ..converter.models import THRESHOLD_FORMS
 from ..converter.neurons import NEURON_TYPES
+from ..converter.summary import conversion_summary
 from ..converter.temporal import NONLINEAR_MODES
 from ..loading import LoadedModel, load_model
+from ..metrics import fidelity_check
 from ..pipelines import SpikingDiffusionPipeline
-from ..pipelines.conversion import calibrate_or_quantize, conversion_summary, noise_prediction_errors
 
 EXAMPLES = """
 \b
@@ -129,13 +131,12 @@ def main(
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
-            "fidelity": noise_prediction_errors(snn, qnet, dict(loaded.scheduler.config), ann=ann, seed=seed),
+            "fidelity": fidelity_check(snn, qnet, dict(loaded.scheduler.config), ann=ann, seed=seed),
         }
         SpikingDiffusionPipeline(unet=snn, scheduler=loaded.scheduler).save_pretrained(staging)
         (Path(staging) / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         if calibration_report:
-            (Path(staging) / REPORT_FILE).write_text(json.dumps(calibration_report, indent=2) + "\n")
-            plot_calibration(calibration_report, Path(staging) / PLOT_FILE)
+            write_calibration_report(calibration_report, staging)
     _print_report(report, output)
 
 

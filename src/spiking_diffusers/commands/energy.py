@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from diffusers import UNet2DModel
 
+from ..calibration.policy import calibrate_or_quantize
 from ..cli import (
     atomic_directory,
     device_option,
@@ -30,7 +31,6 @@ from ..energy.plots import plot_energy_breakdown, plot_firing_rates
 from ..energy.report import EnergyModel, EnergyReport, format_summary, format_table
 from ..loading import LoadedModel, load_model
 from ..pipelines import SCHEDULERS, make_scheduler
-from ..pipelines.conversion import prepare_qcfs
 
 EXAMPLES = """
 \b
@@ -110,9 +110,9 @@ def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int
     model a freshly initialised ``UNet2DModel`` of the same config stands in for the original.
     """
     if loaded.kind == "ann":
-        qnet = prepare_qcfs(
+        qnet = calibrate_or_quantize(
             loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
-        )
+        ).qnet
         return convert(qnet, timesteps=timesteps), loaded.unet, None
     ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
     if loaded.kind == "qcfs":

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..calibration.policy import calibrate_or_quantize
 from ..cli import (
     CommandError,
     atomic_directory,
@@ -28,7 +29,6 @@ from ..export import OPSET, ExportCheck, export_qcfs, export_snn, export_step
 from ..export.onnx_export import step_io_names
 from ..export.stepping import SpikingStep
 from ..loading import LoadedModel, load_model
-from ..pipelines.conversion import prepare_qcfs
 
 GRAPHS = ("qcfs", "snn", "step")
 
@@ -126,9 +126,9 @@ def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int
     if loaded.kind == "qcfs":
         qnet = loaded.unet
     else:
-        qnet = prepare_qcfs(
+        qnet = calibrate_or_quantize(
             loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
-        )
+        ).qnet
     return qnet, convert(qnet, timesteps=timesteps)
 
 

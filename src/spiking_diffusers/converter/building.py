@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .encoded_attention import AttentionCore, is_encoded
+from .encoded_attention import is_encoded
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation
+from .registry import has_role
 from .residual_spikes import install_encoder_neurons, install_input_encoders
 from .sites import SiteSpec, install_units, iter_site_specs, replace_site_unit, site_name, site_unit
 from .support import check_structure
@@ -109,7 +109,7 @@ def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embe
 
 def _wrap_nonlinear_ops(module: nn.Module, nonlinear_mode: str) -> None:
     for child_name, child in list(module.named_children()):
-        if isinstance(child, (nn.GroupNorm, Attention, AttentionCore)) and not is_encoded(child):
+        if has_role(child, "nonlinear") and not is_encoded(child):
             # An attention module is one op as a whole: its inner GroupNorm is not wrapped again. One split
             # at its projections (residual spikes) has its GroupNorm and its core wrapped instead.
             setattr(module, child_name, TemporalOp(child, nonlinear_mode))

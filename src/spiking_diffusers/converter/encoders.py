@@ -8,7 +8,8 @@ only accumulates. Its input is signed, so the encoder is too, with its own thres
 - in the QCFS network, the **signed QCFS** unit ``a(z) = lambda/L * clip(floor(z*L/lambda + phi), -L, L)``
   (``2L + 1`` levels; with ``phi = 1/2`` a symmetric rounding); its ``original`` is the identity, so
   ``as_ann()`` runs the ANN exactly;
-- in the spiking network, the **ternary IF neuron** (reset by subtraction), with input current I(t):
+- in the spiking network, the **ternary IF encoder** (:class:`~.neurons.TernaryIFEncoder`, reset by
+  subtraction), with input current I(t):
 
       m(t) = v(t-1) + I(t);  s(t) = +1 if m(t) >= theta, -1 if m(t) < 0, else 0
       v(t) = m(t) - s(t) * theta;  v(0) = phi * theta;  output theta * s(t)
@@ -24,8 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qcfs import MIN_THRESHOLD, QuantizerUnit, broadcast_channels, floor_ste
-from .temporal import TemporalModule
+from .qcfs import QuantizerUnit, broadcast_channels, floor_ste
 
 
 def signed_qcfs(
@@ -62,91 +62,3 @@ class SignedQCFS(QuantizerUnit):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channels_last={self.channels_last}"
-
-
-class SignedIFNeuron(TemporalModule):
-    """The ternary IF neuron that stands in for a :class:`SignedQCFS` unit in the spiking network.
-
-    It emits ``+-lambda`` (``+-1`` in the unit-threshold form, where ``input_gain`` holds ``1 / lambda``
-    and the consumer's weights carry ``lambda``). Threshold guidance does not act on it: it encodes a
-    linear signal rather than standing in for an activation.
-    """
-
-    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False):
-        super().__init__()
-        size = channels if per_channel else 1
-        self.channels = channels
-        self.per_channel = bool(per_channel)
-        self.phi = float(phi)
-        self.channels_last = bool(channels_last)
-        self.threshold = nn.Parameter(torch.ones(size))
-        self.register_buffer("input_gain", torch.ones(size))
-        self.membrane: torch.Tensor | None = None
-
-    def reset_state(self) -> None:
-        self.membrane = None
-
-    def amplitude(self, like: torch.Tensor) -> torch.Tensor:
-        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
-        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
-
-    def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
-        """``v(0) = phi * theta``, shaped like one time step's ``current``."""
-        return (self.amplitude(current).detach() * self.phi).expand_as(current).clone()
-
-    def forward(self, current: torch.Tensor) -> torch.Tensor:
-        theta = self.amplitude(current)
-        current = current * broadcast_channels(self.input_gain, current, self.channels_last)
-        if self.execution == "batched":
-            steps = self.split_time(current)
-            if torch.is_grad_enabled():
-                spikes = self._run(steps, theta.detach())
-                return (spikes * theta + self._surrogate(steps, theta)).flatten(0, 1)
-            if torch.jit.is_tracing():  # ONNX export: the in-place path's out= writes are not traced
-                return (self._run(steps, theta) * theta).flatten(0, 1)
-            return self._run_inplace(steps, theta).mul_(theta).flatten(0, 1)
-        if self.membrane is None:
-            self.membrane = self.initial_membrane(current)
-        self.membrane, spike = self._integrate(self.membrane, current.detach(), theta.detach())
-        return spike * theta
-
-    @staticmethod
-    def _integrate(
-        membrane: torch.Tensor, current: torch.Tensor, theta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        membrane = membrane + current
-        spike = (membrane >= theta).to(membrane.dtype) - (membrane < 0).to(membrane.dtype)
-        return membrane - spike * theta, spike
-
-    def _run(self, steps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """All T steps of ``(T, B, ...)`` currents; returns the spikes (+1 / 0 / -1) as a new tensor."""
-        membrane = (theta * self.phi).expand_as(steps[0])
-        spikes = []
-        for t in range(self.num_steps):
-            membrane, spike = self._integrate(membrane, steps[t].detach(), theta)
-            spikes.append(spike)
-        return torch.stack(spikes)
-
-    def _run_inplace(self, steps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """The same dynamics without autograd, in preallocated buffers (inference path)."""
-        spikes = torch.empty_like(steps)
-        membrane = (theta * self.phi).expand_as(steps[0]).clone()
-        for t in range(self.num_steps):
-            membrane.add_(steps[t])
-            spike = torch.sub(membrane, theta, out=spikes[t]).ge_(0)  # 1.0 where it fires +1
-            spike.sub_((membrane < 0).to(spike.dtype))
-            membrane.addcmul_(spike, theta, value=-1)
-        return spikes
-
-    @staticmethod
-    def _surrogate(steps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Zero-valued term giving each step's output ``d out / d I = 1`` where the mean input lies inside
-        ``(-theta, theta)``: the gradient of the clip function the spike rate approximates."""
-        inside = (steps.mean(0, keepdim=True).abs() < theta).to(steps.dtype)
-        return (steps - steps.detach()) * inside
-
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}, "
-            f"channels_last={self.channels_last}"
-        )

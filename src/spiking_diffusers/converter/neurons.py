@@ -1,14 +1,23 @@
-"""Integrate-and-fire neurons (reset by subtraction), plain and signed (Fast-SNN).
+"""Integrate-and-fire neurons (reset by subtraction): one charge / fire / reset core, three firing rules.
 
 Dynamics, with input current I(t) and firing threshold theta:
 
-    m(t) = v(t-1) + I(t);  s(t) = H(m(t) - theta);  v(t) = m(t) - s(t) * theta;  v(0) = phi * theta
+    m(t) = v(t-1) + I(t);  s(t) = fire(m(t));  v(t) = m(t) - s(t) * theta;  v(0) = phi * theta
 
-The neuron emits ``s(t) * lambda``: its calibrated QCFS threshold is the spike amplitude. Threshold
-guidance scales the *firing* threshold (and with it the reset and the initial membrane) by a factor
-``s`` while the amplitude stays ``lambda``, which is what scaling the threshold of a binary-spike neuron
-with fixed outgoing weights means. In the unit-threshold form lambda is 1 and the neuron's input and
-outgoing weights carry the scale instead; both forms give the same outputs.
+- :class:`IFNeuron` stands in for an activation call site: ``s = H(m - theta)``; with
+  ``neuron="signed_if"`` (Fast-SNN) a neuron whose membrane falls below 0 after it has fired emits a
+  negative spike, so its net spike count stays in [0, T].
+- :class:`TernaryIFEncoder` feeds spikes to a weight layer that reads a signed real value (residual spikes):
+  ``s = +1`` if ``m >= theta``, ``-1`` if ``m < 0``, else 0.
+
+A neuron emits ``s(t) * lambda``: its calibrated QCFS threshold is the spike amplitude. Threshold guidance
+scales the *firing* threshold of an :class:`IFNeuron` (and with it the reset and the initial membrane) by a
+factor ``s`` while the amplitude stays ``lambda``. In the unit-threshold form lambda is 1 and the neuron's
+input gain and outgoing weights carry the scale instead; both forms give the same outputs.
+
+The state carried from one time step to the next is *declared* (``register_memory``, as SpikingJelly's
+neurons do), so code that must handle it from outside (the single-step ONNX graph, a sampler that carries
+it) enumerates :meth:`~.temporal.TemporalModule.memory_names` instead of knowing each neuron type.
 """
 
 from __future__ import annotations
@@ -22,127 +31,181 @@ from .temporal import TemporalModule
 NEURON_TYPES = ("if", "signed_if")
 
 
-class IFNeuron(TemporalModule):
+class SpikingNeuron(TemporalModule):
+    """The charge / fire / reset core shared by every neuron; subclasses define :meth:`fire`.
+
+    The spikes themselves carry no gradient. For SNN-aware training the output gets a straight-through
+    term instead: ``d out / d I = 1`` wherever the neuron's mean input lies inside :meth:`passes`, the
+    gradient of the clip function the spike rate approximates (the batched mode averages the input over
+    all T steps; the step-wise mode, which does not know the future, judges each step's input).
+    """
+
+    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False):
+        super().__init__()
+        size = channels if per_channel else 1
+        self.channels = channels
+        self.per_channel = bool(per_channel)
+        self.phi = float(phi)
+        self.channels_last = bool(channels_last)
+        self.threshold = nn.Parameter(torch.ones(size))
+        # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
+        self.register_buffer("input_gain", torch.ones(size))
+        self.register_memory("membrane")
+
+    # --- what a neuron type defines ---------------------------------------------------------------------
+
+    def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The spikes (+1 / 0 / -1) of one step from the charged ``membrane``; may update ``memory``."""
+        raise NotImplementedError
+
+    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+        """Where the surrogate gradient passes: inside the range the spike rate follows its input."""
+        raise NotImplementedError
+
+    def modulate(self, current: torch.Tensor, step: torch.Tensor | int | None) -> torch.Tensor:
+        """The input current of time step ``step`` (all steps, ``(T, B, ...)``, when ``None``)."""
+        return current
+
+    # --- thresholds and state ---------------------------------------------------------------------------
+
+    def amplitude(self, like: torch.Tensor) -> torch.Tensor:
+        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
+        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+
+    def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
+        """The threshold the membrane is compared with."""
+        return self.amplitude(like)
+
+    def initial_memory(self, current: torch.Tensor, firing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The state before the first step, shaped like one step's ``current``: ``v(0) = phi * theta``."""
+        firing = self.firing_threshold(current) if firing is None else firing
+        return {"membrane": (firing.detach() * self.phi).expand_as(current).clone()}
+
+    def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
+        """``v(0) = phi * theta`` (theta: the firing threshold), shaped like one time step's ``current``."""
+        return self.initial_memory(current)["membrane"]
+
+    # --- the core ---------------------------------------------------------------------------------------
+
+    def step_dynamics(
+        self, memory: dict[str, torch.Tensor], current: torch.Tensor, firing: torch.Tensor
+    ) -> torch.Tensor:
+        """Charge, fire, reset by subtraction: one time step on ``memory`` (updated), returning the spikes."""
+        membrane = memory["membrane"] + current
+        spike = self.fire(membrane, firing, memory)
+        memory["membrane"] = membrane - spike * firing
+        return spike
+
+    @torch.no_grad()
+    def simulate(self, steps: torch.Tensor, firing: torch.Tensor) -> torch.Tensor:
+        """All T steps of ``(T, B, ...)`` currents from the initial state; returns the spikes ``(T, B, ...)``."""
+        memory = self.initial_memory(steps[0], firing)
+        return torch.stack([self.step_dynamics(memory, steps[t], firing) for t in range(self.num_steps)])
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        amplitude = self.amplitude(current)
+        firing = self.firing_threshold(current).detach()
+        current = current * broadcast_channels(self.input_gain, current, self.channels_last)
+        if self.execution == "batched":
+            steps = self.modulate(self.split_time(current), None)
+            out = self.simulate(steps, firing) * amplitude
+            if torch.is_grad_enabled():
+                out = out + self._surrogate(steps, steps.mean(0, keepdim=True), amplitude)
+            return out.flatten(0, 1)
+        current = self.modulate(current, self.step)
+        self.step += 1
+        if self.membrane is None:
+            self.load_memory(self.initial_memory(current, firing))
+        memory = self.memory()
+        with torch.no_grad():
+            spike = self.step_dynamics(memory, current, firing)
+        self.load_memory(memory)
+        out = spike * amplitude
+        if torch.is_grad_enabled():
+            out = out + self._surrogate(current, current, amplitude)
+        return out
+
+    def _surrogate(self, current: torch.Tensor, mean: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+        """Zero-valued term giving the output a straight-through gradient where :meth:`passes` says so."""
+        return (current - current.detach()) * self.passes(mean.detach(), amplitude.detach()).to(current.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}"
+
+
+class IFNeuron(SpikingNeuron):
     """An integrate-and-fire neuron layer standing in for one QCFS call site.
 
     ``neuron="signed_if"`` adds Fast-SNN's negative spikes: a neuron whose membrane falls below 0 after
     it has fired emits ``-lambda`` and adds the threshold back, so its net spike count stays in [0, T].
+    ``tsm_steps`` gives it SDM's temporal-wise spiking mechanism: a learnable factor p_t on the input
+    current of each step.
     """
 
     def __init__(
         self, channels: int, per_channel: bool = False, phi: float = 0.5, neuron: str = "if", tsm_steps: int = 0
     ):
-        super().__init__()
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
-        size = channels if per_channel else 1
-        self.channels = channels
-        self.per_channel = bool(per_channel)
-        self.phi = float(phi)
+        super().__init__(channels, per_channel, phi)
         self.neuron = neuron
-        self.threshold = nn.Parameter(torch.ones(size))
-        # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
-        self.register_buffer("input_gain", torch.ones(size))
-        # Temporal-wise spiking mechanism (SDM): a learnable factor p_t on the input current of each step.
+        if neuron == "signed_if":
+            self.register_memory("spike_count")
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
         self.threshold_scale = 1.0
-        self.membrane: torch.Tensor | None = None
-        self.spike_count: torch.Tensor | None = None
-
-    def reset_state(self) -> None:
-        self.membrane = None
-        self.spike_count = None
-
-    def amplitude(self, like: torch.Tensor) -> torch.Tensor:
-        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
-        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like)
 
     def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
         """The threshold the membrane is compared with: lambda times the threshold-guidance scale."""
         return self.amplitude(like) * self.threshold_scale
 
-    def initial_membrane(self, current: torch.Tensor) -> torch.Tensor:
-        """``v(0) = phi * theta`` (theta: the firing threshold), shaped like one time step's ``current``."""
-        return (self.firing_threshold(current).detach() * self.phi).expand_as(current).clone()
+    def initial_memory(self, current: torch.Tensor, firing: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        memory = super().initial_memory(current, firing)
+        if self.neuron == "signed_if":
+            memory["spike_count"] = torch.zeros_like(memory["membrane"])
+        return memory
 
-    def forward(self, current: torch.Tensor) -> torch.Tensor:
-        amplitude = self.amplitude(current)
-        firing = amplitude * self.threshold_scale
-        current = current * broadcast_channels(self.input_gain, current)
-        if self.execution == "batched":
-            steps = self.split_time(current)
-            if self.temporal_factors is not None:
-                steps = steps * self._factors().reshape(-1, *([1] * (steps.dim() - 1))).to(steps.dtype)
-            if torch.is_grad_enabled():
-                spikes = self._run_differentiable(steps, firing.detach())
-                return (spikes * amplitude + self._surrogate(steps, amplitude)).flatten(0, 1)
-            if torch.jit.is_tracing():  # ONNX export: the tracer does not record the in-place path's out= writes
-                return (self._run_differentiable(steps, firing) * amplitude).flatten(0, 1)
-            return self._run_inplace(steps, firing).mul_(amplitude).flatten(0, 1)
-        if self.temporal_factors is not None:
-            current = current * self._factors()[self.step].to(current.dtype)
-        self.step += 1
-        if self.membrane is None:
-            self.membrane = self.initial_membrane(current)
-            self.spike_count = torch.zeros_like(current) if self.neuron == "signed_if" else None
-        self.membrane, spike, self.spike_count = self._integrate(
-            self.membrane, current.detach(), firing.detach(), self.spike_count
-        )
-        return spike * amplitude
+    def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        spike = (membrane >= firing).to(membrane.dtype)
+        if self.neuron == "signed_if":
+            spike = spike - ((membrane < 0) & (memory["spike_count"] > 0)).to(membrane.dtype)
+            memory["spike_count"] = memory["spike_count"] + spike
+        return spike
 
-    def _factors(self) -> torch.Tensor:
+    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+        return (mean_input > 0) & (mean_input < amplitude)
+
+    def modulate(self, current: torch.Tensor, step: torch.Tensor | int | None) -> torch.Tensor:
+        if self.temporal_factors is None:
+            return current
         if self.temporal_factors.numel() != self.num_steps:
             raise ValueError(
                 f"This neuron's temporal factors (TSM) were made for T = {self.temporal_factors.numel()}; "
                 f"it cannot simulate T = {self.num_steps}."
             )
-        return self.temporal_factors
-
-    def _integrate(
-        self, membrane: torch.Tensor, current: torch.Tensor, firing: torch.Tensor, count: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        membrane = membrane + current.detach()
-        spike = (membrane >= firing).to(membrane.dtype)
-        if count is not None:
-            spike = spike - ((membrane < 0) & (count > 0)).to(membrane.dtype)
-            count = count + spike
-        return membrane - spike * firing, spike, count
-
-    def _run_differentiable(self, steps: torch.Tensor, firing: torch.Tensor) -> torch.Tensor:
-        """All T steps of ``(T, B, ...)`` currents; returns the spikes (+1 / 0 / -1) as a new tensor."""
-        membrane = (firing * self.phi).expand_as(steps[0])
-        count = torch.zeros_like(steps[0]) if self.neuron == "signed_if" else None
-        spikes = []
-        for t in range(self.num_steps):
-            membrane, spike, count = self._integrate(membrane, steps[t], firing, count)
-            spikes.append(spike)
-        return torch.stack(spikes)
-
-    def _run_inplace(self, steps: torch.Tensor, firing: torch.Tensor) -> torch.Tensor:
-        """The same dynamics without autograd, updating preallocated buffers in place (inference path)."""
-        spikes = torch.empty_like(steps)
-        membrane = (firing * self.phi).expand_as(steps[0]).clone()
-        count = torch.zeros_like(steps[0]) if self.neuron == "signed_if" else None
-        for t in range(self.num_steps):
-            membrane.add_(steps[t])
-            spike = torch.sub(membrane, firing, out=spikes[t]).ge_(0)  # 1.0 where it fires, without a bool copy
-            if count is not None:
-                spike.sub_(((membrane < 0) & (count > 0)).to(spike.dtype))
-                count.add_(spike)
-            membrane.addcmul_(spike, firing, value=-1)
-        return spikes
-
-    @staticmethod
-    def _surrogate(steps: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
-        """Zero-valued term that gives the spike train a straight-through gradient.
-
-        Each step's output gets ``d out / d I = 1`` wherever the neuron's mean input lies inside
-        ``(0, lambda)``: the gradient of the clip function the spike rate approximates.
-        """
-        mean = steps.mean(0, keepdim=True)
-        inside = ((mean > 0) & (mean < amplitude)).to(steps.dtype)
-        return (steps - steps.detach()) * inside
+        factors = self.temporal_factors.to(current.dtype)
+        if step is None:
+            return current * factors.reshape(-1, *([1] * (current.dim() - 1)))
+        return current * factors[step]
 
     def extra_repr(self) -> str:
         tsm = f", tsm_steps={self.temporal_factors.numel()}" if self.temporal_factors is not None else ""
-        return f"neuron={self.neuron!r}, channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}{tsm}"
+        return f"neuron={self.neuron!r}, {super().extra_repr()}{tsm}"
+
+
+class TernaryIFEncoder(SpikingNeuron):
+    """The ternary IF neuron that stands in for a signed QCFS encoder (residual spikes).
+
+    It emits ``+-lambda`` (``+-1`` in the unit-threshold form, where ``input_gain`` holds ``1 / lambda``
+    and the consumer's weights carry ``lambda``). Threshold guidance does not act on it: it encodes a
+    linear signal rather than standing in for an activation. ``channels_last`` marks token-major inputs
+    ``(B, N, C)`` (attention projections).
+    """
+
+    def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (membrane >= firing).to(membrane.dtype) - (membrane < 0).to(membrane.dtype)
+
+    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+        return mean_input.abs() < amplitude
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, channels_last={self.channels_last}"

@@ -10,6 +10,7 @@ from diffusers import UNet2DModel
 from .building import move_like, spatial_size, unet_config_dict
 from .models import QCFSUNet2DModel
 from .support import check_functional_activations, check_structure
+from .thresholds import collect_site_inputs, init_thresholds
 
 
 def conditioning_kwargs(unet_config: dict, batch: int, generator: torch.Generator) -> dict:
@@ -80,8 +81,6 @@ def quantize(
     :class:`~spiking_diffusers.converter.support.UnsupportedModuleError` naming any module that
     cannot be converted.
     """
-    from ..calibration.statistics import collect_site_inputs, init_thresholds
-
     check_structure(unet)
     if int(levels) < 1:
         raise ValueError(f"levels must be at least 1, got {levels}.")

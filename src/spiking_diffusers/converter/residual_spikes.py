@@ -3,32 +3,31 @@
 The option ``residual_spikes=True`` (of ``quantize``, the model configs and the calibration recipe) feeds
 spikes to every weight layer that otherwise reads real values at each time step:
 
-- the convolutions that read the residual stream (registry below, per diffusers module type, as
-  :mod:`~spiking_diffusers.converter.sites` does for activation call sites) become :class:`EncodedConv2d`:
+- the convolutions that read the residual stream (``encoded_inputs`` of each block's handler in
+  :mod:`~spiking_diffusers.converter.blocks`) become :class:`EncodedConv2d`:
   the same convolution, same weights and state-dict keys, whose input first passes ``<layer>.encoder``;
 - every ``Attention`` is split at its projections (:mod:`~.encoded_attention`), with encoders
   ``<attention>.input_encoder`` (before ``to_q/to_k/to_v``) and ``<attention>.output_encoder`` (before
   ``to_out``).
 
 An encoder is a :class:`~.encoders.SignedQCFS` unit in the QCFS network and a
-:class:`~.encoders.SignedIFNeuron` in the spiking network. Left real-valued on purpose: the first
+:class:`~.encoders.TernaryIFEncoder` in the spiking network. Left real-valued on purpose: the first
 convolution and the skip blocks' image-space paths (they read the analog image) and the time embedding's
 first linear layer (the analog sinusoidal embedding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from .encoded_attention import encode_attention, fold_attention_thresholds, is_encoded
-from .encoders import SignedIFNeuron, SignedQCFS
+from .encoders import SignedQCFS
+from .neurons import TernaryIFEncoder
+from .registry import handler_for
 
 
 class EncodedConv2d(nn.Conv2d):
@@ -61,34 +60,11 @@ class EncodedConv2d(nn.Conv2d):
         return super().forward(self.encoder(x))
 
 
-def _resnet_layers(block: ResnetBlock2D) -> list[str]:
-    return ["conv_shortcut"] if isinstance(block.conv_shortcut, nn.Conv2d) else []
-
-
-def _downsample_layers(block: Downsample2D) -> list[str]:
-    return ["conv"] if isinstance(block.conv, nn.Conv2d) else []  # an AvgPool2d without use_conv
-
-
-def _upsample_layers(block: Upsample2D) -> list[str]:
-    # The convolution after nearest interpolation; Upsample2D calls it `conv` or `Conv2d_0` by its `name`.
-    if block.use_conv_transpose or not block.use_conv:
-        return []
-    return ["conv" if block.name == "conv" else "Conv2d_0"]
-
-
-ENCODED_INPUT_REGISTRY: dict[type, Callable[[nn.Module], list[str]]] = {
-    ResnetBlock2D: _resnet_layers,
-    Downsample2D: _downsample_layers,
-    Upsample2D: _upsample_layers,
-}
-"""Per module type: the attributes holding convolutions that read the residual stream."""
-
-
 def iter_residual_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """Yield ``(parent_name, parent, attribute)`` for every registered residual-reading convolution."""
     for name, module in model.named_modules():
-        handler = ENCODED_INPUT_REGISTRY.get(type(module))
-        for attr in handler(module) if handler else []:
+        handler = handler_for(module)
+        for attr in handler.encoded_inputs(module) if handler else []:
             yield name, module, attr
 
 
@@ -108,15 +84,17 @@ def install_input_encoders(model: nn.Module, levels: int, phi: float, per_channe
 
 def input_encoders(model: nn.Module) -> dict[str, nn.Module]:
     """Every input encoder by name (``<layer>.encoder``, ``<attention>.input_encoder``, ...), in module order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, (SignedQCFS, SignedIFNeuron))}
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, (SignedQCFS, TernaryIFEncoder))
+    }
 
 
 def install_encoder_neurons(model: nn.Module) -> None:
-    """Turn every :class:`SignedQCFS` encoder into a :class:`SignedIFNeuron` with the same threshold, in place."""
+    """Turn every :class:`SignedQCFS` encoder into a :class:`TernaryIFEncoder` with the same threshold, in place."""
     for parent in list(model.modules()):
         for name, unit in list(parent.named_children()):
             if isinstance(unit, SignedQCFS):
-                neuron = SignedIFNeuron(unit.channels, unit.per_channel, unit.phi, unit.channels_last)
+                neuron = TernaryIFEncoder(unit.channels, unit.per_channel, unit.phi, unit.channels_last)
                 neuron.threshold.data.copy_(unit.threshold.data)
                 setattr(parent, name, neuron)
 
@@ -126,9 +104,9 @@ def fold_encoder_thresholds(model: nn.Module) -> None:
     """The unit-threshold form for the encoders: lambda into the input channels of the layers each feeds,
     1 / lambda into the neuron's input gain (its input is shared or mixed), threshold 1."""
     for module in model.modules():
-        if is_encoded(module) and isinstance(module.input_encoder, SignedIFNeuron):
+        if is_encoded(module) and isinstance(module.input_encoder, TernaryIFEncoder):
             fold_attention_thresholds(module)
-        elif isinstance(module, EncodedConv2d) and isinstance(module.encoder, SignedIFNeuron):
+        elif isinstance(module, EncodedConv2d) and isinstance(module.encoder, TernaryIFEncoder):
             lam = module.encoder.threshold.detach().clone()
             module.weight.mul_(lam.reshape(1, -1, 1, 1) if lam.numel() > 1 else lam.reshape(()))
             module.encoder.input_gain.div_(lam)

@@ -3,86 +3,26 @@
 Diffusers blocks call one activation module several times: `ResnetBlock2D.nonlinearity` runs after
 `norm1`, on the time embedding and after `norm2`. Every *call* must become its own unit with its own
 threshold, so a shared activation is replaced by a :class:`CallSiteRouter` that hands each call, in
-order, to its own unit. The table below is the registry of known call sites per module type (in the
-spirit of torchao's per-module handlers); a module type that is not in it, and holds an activation, is
-rejected by :mod:`spiking_diffusers.converter.support` rather than silently left analog.
+order, to its own unit. The call sites of each module type come from its handler in the block registry
+(:mod:`~spiking_diffusers.converter.blocks`); a module type that is not registered, and holds an
+activation, is rejected by :mod:`spiking_diffusers.converter.support` rather than silently left analog.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
-from diffusers.models.embeddings import TimestepEmbedding
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d import UNet2DModel
-from diffusers.models.unets.unet_2d_blocks import AttnSkipUpBlock2D, SkipUpBlock2D
 from torch import nn
 
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """One activation call site inside a parent module.
-
-    ``activation`` is the attribute holding the activation module that is called, ``consumer`` the
-    weight layer its output feeds (it absorbs the threshold in the unit-threshold form), ``source`` a
-    layer private to the site whose output is the site's only input (``None`` when the input is shared
-    or mixed), and ``kind`` is ``"spatial"`` for feature maps or ``"temb"`` for the time embedding.
-    """
-
-    name: str
-    activation: str
-    consumer: str
-    source: str | None
-    kind: str
-
-    @property
-    def ndim(self) -> int:
-        """The rank of the site's input: 2 for the time embedding ``(B, C)``, 4 for feature maps."""
-        return 2 if self.kind == "temb" else 4
-
-
-def _resnet_sites(block: ResnetBlock2D) -> list[SiteSpec]:
-    sites = [SiteSpec("act1", "nonlinearity", "conv1", "norm1", "spatial")]
-    if block.time_emb_proj is not None and not block.skip_time_act:
-        sites.append(SiteSpec("temb_act", "nonlinearity", "time_emb_proj", None, "temb"))
-    # With "scale_shift" the time embedding modulates norm2's output, so act2's input is not norm2's alone.
-    act2_source = "norm2" if block.time_embedding_norm == "default" else None
-    sites.append(SiteSpec("act2", "nonlinearity", "conv2", act2_source, "spatial"))
-    return sites
-
-
-def _timestep_embedding_sites(block: TimestepEmbedding) -> list[SiteSpec]:
-    return [SiteSpec("act", "act", "linear_2", "linear_1", "temb")]
-
-
-def _unet_sites(unet: UNet2DModel) -> list[SiteSpec]:
-    return [SiteSpec("conv_act", "conv_act", "conv_out", "conv_norm_out", "spatial")]
-
-
-def _skip_up_sites(block: nn.Module) -> list[SiteSpec]:
-    if getattr(block, "act", None) is None:
-        return []
-    return [SiteSpec("act", "act", "skip_conv", "skip_norm", "spatial")]
-
-
-SITE_REGISTRY: dict[type, Callable[[nn.Module], list[SiteSpec]]] = {
-    ResnetBlock2D: _resnet_sites,
-    TimestepEmbedding: _timestep_embedding_sites,
-    UNet2DModel: _unet_sites,
-    SkipUpBlock2D: _skip_up_sites,
-    AttnSkipUpBlock2D: _skip_up_sites,
-}
+from .registry import SiteSpec, handler_for
 
 
 def iter_site_specs(model: nn.Module) -> Iterator[tuple[str, nn.Module, SiteSpec]]:
     """Yield ``(parent_name, parent, spec)`` for every registered call site in ``model``."""
     for name, module in model.named_modules():
-        handler = SITE_REGISTRY.get(type(module))
-        if handler is None:
-            continue
-        for spec in handler(module):
+        handler = handler_for(module)
+        for spec in handler.sites(module) if handler else []:
             yield name, module, spec
 
 

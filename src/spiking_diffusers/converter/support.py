@@ -1,9 +1,9 @@
 """What the converter supports, and the checks that refuse everything else by name.
 
 Two checks run on every model before quantization. The structural check walks the module tree: every
-module must be linear per sample (convolutions, linear layers, resampling), a handled non-linear op
-(GroupNorm, attention) or a known block whose activation call sites are registered in
-:mod:`spiking_diffusers.converter.sites`. The functional check runs one forward pass and intercepts
+module must have a handler in the block registry (:mod:`~spiking_diffusers.converter.blocks`): linear per
+sample (convolutions, linear layers, resampling), a handled non-linear op (GroupNorm, attention), or a
+known block whose activation call sites the handler lists. The functional check runs one forward pass and intercepts
 every call of a non-linear torch function: one made outside a handled op means a block computes an
 activation that no unit can replace (e.g. ``F.silu`` called inside a forward), and is reported.
 """
@@ -14,67 +14,16 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from diffusers.models.downsampling import Downsample2D, FirDownsample2D
-from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets import unet_2d_blocks as blocks
-from diffusers.models.unets.unet_2d import UNet2DModel
-from diffusers.models.upsampling import FirUpsample2D, Upsample2D
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import blocks  # noqa: F401  (registers the handlers of the diffusers blocks)
 from .qcfs import QCFSActivation
+from .registry import UnsupportedModuleError, handler_for, has_role, registered
 from .sites import CallSiteRouter, iter_site_specs
 
+__all__ = ["UnsupportedModuleError", "check_functional_activations", "check_structure", "supported_summary"]
 
-class UnsupportedModuleError(ValueError):
-    """A module (or a functional call inside one) that the converter cannot turn into spikes."""
-
-
-LINEAR_MODULES: tuple[type, ...] = (
-    nn.Conv2d,
-    nn.Linear,
-    nn.Dropout,
-    nn.AvgPool2d,
-    nn.Upsample,
-    nn.Identity,
-    nn.Embedding,
-    nn.ModuleList,
-    nn.ModuleDict,
-    nn.Sequential,
-    Timesteps,
-    GaussianFourierProjection,
-    Downsample2D,
-    Upsample2D,
-    FirDownsample2D,
-    FirUpsample2D,
-)
-"""Modules whose output is linear in their input, per sample (embeddings act on the analog timestep)."""
-
-NONLINEAR_OPS: tuple[type, ...] = (nn.GroupNorm, Attention)
-"""Ops kept real-valued in the spiking network, compensated over time (see ``TemporalOp``)."""
-
-BLOCKS: tuple[type, ...] = (
-    UNet2DModel,
-    ResnetBlock2D,
-    TimestepEmbedding,
-    blocks.UNetMidBlock2D,
-    blocks.DownBlock2D,
-    blocks.ResnetDownsampleBlock2D,
-    blocks.AttnDownBlock2D,
-    blocks.SkipDownBlock2D,
-    blocks.AttnSkipDownBlock2D,
-    blocks.UpBlock2D,
-    blocks.ResnetUpsampleBlock2D,
-    blocks.AttnUpBlock2D,
-    blocks.SkipUpBlock2D,
-    blocks.AttnSkipUpBlock2D,
-)
-"""Containers whose own forward only wires the modules above (their activations are registered sites)."""
-
-ACTIVATION_MODULES: tuple[type, ...] = (nn.SiLU, nn.GELU, nn.Mish, nn.ReLU)
-"""Activation modules a registered call site may hold; each becomes a QCFS unit."""
 
 # Functions that are not linear in their input. A call outside a handled op is an unconvertible activation.
 _NONLINEAR_FUNCTIONS = {
@@ -88,50 +37,41 @@ _NONLINEAR_FUNCTIONS = {
 
 def supported_summary() -> str:
     """A one-line list of the supported block types, for error messages."""
-    names = sorted(cls.__name__ for cls in BLOCKS if cls not in (UNet2DModel, ResnetBlock2D, TimestepEmbedding))
-    return ", ".join(names)
+    return ", ".join(sorted(cls.__name__ for cls in registered("block")))
 
 
 def check_structure(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModuleError` naming the first module the converter cannot handle."""
-    if type(model) is not UNet2DModel:
+    if not has_role(model, "model"):
+        supported = ", ".join(cls.__name__ for cls in registered("model"))
         raise UnsupportedModuleError(
-            f"Only diffusers UNet2DModel is supported, got {type(model).__name__}. Conditional UNets "
+            f"Only diffusers {supported} is supported, got {type(model).__name__}. Conditional UNets "
             "(UNet2DConditionModel), subclasses with their own forward and other architectures are not."
         )
-    registered = {f"{parent}.{spec.activation}".lstrip(".") for parent, _, spec in iter_site_specs(model)}
+    call_sites = {f"{parent}.{spec.activation}".lstrip(".") for parent, _, spec in iter_site_specs(model)}
     handled_inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in handled_inside):
             continue
-        if isinstance(module, NONLINEAR_OPS):
-            _check_nonlinear_op(name, module)
-            handled_inside.append(name)
-            continue
         if isinstance(module, (QCFSActivation, CallSiteRouter)):
             handled_inside.append(name)
             continue
-        if type(module) in BLOCKS or type(module) in LINEAR_MODULES:
-            continue
-        if isinstance(module, ACTIVATION_MODULES):
-            if name in registered:
-                continue
+        handler = handler_for(module)
+        if handler is None:
+            raise UnsupportedModuleError(
+                f"Module `{name}` ({type(module).__name__}) is not supported by the spiking converter. "
+                f"Supported blocks: {supported_summary()}."
+            )
+        if handler.check is not None:
+            handler.check(name, module)
+        if handler.role == "nonlinear":
+            handled_inside.append(name)
+        elif handler.role == "activation" and name not in call_sites:
             parent_name = name.rsplit(".", 1)[0] if "." in name else ""
             raise UnsupportedModuleError(
                 f"Activation `{name}` ({type(module).__name__}) in {type(model.get_submodule(parent_name)).__name__}"
                 " is not a known call site; the converter will not leave it analog silently."
             )
-        raise UnsupportedModuleError(
-            f"Module `{name}` ({type(module).__name__}) is not supported by the spiking converter. "
-            f"Supported blocks: {supported_summary()}."
-        )
-
-
-def _check_nonlinear_op(name: str, module: nn.Module) -> None:
-    if isinstance(module, Attention) and (module.spatial_norm is not None or module.is_cross_attention):
-        raise UnsupportedModuleError(
-            f"Attention `{name}` uses cross-attention or spatial norm, which the converter does not support."
-        )
 
 
 class _FunctionalActivationProbe(TorchFunctionMode):
@@ -149,7 +89,7 @@ class _FunctionalActivationProbe(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     def _inside_handled_op(self) -> bool:
-        return any(isinstance(module, (*NONLINEAR_OPS, QCFSActivation)) for _, module in self.stack)
+        return any(has_role(module, "nonlinear") or isinstance(module, QCFSActivation) for _, module in self.stack)
 
 
 def _push(stack: list, name: str, module: nn.Module) -> None:

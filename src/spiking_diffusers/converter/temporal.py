@@ -22,6 +22,25 @@ class TemporalModule(nn.Module):
         self.num_steps = 1
         self.execution = "batched"
         self.step = 0
+        self._memory_names: list[str] = []
+
+    def register_memory(self, name: str) -> None:
+        """Declare ``name`` as state carried from one time step to the next (``None`` until the first step)."""
+        self._memory_names.append(name)
+        setattr(self, name, None)
+
+    def memory_names(self) -> tuple[str, ...]:
+        """The declared state, in declaration order."""
+        return tuple(self._memory_names)
+
+    def memory(self) -> dict[str, torch.Tensor | None]:
+        """The declared state by name (the tensors themselves, not copies)."""
+        return {name: getattr(self, name) for name in self._memory_names}
+
+    def load_memory(self, memory: dict[str, torch.Tensor | None]) -> None:
+        """Set the declared state from ``memory`` (every declared name must be there)."""
+        for name in self._memory_names:
+            setattr(self, name, memory[name])
 
     def begin(self, num_steps: int, execution: str) -> None:
         """Start a new simulation of ``num_steps`` time steps: forget all state."""
@@ -31,7 +50,9 @@ class TemporalModule(nn.Module):
         self.reset_state()
 
     def reset_state(self) -> None:
-        """Drop the state carried between time steps (overridden by stateful modules)."""
+        """Drop the state carried between time steps."""
+        for name in self._memory_names:
+            setattr(self, name, None)
 
     def split_time(self, x: torch.Tensor) -> torch.Tensor:
         """View a time-folded ``(T * B, ...)`` tensor as ``(T, B, ...)``.
@@ -58,12 +79,8 @@ class TemporalOp(TemporalModule):
         self.op = op
         self.method = method
         self.recompute = isinstance(op, nn.GroupNorm)
-        self.input_sum: torch.Tensor | None = None
-        self.output_sum: torch.Tensor | None = None
-
-    def reset_state(self) -> None:
-        self.input_sum = None
-        self.output_sum = None
+        self.register_memory("input_sum")
+        self.register_memory("output_sum")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.method == "per_step":

@@ -13,16 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import channel_view
 from .neurons import IFNeuron
+from .registry import handler_for
 from .residual_spikes import fold_encoder_thresholds
 from .sites import iter_site_specs, site_unit
 from .temporal import TemporalOp
-
-
-def _channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = [1] * weight.dim()
-    shape[dim] = -1
-    return values.reshape(shape) if values.numel() > 1 else values.reshape(())
 
 
 @torch.no_grad()
@@ -34,18 +30,12 @@ def fold_unit_thresholds(unet: nn.Module) -> None:
             continue
         lam = neuron.threshold.detach().clone()
         consumer = getattr(parent, spec.consumer)
-        consumer.weight.mul_(_channel_view(lam, consumer.weight, 1))
+        consumer.weight.mul_(channel_view(lam, consumer.weight, 1))
         source = getattr(parent, spec.source) if spec.source else None
         if isinstance(source, TemporalOp):
             source = source.op
-        if isinstance(source, nn.GroupNorm) and source.affine:
-            source.weight.div_(lam.expand(source.num_channels))
-            source.bias.div_(lam.expand(source.num_channels))
-        elif isinstance(source, nn.Linear):
-            source.weight.div_(_channel_view(lam, source.weight, 0))
-            if source.bias is not None:
-                source.bias.div_(lam.expand_as(source.bias))
-        else:
+        handler = handler_for(source) if source is not None else None
+        if not (handler and handler.absorb_threshold and handler.absorb_threshold(source, lam)):
             neuron.input_gain.div_(lam)
         neuron.threshold.fill_(1.0)
     fold_encoder_thresholds(unet)

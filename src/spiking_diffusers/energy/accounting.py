@@ -39,8 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..converter.encoded_attention import AttentionCore
-from ..converter.encoders import SignedIFNeuron
-from ..converter.neurons import IFNeuron
+from ..converter.neurons import IFNeuron, TernaryIFEncoder
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalOp
 
@@ -221,7 +220,7 @@ class OperationCounter(TorchFunctionMode):
             name = self._names[id(module)]
             self._hooks.append(module.register_forward_pre_hook(lambda *_, n=name: self._stack.append(n)))
             self._hooks.append(module.register_forward_hook(self._leave, always_call=True))
-            if isinstance(module, (IFNeuron, SignedIFNeuron)):
+            if isinstance(module, (IFNeuron, TernaryIFEncoder)):
                 self._hooks.append(module.register_forward_hook(self._tag_spikes))
             elif isinstance(module, TemporalOp):
                 self._hooks.append(module.register_forward_pre_hook(self._compensation))
@@ -261,7 +260,7 @@ class OperationCounter(TorchFunctionMode):
         self.accounting.sample_forwards += sample.shape[0]
         self._stack.clear()
 
-    def _tag_spikes(self, neuron: IFNeuron | SignedIFNeuron, args, out: torch.Tensor) -> None:
+    def _tag_spikes(self, neuron: IFNeuron | TernaryIFEncoder, args, out: torch.Tensor) -> None:
         setattr(out, _SPIKE_TAG, neuron)
         site = self._names[id(neuron)]
         rate = self.accounting.sites.setdefault(site, SiteRate(site))

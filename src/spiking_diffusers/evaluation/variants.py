@@ -3,7 +3,7 @@
 :func:`prepare_variants` is the one place where they are built, whatever the user passed:
 
 - an original ``UNet2DModel``: it is the ANN; QCFS networks come from
-  :func:`~spiking_diffusers.pipelines.conversion.prepare_qcfs`, the same step as ``sdm-convert`` (the
+  :func:`~spiking_diffusers.calibration.policy.calibrate_or_quantize`, the same step as ``sdm-convert`` (the
   calibration recipe, or percentile thresholds only), and spiking networks from
   :func:`~spiking_diffusers.convert`;
 - a ``QCFSUNet2DModel`` (e.g. a calibrated one): it is the QCFS network at its own L, converted at each T;
@@ -22,9 +22,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..calibration.calibrate import CalibrationConfig
+from ..calibration.policy import calibrate_or_quantize
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import unet_config_dict
-from ..pipelines.conversion import prepare_qcfs
 
 
 class VariantError(ValueError):
@@ -86,7 +86,7 @@ def prepare_variants(
     for t in timesteps:
         level = int(levels or t)
         if level not in qnets:
-            qnets[level] = prepare_qcfs(
+            qnets[level] = calibrate_or_quantize(
                 model,
                 levels=level,
                 per_channel=calibration.per_channel if calibration else False,
@@ -94,7 +94,7 @@ def prepare_variants(
                 scheduler_config=scheduler_config,
                 calibration=calibration,
                 residual_spikes=residual_spikes,
-            )
+            ).qnet
             snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
         variants.append(Variant(f"SNN T={t}", "snn", snns[level], levels=level, timesteps=t))

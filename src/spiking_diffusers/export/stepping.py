@@ -7,9 +7,9 @@ the state in between. Numerically it is the model's ``"stepwise"`` execution.
 
 State, in :meth:`SpikingStep.state_names` order:
 
-- ``<site>.membrane`` for every IF neuron, and ``<site>.spike_count`` (the signed count) for signed
-  neurons; then ``<layer>.encoder.membrane`` for every ternary input encoder (residual spikes). The
-  neurons' own stepwise code updates them.
+- every neuron's declared state (``memory_names``): ``<site>.membrane`` for every IF neuron, and
+  ``<site>.spike_count`` (the signed count) for signed neurons; then ``<layer>.encoder.membrane`` for every
+  ternary input encoder (residual spikes). The neurons' own stepwise code updates them.
 - ``<op>.input_sum`` and ``<op>.output_sum`` for every compensated GroupNorm / attention (attention
   core, for an attention split by residual spikes). The model's own
   stepwise path branches on the first step and, for GroupNorm, recomputes the previous total instead of
@@ -29,9 +29,8 @@ import copy
 import torch
 from torch import nn
 
-from ..converter.encoders import SignedIFNeuron
 from ..converter.models import SpikingUNet2DModel
-from ..converter.neurons import IFNeuron
+from ..converter.neurons import IFNeuron, SpikingNeuron
 from ..converter.residual_spikes import input_encoders
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalModule, TemporalOp
@@ -67,7 +66,7 @@ class SpikingStep(nn.Module):
     def __init__(self, snn: SpikingUNet2DModel):
         super().__init__()
         self.unet = copy.deepcopy(snn.unet)
-        self.neurons: dict[str, IFNeuron | SignedIFNeuron] = {
+        self.neurons: dict[str, SpikingNeuron] = {
             name: unit for name, unit in site_units(self.unet).items() if isinstance(unit, IFNeuron)
         }
         if any(neuron.temporal_factors is not None for neuron in self.neurons.values()):
@@ -87,11 +86,7 @@ class SpikingStep(nn.Module):
 
     def state_names(self) -> list[str]:
         """Names of the state tensors, in the order ``forward`` takes and returns them."""
-        names = []
-        for site, neuron in self.neurons.items():
-            names.append(f"{site}.membrane")
-            if _counts_spikes(neuron):
-                names.append(f"{site}.spike_count")
+        names = [f"{site}.{memory}" for site, neuron in self.neurons.items() for memory in neuron.memory_names()]
         for op in self.ops:
             names += [f"{op}.input_sum", f"{op}.output_sum"]
         return names
@@ -101,9 +96,7 @@ class SpikingStep(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         values = iter(state)
         for neuron in self.neurons.values():
-            neuron.membrane = next(values)
-            if isinstance(neuron, IFNeuron):
-                neuron.spike_count = next(values) if _counts_spikes(neuron) else None
+            neuron.load_memory({name: next(values) for name in neuron.memory_names()})
         for op in self.ops.values():
             op.input_sum, op.output_sum, op.step = next(values), next(values), step
         try:
@@ -122,12 +115,10 @@ class SpikingStep(nn.Module):
         step = torch.zeros(1, dtype=sample.dtype, device=sample.device)
         initial: dict[int, list[torch.Tensor]] = {}
 
-        def start_neuron(neuron: IFNeuron | SignedIFNeuron, args) -> None:
-            neuron.membrane = neuron.initial_membrane(args[0])
-            initial[id(neuron)] = [neuron.membrane]
-            if _counts_spikes(neuron):
-                neuron.spike_count = torch.zeros_like(args[0])
-                initial[id(neuron)].append(neuron.spike_count)
+        def start_neuron(neuron: SpikingNeuron, args) -> None:
+            memory = neuron.initial_memory(args[0])
+            neuron.load_memory(memory)
+            initial[id(neuron)] = list(memory.values())
 
         def start_op(op: CompensatedStep, args) -> None:
             op.input_sum, op.output_sum, op.step = torch.zeros_like(args[0]), 0, step
@@ -149,11 +140,7 @@ class SpikingStep(nn.Module):
         return (step, *(value for module in modules for value in initial[id(module)]))
 
     def _state(self) -> list[torch.Tensor]:
-        state = []
-        for neuron in self.neurons.values():
-            state.append(neuron.membrane)
-            if _counts_spikes(neuron):
-                state.append(neuron.spike_count)
+        state = [value for neuron in self.neurons.values() for value in neuron.memory().values()]
         for op in self.ops.values():
             state += [op.input_sum, op.output_sum]
         return state
@@ -163,8 +150,3 @@ class SpikingStep(nn.Module):
             neuron.reset_state()
         for op in self.ops.values():
             op.input_sum = op.output_sum = op.step = None
-
-
-def _counts_spikes(neuron: IFNeuron | SignedIFNeuron) -> bool:
-    """Whether the neuron carries a signed spike count as state (Fast-SNN's signed IF)."""
-    return isinstance(neuron, IFNeuron) and neuron.neuron == "signed_if"

@@ -2,17 +2,20 @@
 paired PSNR, and the relative error of noise predictions across the diffusion schedule."""
 
 from .features import DigitFeatures, FeatureExtractorError, InceptionFeatures
+from .fidelity import FIDELITY_FRACTIONS, fidelity_check
 from .frechet import FrechetDistance, ReferenceStatistics, reference_statistics
 from .noise_prediction import NoisedInputs, noise_prediction_errors, noised_inputs, predict_noise, relative_error
 from .psnr import paired_psnr
 
 __all__ = [
+    "FIDELITY_FRACTIONS",
     "DigitFeatures",
     "FeatureExtractorError",
     "FrechetDistance",
     "InceptionFeatures",
     "NoisedInputs",
     "ReferenceStatistics",
+    "fidelity_check",
     "noise_prediction_errors",
     "noised_inputs",
     "paired_psnr",

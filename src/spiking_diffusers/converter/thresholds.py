@@ -1,4 +1,4 @@
-"""Activation statistics per call site, and threshold initialisation from them.
+"""Activation statistics per call site, and threshold initialisation from them (the units' first guess).
 
 The QCFS network runs as the original ANN (``as_ann``) while observers on its units keep a bounded
 random subsample of every site's input; thresholds are then set per site (or per channel) by a
@@ -13,9 +13,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..converter.encoders import SignedQCFS, signed_qcfs
-from ..converter.models import QCFSUNet2DModel
-from ..converter.qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
+from .encoders import SignedQCFS, signed_qcfs
+from .models import QCFSUNet2DModel
+from .qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
 
 THRESHOLD_INITS = ("percentile", "mse")
 

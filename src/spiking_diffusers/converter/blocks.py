@@ -1,0 +1,166 @@
+"""The handlers of the diffusers modules the converter supports, one registration per module type.
+
+Supporting a new block is one :func:`~.registry.register_block` call here: its role, the activation call
+sites it holds (with the layer each feeds and, where private, the layer it reads), the convolutions that
+read the residual stream, and what it refuses. See :mod:`~spiking_diffusers.converter.registry`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D, FirDownsample2D
+from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets import unet_2d_blocks as blocks
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.models.upsampling import FirUpsample2D, Upsample2D
+from torch import nn
+
+from .encoded_attention import AttentionCore
+from .registry import SiteSpec, UnsupportedModuleError, register_block
+
+
+def channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` (one, or one per channel) shaped to broadcast against ``weight`` on ``dim``."""
+    shape = [1] * weight.dim()
+    shape[dim] = -1
+    return values.reshape(shape) if values.numel() > 1 else values.reshape(())
+
+
+# --- the root model -------------------------------------------------------------------------------------
+
+
+def _unet_sites(unet: UNet2DModel) -> list[SiteSpec]:
+    return [SiteSpec("conv_act", "conv_act", "conv_out", "conv_norm_out", "spatial")]
+
+
+register_block(UNet2DModel, "model", sites=_unet_sites)
+
+
+# --- ResNet blocks and the time embedding ---------------------------------------------------------------
+
+
+def _resnet_sites(block: ResnetBlock2D) -> list[SiteSpec]:
+    sites = [SiteSpec("act1", "nonlinearity", "conv1", "norm1", "spatial")]
+    if block.time_emb_proj is not None and not block.skip_time_act:
+        sites.append(SiteSpec("temb_act", "nonlinearity", "time_emb_proj", None, "temb"))
+    # With "scale_shift" the time embedding modulates norm2's output, so act2's input is not norm2's alone.
+    act2_source = "norm2" if block.time_embedding_norm == "default" else None
+    sites.append(SiteSpec("act2", "nonlinearity", "conv2", act2_source, "spatial"))
+    return sites
+
+
+def _resnet_encoded_inputs(block: ResnetBlock2D) -> list[str]:
+    return ["conv_shortcut"] if isinstance(block.conv_shortcut, nn.Conv2d) else []
+
+
+register_block(ResnetBlock2D, "block", sites=_resnet_sites, encoded_inputs=_resnet_encoded_inputs)
+
+
+def _timestep_embedding_sites(block: TimestepEmbedding) -> list[SiteSpec]:
+    return [SiteSpec("act", "act", "linear_2", "linear_1", "temb")]
+
+
+register_block(TimestepEmbedding, "block", sites=_timestep_embedding_sites)
+
+
+# --- down, mid and up blocks of UNet2DModel -------------------------------------------------------------
+
+
+def _skip_up_sites(block: nn.Module) -> list[SiteSpec]:
+    if getattr(block, "act", None) is None:
+        return []
+    return [SiteSpec("act", "act", "skip_conv", "skip_norm", "spatial")]
+
+
+for _block in (
+    blocks.UNetMidBlock2D,
+    blocks.DownBlock2D,
+    blocks.ResnetDownsampleBlock2D,
+    blocks.AttnDownBlock2D,
+    blocks.SkipDownBlock2D,
+    blocks.AttnSkipDownBlock2D,
+    blocks.UpBlock2D,
+    blocks.ResnetUpsampleBlock2D,
+    blocks.AttnUpBlock2D,
+):
+    register_block(_block, "block")
+register_block(blocks.SkipUpBlock2D, "block", sites=_skip_up_sites)
+register_block(blocks.AttnSkipUpBlock2D, "block", sites=_skip_up_sites)
+
+
+# --- resampling -----------------------------------------------------------------------------------------
+
+
+def _downsample_encoded_inputs(block: Downsample2D) -> list[str]:
+    return ["conv"] if isinstance(block.conv, nn.Conv2d) else []  # an AvgPool2d without use_conv
+
+
+def _upsample_encoded_inputs(block: Upsample2D) -> list[str]:
+    # The convolution after nearest interpolation; Upsample2D calls it `conv` or `Conv2d_0` by its `name`.
+    if block.use_conv_transpose or not block.use_conv:
+        return []
+    return ["conv" if block.name == "conv" else "Conv2d_0"]
+
+
+register_block(Downsample2D, "linear", encoded_inputs=_downsample_encoded_inputs)
+register_block(Upsample2D, "linear", encoded_inputs=_upsample_encoded_inputs)
+for _layer in (FirDownsample2D, FirUpsample2D):
+    register_block(_layer, "linear")
+
+
+# --- layers linear per sample (embeddings act on the analog timestep) ------------------------------------
+
+
+def _linear_absorb(layer: nn.Linear, lam: torch.Tensor) -> bool:
+    layer.weight.div_(channel_view(lam, layer.weight, 0))
+    if layer.bias is not None:
+        layer.bias.div_(lam.expand_as(layer.bias))
+    return True
+
+
+register_block(nn.Linear, "linear", absorb_threshold=_linear_absorb)
+for _layer in (
+    nn.Conv2d,
+    nn.Dropout,
+    nn.AvgPool2d,
+    nn.Upsample,
+    nn.Identity,
+    nn.Embedding,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Sequential,
+    Timesteps,
+    GaussianFourierProjection,
+):
+    register_block(_layer, "linear")
+
+
+# --- ops that are not linear in spikes: real-valued, compensated over time -------------------------------
+
+
+def _group_norm_absorb(norm: nn.GroupNorm, lam: torch.Tensor) -> bool:
+    if not norm.affine:
+        return False
+    norm.weight.div_(lam.expand(norm.num_channels))
+    norm.bias.div_(lam.expand(norm.num_channels))
+    return True
+
+
+def _attention_check(name: str, attn: Attention) -> None:
+    if attn.spatial_norm is not None or attn.is_cross_attention:
+        raise UnsupportedModuleError(
+            f"Attention `{name}` uses cross-attention or spatial norm, which the converter does not support."
+        )
+
+
+register_block(nn.GroupNorm, "nonlinear", absorb_threshold=_group_norm_absorb)
+register_block(Attention, "nonlinear", check=_attention_check)
+register_block(AttentionCore, "nonlinear")
+
+
+# --- activations: each call becomes a QCFS unit, then an IF neuron ---------------------------------------
+
+for _activation in (nn.SiLU, nn.GELU, nn.Mish, nn.ReLU):
+    register_block(_activation, "activation")
