@@ -3,7 +3,7 @@ non-linear ops are touched; the rest of the diffusers UNet, and its forward code
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from diffusers import UNet2DModel
@@ -12,7 +12,7 @@ from torch import nn
 from .encoded_attention import is_encoded
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation
-from .registry import has_role
+from .registry import Site, has_role
 from .residual_spikes import install_encoder_neurons, install_input_encoders
 from .sites import SiteSpec, install_units, iter_site_specs, replace_site_unit, site_name, site_unit
 from .support import check_structure
@@ -76,21 +76,45 @@ def resolve_time_embedding(unet: nn.Module, time_embedding: str) -> str:
     return "analog" if scale_shift else "spiking"
 
 
-def spike_sites(unet: nn.Module, time_embedding: str) -> set[str]:
-    """Names of the sites that become IF neurons (all of them, unless the time embedding stays analog)."""
+def site_infos(unet: nn.Module) -> list[Site]:
+    """Every activation call site of ``unet`` as a :class:`~.registry.Site`, in module order."""
+    return [
+        Site(site_name(parent_name, spec), spec.kind, type(parent).__name__)
+        for parent_name, parent, spec in iter_site_specs(unet)
+    ]
+
+
+def analog_site_names(unet: nn.Module, filter_fn: Callable[[Site], bool] | None) -> list[str]:
+    """The sites for which ``filter_fn(site)`` is false (they stay analog QCFS units), in module order."""
+    if filter_fn is None:
+        return []
+    return [site.name for site in site_infos(unet) if not filter_fn(site)]
+
+
+def spike_sites(unet: nn.Module, time_embedding: str, analog_sites: Sequence[str] = ()) -> set[str]:
+    """Names of the sites that become IF neurons: all of them except ``analog_sites``, and except the time
+    embedding's where it stays analog (see :func:`resolve_time_embedding`)."""
+    names = [site.name for site in site_infos(unet)]
+    unknown = sorted(set(analog_sites) - set(names))
+    if unknown:
+        raise ValueError(
+            f"analog_sites names {unknown}, which are not call sites of this UNet; sites are e.g. {names[:3]}."
+        )
     analog_temb = resolve_time_embedding(unet, time_embedding) == "analog"
     return {
-        site_name(parent_name, spec)
-        for parent_name, _, spec in iter_site_specs(unet)
-        if not (analog_temb and spec.kind == "temb")
+        site.name
+        for site in site_infos(unet)
+        if site.name not in analog_sites and not (analog_temb and site.kind == "temb")
     }
 
 
-def install_neurons(unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str) -> None:
+def install_neurons(
+    unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str, analog_sites: Sequence[str] = ()
+) -> None:
     """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
-    signed input encoders ternary IF neurons, and every GroupNorm and attention module outside attention
-    (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`."""
-    spiking = spike_sites(unet, time_embedding)
+    except ``analog_sites``, signed input encoders ternary IF neurons, and every GroupNorm and attention
+    module outside attention (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`."""
+    spiking = spike_sites(unet, time_embedding, analog_sites)
     for parent_name, parent, spec in list(iter_site_specs(unet)):
         name = site_name(parent_name, spec)
         if name not in spiking:

@@ -8,21 +8,34 @@ needed to rebuild them; the weights, thresholds included, go to safetensors.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 
-from .building import build_qcfs_unet, install_neurons, move_like, resolve_time_embedding
+from .building import (
+    analog_site_names,
+    build_qcfs_unet,
+    install_neurons,
+    move_like,
+    resolve_time_embedding,
+    unet_config_dict,
+)
 from .neurons import NEURON_TYPES, IFNeuron
+from .probes import noised_probe_batches, to_device
 from .qcfs import QuantizerUnit, set_tsm_steps
+from .registry import Site
 from .residual_spikes import input_encoders
 from .sites import site_units
+from .support import check_functional_activations, check_structure
 from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule, TemporalOp
+from .thresholds import collect_site_inputs, init_thresholds
+from .unit_threshold import fold_unit_thresholds
 
 THRESHOLD_FORMS = ("lambda", "unit")
 
@@ -69,6 +82,64 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes)
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DModel,
+        levels: int = 8,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        init: str | None = "percentile",
+        percentile: float = 99.9,
+        num_samples: int = 16,
+        seed: int = 0,
+        residual_spikes: bool = False,
+    ) -> QCFSUNet2DModel:
+        """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
+
+        The original ``unet`` is not modified. Thresholds start from ``init`` ("percentile" of each site's
+        input, or "mse": the quantization-error minimiser) measured on ``num_samples`` noised inputs; pass
+        ``init=None`` to leave them at 1 (e.g. before a full calibration). ``residual_spikes=True`` also puts
+        a signed QCFS encoder (its own threshold, initialised the same way) in front of every convolution
+        that reads the residual stream and of the attention projections, so that the spiking network feeds
+        those layers spikes too. Raises :class:`~.registry.UnsupportedModuleError` naming any module that
+        cannot be converted.
+        """
+        check_structure(unet)
+        if int(levels) < 1:
+            raise ValueError(f"levels must be at least 1, got {levels}.")
+        config = unet_config_dict(unet)
+        qnet = cls(
+            unet_config=config,
+            levels=int(levels),
+            phi=phi,
+            per_channel=per_channel,
+            sample_size=config.get("sample_size"),
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            residual_spikes=residual_spikes,
+        )
+        move_like(qnet, unet)
+        missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or any(not key.endswith(".threshold") for key in missing):
+            raise RuntimeError(
+                f"Weights did not map onto the QCFS network: missing {missing}, unexpected {unexpected}."
+            )
+        qnet.eval()
+
+        param = next(unet.parameters())
+        sample, timestep, kwargs = to_device(
+            noised_probe_batches(config, num_samples=1, seed=seed), param.device, param.dtype
+        )[0]
+        with qnet.as_ann():
+            check_functional_activations(qnet.unet, sample, timestep, **kwargs)
+        if init is not None:
+            probes = to_device(
+                noised_probe_batches(config, num_samples=num_samples, seed=seed), param.device, param.dtype
+            )
+            init_thresholds(qnet, collect_site_inputs(qnet, probes, seed=seed), method=init, percentile=percentile)
+        return qnet
 
     def enable_tsm(self, steps: int) -> None:
         """Carry temporal factors (TSM) for a spiking network of ``steps`` time steps (0: drop them)."""
@@ -135,6 +206,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         out_channels: int = 3,
         tsm: bool = False,
         residual_spikes: bool = False,
+        analog_sites: list[str] | None = None,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -151,8 +223,69 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             tsm_steps=int(timesteps) if tsm else 0,
             residual_spikes=residual_spikes,
         )
-        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding)
+        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or ())
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
+
+    @classmethod
+    def from_qcfs(
+        cls,
+        qnet: QCFSUNet2DModel,
+        timesteps: int = 8,
+        neuron: str = "if",
+        nonlinear_mode: str = "compensated",
+        execution: str = "batched",
+        threshold_form: str = "lambda",
+        time_embedding: str = "auto",
+        tsm: bool | None = None,
+        filter_fn: Callable[[Site], bool] | None = None,
+    ) -> SpikingUNet2DModel:
+        """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
+
+        ``timesteps`` is T, the number of simulation steps per forward; ``neuron`` is "if" or "signed_if";
+        GroupNorm and attention become ``nonlinear_mode`` ops ("compensated" or "per_step");
+        ``threshold_form="unit"`` rescales the weights so that every threshold is 1. ``tsm`` gives every
+        neuron temporal factors (SDM's TSM): those ``qnet`` was calibrated with, else factors of 1; by default
+        TSM is on exactly when ``qnet`` carries factors. ``filter_fn(site)`` chooses which call sites spike
+        (a :class:`~.registry.Site`; false keeps the site an analog QCFS unit, counted as real-valued work;
+        the choice is saved with the model). ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
+        signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
+        with their calibrated thresholds.
+        """
+        config = dict(qnet.config)
+        analog = analog_site_names(qnet.unet, filter_fn) or None
+        calibrated_steps = int(config.get("tsm_steps") or 0)
+        tsm = bool(calibrated_steps) if tsm is None else bool(tsm)
+        if tsm and calibrated_steps and calibrated_steps != int(timesteps):
+            raise ValueError(
+                f"This QCFS model's temporal factors (TSM) were calibrated for T = {calibrated_steps}; convert it at "
+                f"timesteps={calibrated_steps}, or pass tsm=False to drop them."
+            )
+        snn = cls(
+            unet_config=config["unet_config"],
+            levels=config["levels"],
+            phi=config["phi"],
+            per_channel=config["per_channel"],
+            timesteps=int(timesteps),
+            neuron=neuron,
+            nonlinear_mode=nonlinear_mode,
+            execution=execution,
+            threshold_form=threshold_form,
+            time_embedding=time_embedding,
+            sample_size=config["sample_size"],
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            tsm=tsm,
+            residual_spikes=config.get("residual_spikes", False),
+            analog_sites=analog,
+        )
+        move_like(snn, qnet)
+        converted = copy.deepcopy(qnet.unet)
+        set_tsm_steps(converted, int(timesteps) if tsm else 0)
+        install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or ())
+        snn.unet.load_state_dict(converted.state_dict())
+        if threshold_form == "unit":
+            fold_unit_thresholds(snn.unet)
+        return snn.eval()
 
     @property
     def analog_time_embedding(self) -> bool:

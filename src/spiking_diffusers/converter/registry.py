@@ -52,6 +52,17 @@ class SiteSpec:
         return 2 if self.kind == "temb" else 4
 
 
+@dataclass(frozen=True)
+class Site:
+    """What a user's ``filter_fn(site)`` sees of a call site: its full name (e.g.
+    ``down_blocks.0.resnets.1.act2``), its ``kind`` (``"spatial"`` or ``"temb"``) and the type name of the
+    block that holds it (e.g. ``"ResnetBlock2D"``)."""
+
+    name: str
+    kind: str
+    block: str
+
+
 def _nothing(_module: nn.Module) -> list:
     return []
 

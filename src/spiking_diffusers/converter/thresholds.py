@@ -10,12 +10,15 @@ magnitude, and their quantization error is measured against the identity.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .encoders import SignedQCFS, signed_qcfs
-from .models import QCFSUNet2DModel
 from .qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
+
+if TYPE_CHECKING:  # the model imports this module for its threshold initialisation
+    from .models import QCFSUNet2DModel
 
 THRESHOLD_INITS = ("percentile", "mse")
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel
 from ..converter.building import spatial_size
-from ..converter.quantize import conditioning_kwargs
+from ..converter.probes import conditioning_kwargs
 from ..errors import check_finite
 from .noise_prediction import relative_error
 

@@ -1,0 +1,57 @@
+"""Data-free probe inputs for a UNet: pure noise at timesteps spread over the schedule, with random
+conditioning where the UNet takes class labels. Enough for a first threshold estimate and for the
+functional check; the calibration package builds better inputs from the model's own samples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .building import spatial_size
+
+
+def conditioning_kwargs(unet_config: dict, batch: int, generator: torch.Generator) -> dict:
+    """Random class labels for class-conditional UNets (empty for unconditional ones)."""
+    embed_type, num_classes = unet_config.get("class_embed_type"), unet_config.get("num_class_embeds")
+    if embed_type is None and num_classes:
+        return {"class_labels": torch.randint(0, num_classes, (batch,), generator=generator)}
+    if embed_type == "timestep":
+        return {"class_labels": torch.randint(0, 1000, (batch,), generator=generator)}
+    if embed_type == "identity":
+        dim = unet_config.get("time_embedding_dim") or unet_config["block_out_channels"][0] * 4
+        return {"class_labels": torch.randn(batch, dim, generator=generator)}
+    return {}
+
+
+def noised_probe_batches(
+    unet_config: dict, num_samples: int = 16, batch_size: int = 8, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Pure-noise samples at diffusion timesteps spread evenly over the schedule, as
+    ``(sample, timestep, forward_kwargs)`` batches.
+
+    A data-free stand-in for calibration data, good enough for a first threshold estimate; the
+    calibration package builds better inputs from the model's own samples.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    height, width = spatial_size(unet_config.get("sample_size") or 32)
+    train_steps = unet_config.get("num_train_timesteps") or 1000
+    # from 1: Fourier-embedded UNets take log(t)
+    timesteps = torch.linspace(1, train_steps - 1, num_samples).round().long()
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        t = timesteps[start : start + batch_size]
+        x = torch.randn(len(t), unet_config["in_channels"], height, width, generator=generator)
+        batches.append((x, t, conditioning_kwargs(unet_config, len(t), generator)))
+    return batches
+
+
+def to_device(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Move ``(sample, timestep, kwargs)`` batches to a device; samples (and float kwargs) to ``dtype``."""
+
+    def move(value):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+    return [(move(x), t.to(device), {k: move(v) for k, v in kw.items()}) for x, t, kw in batches]
