@@ -157,10 +157,12 @@ def test_per_group_threshold_scale(snn):
 
 
 def test_plain_unet_works_and_spiking_options_are_refused(unet):
-    pipe = SpikingDiffusionPipeline(unet=unet, scheduler=DDIMScheduler())
-    images = sample(pipe)
-    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    assert np.array_equal(sample(pipe, threshold_scale=1.0), images)
+    pipe = SpikingDiffusionPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    latents = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    images = pipe(latents=latents, num_inference_steps=2, output_type="pt").images
+    raw = reference_sample(unet, DDIMScheduler(clip_sample=False), latents)
+    torch.testing.assert_close(images, (raw / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-12)
+    assert np.array_equal(sample(pipe, threshold_scale=1.0), sample(pipe))
     with pytest.raises(ValueError, match="spiking UNets only"):
         sample(pipe, threshold_scale=0.99)
     with pytest.raises(ValueError, match="spiking UNets only"):
