@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import QCFSUNet2DModel, convert, quantize
@@ -61,7 +61,13 @@ def test_model_samples_are_cached_and_reused(tmp_path):
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
     first = sample_model_images(unet, SCHEDULER_CONFIG, 3, sampler_steps=2, cache_dir=tmp_path, progress=False)
     cached = list((tmp_path / "calibration").glob("*.safetensors"))
-    assert len(cached) == 1 and first.shape == (3, 1, 8, 8) and first.abs().max() <= 1
+    assert len(cached) == 1 and first.shape == (3, 1, 8, 8)
+    # image i is the model's own DDIM sample from generator seed * 1_000_003 + i, mapped from [0, 1] to [-1, 1]
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(generator=[torch.Generator().manual_seed(2)], num_inference_steps=2, output_type="np").images
+    torch.testing.assert_close(first[2], torch.from_numpy(image[0]).permute(2, 0, 1) * 2 - 1)
+    assert first.min() < -0.5 and first.max() > 0.5
     again = sample_model_images(unet, SCHEDULER_CONFIG, 3, sampler_steps=2, cache_dir=tmp_path, progress=False)
     assert torch.equal(first, again)
     # Another noise schedule samples other images from the same weights: never the cached ones.

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DConditionModel, UNet2DModel
 
 from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
-from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, UnsupportedModuleError, convert, quantize
+from spiking_diffusers import (
+    QCFSUNet2DModel,
+    SpikingDiffusionPipeline,
+    SpikingUNet2DModel,
+    UnsupportedModuleError,
+    convert,
+    quantize,
+)
 from spiking_diffusers.architectures import DDPM_CIFAR10_32
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.qcfs import QCFSActivation
@@ -132,12 +140,25 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
     assert torch.equal(run(loaded_q, unet), run(qnet, unet))
 
 
-def test_to_dtype_and_snn_timesteps_override():
+def test_to_float64_runs_the_same_network_in_float64():
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
     snn = convert(quantize(unet, levels=4), timesteps=4)
-    out64 = run(snn.to(torch.float64), make_unet(TINY_CONFIGS["attention"]))
-    assert out64.dtype == torch.float64 and torch.isfinite(out64).all()
-    assert not torch.equal(run(snn, unet.double(), snn_timesteps=1), run(snn, unet.double(), snn_timesteps=8))
+    out32 = run(snn, unet)
+    out64 = run(snn.to(torch.float64), unet.double())
+    assert out64.dtype == torch.float64
+    assert relative_error(out64, out32.double()) < 1e-5  # the same spikes, to float32 rounding
+
+
+@pytest.mark.parametrize("execution", ["batched", "stepwise"])
+@pytest.mark.parametrize("neuron", ["if", "signed_if"])
+def test_snn_timesteps_override_is_the_network_converted_at_that_T(execution, neuron):
+    unet = make_unet(TINY_CONFIGS["attention"])
+    qnet = quantize(unet, levels=4)
+    snn = convert(qnet, timesteps=8, neuron=neuron, execution=execution)
+    for steps in (1, 4):
+        converted = convert(qnet, timesteps=steps, neuron=neuron, execution=execution)
+        torch.testing.assert_close(run(snn, unet, snn_timesteps=steps), run(converted, unet), rtol=0, atol=1e-12)
+    assert relative_error(run(snn, unet, snn_timesteps=4), run(snn, unet)) > 1e-3  # T = 4 is not T = 8
 
 
 @pytest.mark.parametrize("steps", [0, -1])
@@ -151,9 +172,16 @@ def test_snn_timesteps_below_one_is_refused(steps):
 def test_stock_ddpm_pipeline_samples_with_the_spiking_unet():
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
     snn = convert(quantize(unet, levels=4), timesteps=4)
-    pipe = DDPMPipeline(unet=snn, scheduler=DDIMScheduler(num_train_timesteps=1000))
-    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert images.images.shape == (2, 8, 8, 1) and (images.images >= 0).all() and (images.images <= 1).all()
+    images = {}
+    for pipeline in (DDPMPipeline, SpikingDiffusionPipeline):
+        pipe = pipeline(unet=snn, scheduler=DDIMScheduler(num_train_timesteps=1000))
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        images[pipeline] = pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np").images
+    # the stock loop (no scale_model_input; fine for DDIM) gives exactly the images of this package's pipeline
+    assert images[DDPMPipeline].shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(images[DDPMPipeline], images[SpikingDiffusionPipeline])
+    assert images[DDPMPipeline].std() > 0.05
 
 
 def test_conditional_unet_is_refused_by_name():

@@ -15,6 +15,7 @@ from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.distill import DistillSettings
+from spiking_diffusers.commands import calibrate as calibrate_command
 from spiking_diffusers.commands import convert as convert_command
 from spiking_diffusers.converter.encoders import SignedQCFS, signed_qcfs
 from spiking_diffusers.converter.neurons import TernaryIFEncoder
@@ -209,6 +210,20 @@ def test_calibration_initialises_and_trains_the_encoders(tmp_path):
         assert site["after"]["quantization_mse"] > 0
     snn_sites = convert(result.qnet, timesteps=2).sites()
     assert all(isinstance(snn_sites[name], TernaryIFEncoder) for name in ENCODERS)
+
+
+def test_sdm_calibrate_summary_counts_the_attention_encoders_too(capsys):
+    """Encoders are counted by type: ``<attention>.input_encoder`` / ``.output_encoder`` do not end in ``.encoder``."""
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    for qnet, encoders in ((quantize(unet, levels=2, residual_spikes=True), ENCODERS), (quantize(unet, levels=2), {})):
+        sites = qnet.sites()
+        mse = {"quantization_mse": 0.5}
+        report = {"sites": {name: {"before": mse, "after": mse} for name in sites}, "loss_curves": {}, "wall_time_s": 3}
+        calibrate_command.print_summary(report, "out", qnet)
+        first = capsys.readouterr().out.splitlines()[0]
+        expected = f"Calibrated {len(sites) - len(encoders)} activation sites"
+        expected += f" and {len(encoders)} residual input encoders" if encoders else ""
+        assert first == f"{expected} in 3 s.", first
 
 
 def test_onnx_graphs_and_the_step_module_carry_the_encoders(tmp_path):

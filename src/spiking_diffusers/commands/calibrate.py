@@ -18,7 +18,9 @@ from ..cli import (
     residual_spikes_option,
     sdm_command,
 )
-from ..converter.neurons import NEURON_TYPES
+from ..converter import QCFSUNet2DModel
+from ..converter.encoders import SignedQCFS
+from ..converter.neurons import NEURON_TYPES, TernaryIFEncoder
 from ..distributed import is_main_process
 from ..loading import load_model
 from ..pipelines import SpikingDiffusionPipeline
@@ -148,7 +150,7 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         ) from err
     if is_main_process():
         checkpoints.clear()
-    print_summary(result.report, output)
+    print_summary(result.report, output, result.qnet)
 
 
 def build_config(
@@ -191,12 +193,16 @@ def build_config(
     )
 
 
-def print_summary(report: dict, output: str) -> None:
-    """The command's closing lines: sites calibrated, quantization error before and after, loss per phase."""
+def print_summary(report: dict, output: str, qnet: QCFSUNet2DModel) -> None:
+    """The command's closing lines: sites calibrated, quantization error before and after, loss per phase.
+
+    Encoders are told from activation sites by type, not by name: a convolution's is ``<conv>.encoder``,
+    an attention's ``<attention>.input_encoder`` and ``.output_encoder``.
+    """
     sites = report["sites"]
     before = sum(s["before"]["quantization_mse"] for s in sites.values()) / len(sites)
     after = sum(s["after"]["quantization_mse"] for s in sites.values()) / len(sites)
-    encoders = sum(name.endswith(".encoder") for name in sites)
+    encoders = sum(isinstance(unit, (SignedQCFS, TernaryIFEncoder)) for unit in qnet.sites().values())
     units = f"{len(sites) - encoders} activation sites"
     units += f" and {encoders} residual input encoders" if encoders else ""
     click.echo(f"Calibrated {units} in {report['wall_time_s']:.0f} s.")

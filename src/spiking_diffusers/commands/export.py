@@ -108,11 +108,21 @@ def main(model, output, overwrite, timesteps, levels, which, seed, residual_spik
             manifest["graphs"][check.name]["file"] = check.path.name
         (staging / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     _print(checks, snn, output)
-    failed = [check.name for check in checks if not check.passed]
+    failed = [check.name for check in checks if check.failed]
     if failed:
         raise CommandError(
-            f"{', '.join(failed)}: onnxruntime differs from PyTorch beyond the tolerance while PyTorch itself is "
-            "stable to rounding: the export is wrong. Files kept for inspection."
+            f"{', '.join(failed)}: onnxruntime differs from PyTorch beyond the tolerance and beyond what float32 "
+            "rounding explains (PyTorch's own float32 vs float64 difference): the export is wrong. Files kept for "
+            "inspection."
+        )
+    unverified = [check for check in checks if check.status == "float32-sensitive"]
+    if unverified:
+        click.echo(
+            f"Warning: {', '.join(check.name for check in unverified)} NOT VERIFIED: onnxruntime differs from "
+            f"PyTorch by up to {max(check.max_abs_error for check in unverified):.3g}, beyond the tolerance, but "
+            "PyTorch itself moves by as much between float32 and float64, so this check cannot tell a wrong graph "
+            "from rounding flips.",
+            err=True,
         )
 
 
@@ -141,6 +151,7 @@ def _entry(check: ExportCheck, inputs: list[str], outputs: list[str]) -> dict:
         "pytorch_float32_vs_float64": check.float32_sensitivity,
         "tolerance": check.tolerance,
         "status": check.status,
+        "verified": check.passed,
         "export_batch": check.export_batch,
         "check_batch": check.check_batch,
         "export_seconds": round(check.seconds, 2),

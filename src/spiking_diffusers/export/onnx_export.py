@@ -33,6 +33,11 @@ from .stepping import SpikingStep
 OPSET = 17
 TOLERANCE = 1e-4
 """Max abs error allowed between onnxruntime and PyTorch for the QCFS and single-step graphs."""
+FLIP_FACTOR = 10.0
+"""Where PyTorch's own float32 vs float64 difference exceeds the tolerance, an onnxruntime error up to this many
+times that difference is put down to rounding flips (unverified); a larger one is more than rounding explains
+(a correct float32 graph is about as far from float64 as PyTorch's float32 is, so within about twice that from
+PyTorch's float32 output), and the check fails."""
 UNBATCHED = ("step", "next.step")
 """Graph inputs and outputs without a batch dimension: the step index of the single-step graph."""
 
@@ -54,8 +59,10 @@ class ExportCheck:
 
     ``float32_sensitivity`` is how far PyTorch itself moves between float32 and float64 on the same
     inputs: a quantization level or a spike decided within rounding of its boundary flips, and the
-    flip propagates. Where that alone exceeds the tolerance, no float32 runtime can meet it, and a
-    larger onnxruntime error is reported as ``"float32-sensitive"`` rather than as a failed export.
+    flip propagates. Where that alone exceeds the tolerance, no float32 runtime can be held to it, and a
+    larger onnxruntime error of the same order (up to :data:`FLIP_FACTOR` times it) is reported as
+    ``"float32-sensitive"``: not a failed export, but not a verified one either, since a slightly wrong
+    graph would look the same.
     """
 
     name: str
@@ -70,17 +77,28 @@ class ExportCheck:
 
     @property
     def status(self) -> str:
-        """``"ok"``, ``"FAILED"``, ``"float32-sensitive"``, or ``"reported"`` (no tolerance)."""
+        """``"ok"`` (within the tolerance), ``"float32-sensitive"`` (beyond it, but PyTorch moves beyond it
+        too by rounding alone, and the error is of that order: unverified), ``"FAILED"`` (beyond the tolerance
+        and beyond what rounding explains: the graph is wrong), or ``"reported"`` (no tolerance)."""
         if self.tolerance is None:
             return "reported"
         if self.max_abs_error <= self.tolerance:
             return "ok"
-        return "float32-sensitive" if self.float32_sensitivity > self.tolerance else "FAILED"
+        sensitive = self.float32_sensitivity > self.tolerance
+        if sensitive and self.max_abs_error <= FLIP_FACTOR * self.float32_sensitivity:
+            return "float32-sensitive"
+        return "FAILED"
 
     @property
     def passed(self) -> bool:
-        """Whether the check did not fail (``status`` other than ``"FAILED"``)."""
-        return self.status != "FAILED"
+        """Whether onnxruntime reproduced PyTorch within the tolerance (``status == "ok"``). A
+        float32-sensitive or tolerance-free check has not passed: it cannot tell a wrong graph from rounding."""
+        return self.status == "ok"
+
+    @property
+    def failed(self) -> bool:
+        """Whether the graph is shown to be wrong (``status == "FAILED"``)."""
+        return self.status == "FAILED"
 
 
 def _float32_cpu(model: nn.Module) -> nn.Module:
