@@ -2,7 +2,7 @@
 paired PSNR, and the relative error of noise predictions across the diffusion schedule."""
 
 from .features import DigitFeatures, FeatureExtractorError, InceptionFeatures
-from .frechet import FrechetDistance, ReferenceStatistics, reference_statistics
+from .frechet import FrechetDistance, ReferenceStatistics, extract_features, frechet_distance, reference_statistics
 from .noise_prediction import NoisedInputs, noise_prediction_errors, noised_inputs, predict_noise, relative_error
 from .psnr import paired_psnr
 
@@ -13,6 +13,8 @@ __all__ = [
     "InceptionFeatures",
     "NoisedInputs",
     "ReferenceStatistics",
+    "extract_features",
+    "frechet_distance",
     "noise_prediction_errors",
     "noised_inputs",
     "paired_psnr",
