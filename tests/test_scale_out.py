@@ -116,7 +116,7 @@ def test_eval_two_processes_report_the_numbers_of_one(models, tmp_path):
 def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_path):
     """Each process takes half of every batch and the gradients are summed: the same updates as one process
     up to the order of float additions. Few steps: QCFS training amplifies rounding differences over a long
-    run (as a different thread count does), see README "Scale-out and robustness"."""
+    run (as a different thread count does), see docs/scale-out.md."""
     args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
             "3", "--snn-steps", "2", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
             "--block-loss-weight", "0.5", "--cache-dir", models["cache"]]  # fmt: skip
