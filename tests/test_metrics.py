@@ -121,6 +121,21 @@ def test_distance_is_bit_identical_for_any_batch_size_and_thread_count() -> None
     assert len(distances) == 1
 
 
+def test_digit_distance_is_bit_identical_for_any_thread_count() -> None:
+    # The digit classifier runs on one thread whatever the caller's setting, so its float32 features, and the
+    # distance, do not depend on the thread count (on one machine; another CPU may still round differently).
+    extractor, real = DigitFeatures(), load_digit_images()
+    previous = torch.get_num_threads()
+    try:
+        distances = set()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            distances.add(FrechetDistance(extractor, ReferenceStatistics.from_images(extractor, real))(real[:40]))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(distances) == 1
+
+
 def test_float32_rounding_of_features_moves_the_distance_far_less_than_the_tests_tolerance() -> None:
     """The scale-out and determinism tests compare distances from different thread/process set-ups with a
     relative 1e-5: the float32 features may then differ in their last bits (the kernels' order of additions

@@ -19,10 +19,11 @@ The numbers are computed to be as reproducible as the hardware allows:
   150: a 1e-13 difference could flip it).
 
 What stays machine-dependent is the float32 feature extraction itself: convolution and matrix kernels add
-in an order that depends on the CPU's vector width and may depend on the thread count, which changes
-features in their last bits and the distance by about 1e-7 relative. The same images on the same machine
-and thread count give the same distance bit for bit; across thread counts, process counts or machines it
-agrees to a relative 1e-5 (docs/evaluation.md, "Determinism").
+in an order that depends on the CPU's vector width (and on the thread count, unless the extractor sets
+``single_thread``, as the small digit classifier does), which changes features in their last bits and the
+distance by about 1e-8 relative. The same images on the same machine give the same distance bit for bit
+(with Inception features: at the same thread count); across machines or process set-ups it agrees to a
+relative 1e-5 (docs/evaluation.md, "Determinism").
 
 The reference side depends only on the real images and the extractor, so its statistics are cached on
 disk (:func:`reference_statistics`) and loaded into every metric instead of being recomputed.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,10 @@ def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int
     _check_extractor(extractor)
     device = next(extractor.parameters(), torch.empty(0)).device
     chunks = []
-    with torch.no_grad():
+    # A small extractor that says so runs on one thread: its float32 sums then add in the same order whatever
+    # the process's thread count (a large one, Inception, would be too slow that way).
+    threads = one_thread() if getattr(extractor, "single_thread", False) else nullcontext()
+    with torch.no_grad(), threads:
         for batch in images.split(batch_size):
             # A fresh contiguous copy: kernels see the same memory layout and alignment in every run.
             batch = batch.to(device, copy=True, memory_format=torch.contiguous_format)
