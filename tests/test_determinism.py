@@ -1,6 +1,10 @@
 """The same seed gives the same outputs on CPU, bit for bit, for every command: each runs twice on a tiny
 model and every file it writes is compared (weights and arrays exactly, images decoded, JSON reports
-without their timings)."""
+without their timings, Fréchet distances included).
+
+Both runs share the process, the machine and the thread count, so every reduction adds in the same order and
+exact equality is the right test. Across thread counts, processes or machines only the images (and weights
+at the same thread count) stay bit-identical; metrics agree to a tolerance (tests/test_scale_out.py)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from spiking_diffusers.metrics import (
     FrechetDistance,
     InceptionFeatures,
     ReferenceStatistics,
+    extract_features,
+    frechet_distance,
     noise_prediction_errors,
     noised_inputs,
     paired_psnr,
@@ -85,6 +87,79 @@ def test_fewer_than_two_images_is_an_error() -> None:
         fd(torch.randn(10, 3), torch.randn(1, 3))
 
 
+def test_fewer_samples_than_features_use_the_samples_directly() -> None:
+    # n - 1 < d: the set's covariance is singular; the trace term comes from the n x d centred features, and
+    # agrees with the route through the covariance's own factor (what n > d samples take).
+    gen = torch.Generator().manual_seed(6)
+    reference = ReferenceStatistics.from_features(torch.randn(300, 12, generator=gen, dtype=torch.float64))
+    features = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 2 + 1
+    stats = ReferenceStatistics.from_features(features)
+    direct = frechet_distance(stats, reference, features)
+    assert direct == pytest.approx(frechet_distance(stats, reference), rel=1e-10)
+    mu1, mu2 = stats.mean.numpy(), reference.mean.numpy()
+    s1, s2 = stats.covariance.numpy(), reference.covariance.numpy()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert direct == pytest.approx(expected, rel=1e-4)
+
+
+def test_distance_is_bit_identical_for_any_batch_size_and_thread_count() -> None:
+    # With features equal to the inputs, only the statistics and the linear algebra could reorder additions:
+    # the running mean, the one-thread float64 products and the fixed input layout leave nothing to change.
+    gen = torch.Generator().manual_seed(7)
+    reference, samples = torch.rand(200, 16, generator=gen), torch.rand(40, 16, generator=gen)
+    extractor = Identity(16)
+    stats = ReferenceStatistics.from_images(extractor, reference, batch_size=7)
+    assert torch.equal(stats.scatter, ReferenceStatistics.from_images(extractor, reference).scatter)
+    previous = torch.get_num_threads()
+    try:
+        distances = set()
+        for threads, batch_size in ((1, 3), (2, 256), (1, 40)):
+            torch.set_num_threads(threads)
+            distances.add(FrechetDistance(extractor, stats, batch_size=batch_size)(samples))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(distances) == 1
+
+
+def test_digit_distance_is_bit_identical_for_any_thread_count() -> None:
+    # The digit classifier runs on one thread whatever the caller's setting, so its float32 features, and the
+    # distance, do not depend on the thread count (on one machine; another CPU may still round differently).
+    extractor, real = DigitFeatures(), load_digit_images()
+    previous = torch.get_num_threads()
+    try:
+        distances = set()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            distances.add(FrechetDistance(extractor, ReferenceStatistics.from_images(extractor, real))(real[:40]))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(distances) == 1
+
+
+def test_float32_rounding_of_features_moves_the_distance_far_less_than_the_tests_tolerance() -> None:
+    """The scale-out and determinism tests compare distances from different thread/process set-ups with a
+    relative 1e-5: the float32 features may then differ in their last bits (the kernels' order of additions
+    depends on the CPU and the thread count). A few float32 steps on every feature move the distance by
+    ~1e-8 relative, for fewer samples than features (n = 5, as in the tests' sweeps) as for more."""
+    extractor = DigitFeatures()
+    real = load_digit_images()
+    reference = ReferenceStatistics.from_images(extractor, real)
+    noisy = (real[:300] + 0.3 * torch.randn(real[:300].shape, generator=torch.Generator().manual_seed(8))).clamp(-1, 1)
+    for n in (5, 300):
+        features = extract_features(extractor, noisy[:n]).float()
+        distances = []
+        for seed in range(4):
+            steps = torch.randint(-3, 4, features.shape, generator=torch.Generator().manual_seed(seed))
+            moved = (features.double() * (1 + steps * 2.0**-24)).float()  # up to 3 float32 steps
+            distances.append(frechet_distance(ReferenceStatistics.from_features(moved), reference, moved.double()))
+        assert max(distances) / min(distances) - 1 < 1e-6, n
+    # while one image of five replaced by another digit moves it by far more than 1e-5
+    five = noisy[:5]
+    other = torch.cat([five[:4], real[500:501]])
+    frechet = FrechetDistance(extractor, reference)
+    assert abs(frechet(other) / frechet(five) - 1) > 1e-3
+
+
 def test_digit_features_real_digits_against_themselves() -> None:
     extractor = DigitFeatures()
     real = load_digit_images()
@@ -112,7 +187,7 @@ def test_reference_statistics_are_cached_per_extractor_and_images(tmp_path, monk
 
     monkeypatch.setattr(ReferenceStatistics, "from_images", fail)
     cached = reference_statistics(extractor, images, cache_dir=tmp_path)
-    assert torch.equal(cached.outer_sum, first.outer_sum) and cached.count == 50
+    assert torch.equal(cached.scatter, first.scatter) and cached.count == 50
     monkeypatch.undo()
     reference_statistics(extractor, images[:40], cache_dir=tmp_path)  # other images: another entry
     assert len(list((tmp_path / "fd-reference").iterdir())) == 2
@@ -129,8 +204,14 @@ def test_inception_features_explain_what_is_missing(tmp_path, monkeypatch) -> No
 
 
 def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("torch_fidelity")
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except Exception as err:  # ImportError, or torchvision's RuntimeError when its ops do not fit this torch
+        pytest.skip(
+            f"torch-fidelity unusable here ({type(err).__name__}: {str(err)[:80]}). It needs a torchvision built for "
+            "the installed torch; PyPI's Linux torchvision wheels need CUDA torch, so a CPU-only torch setup "
+            "(the Makefile's) skips this. With a matching torchvision: pip install -e '.[metrics]'."
+        )
 
     # A weights file of the real layout with random values stands in for the real one: nothing is downloaded.
     with monkeypatch.context() as patch:

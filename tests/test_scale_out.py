@@ -1,11 +1,13 @@
 """sdm-sample, sdm-eval and sdm-calibrate as 2 CPU processes (gloo) under ``accelerate launch`` / ``torchrun``
-give what one process gives: the same image files, the same report numbers, and calibrated weights within
-float tolerance of the one-process run."""
+give what one process gives: the same image files bit for bit, the same report numbers (Fréchet distances
+to a relative 1e-5, see :func:`assert_same_numbers`), and calibrated weights within float tolerance of the
+one-process run."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +46,34 @@ def torchrun(script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run(list(map(str, command)), capture_output=True, text=True, env=ENV, timeout=600, check=False)
 
 
+FD_TOLERANCE = 1e-5
+"""Relative tolerance for Fréchet distances (and numbers derived from them) across process set-ups.
+
+The images are bit-identical and the statistics are float64 in a fixed order, but the float32 digit
+classifier that makes the features runs in another process, where MKL / oneDNN may pick kernels that add in
+another order (on some CPUs; an AVX2-only EPYC gave 154.640625 vs 154.64060974 with the old float32 result).
+That changes features in their last bits, which moves the distance by ~1e-8 relative
+(tests/test_metrics.py::test_float32_rounding_of_features_moves_the_distance_far_less_than_the_tests_tolerance);
+1e-5 leaves a factor of 100 while any changed image moves it by more than 1e-3."""
+
+
+def assert_same_numbers(a, b, fd_keys: re.Pattern = re.compile(r"^(fd|frechet)")) -> None:
+    """``a == b``, except that floats under a key matching ``fd_keys`` agree to :data:`FD_TOLERANCE` relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            if fd_keys.search(key) and b[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=FD_TOLERANCE, abs=1e-9), key
+            else:
+                assert_same_numbers(a[key], b[key], fd_keys)
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_numbers(x, y, fd_keys)
+    else:
+        assert a == b
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A 1x16x16 ANN (the digit metric applies) and its spiking network."""
@@ -63,7 +93,8 @@ def test_sample_two_processes_write_the_images_of_one(models, tmp_path):
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     sweeps = [json.loads((tmp_path / run / "sweep.json").read_text()) for run in ("one", "two")]
-    assert sweeps[0]["results"] == sweeps[1]["results"]
+    assert_same_numbers(sweeps[0]["results"], sweeps[1]["results"])  # FD: to 1e-5, see FD_TOLERANCE
+    assert sweeps[0]["best"] == sweeps[1]["best"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no staging or scratch left
 
 
@@ -78,14 +109,14 @@ def test_eval_two_processes_report_the_numbers_of_one(models, tmp_path):
     reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
     timing = ("sampling_seconds", "seconds_per_image")
     rows = [[{k: v for k, v in row.items() if k not in timing} for row in r["variants"]] for r in reports]
-    assert rows[0] == rows[1]
+    assert_same_numbers(rows[0], rows[1])  # PSNR exactly (same images), FD and its ratios to 1e-5
     assert reports[0]["noise_timesteps"] == reports[1]["noise_timesteps"]
 
 
 def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_path):
     """Each process takes half of every batch and the gradients are summed: the same updates as one process
     up to the order of float additions. Few steps: QCFS training amplifies rounding differences over a long
-    run (as a different thread count does), see README "Scale-out and robustness"."""
+    run (as a different thread count does), see docs/scale-out.md."""
     args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
             "3", "--snn-steps", "2", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
             "--block-loss-weight", "0.5", "--cache-dir", models["cache"]]  # fmt: skip

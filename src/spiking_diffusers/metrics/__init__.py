@@ -3,7 +3,7 @@ paired PSNR, and the relative error of noise predictions across the diffusion sc
 
 from .features import DigitFeatures, FeatureExtractorError, InceptionFeatures
 from .fidelity import FIDELITY_FRACTIONS, fidelity_check
-from .frechet import FrechetDistance, ReferenceStatistics, reference_statistics
+from .frechet import FrechetDistance, ReferenceStatistics, extract_features, frechet_distance, reference_statistics
 from .noise_prediction import NoisedInputs, noise_prediction_errors, noised_inputs, predict_noise, relative_error
 from .psnr import paired_psnr
 
@@ -15,7 +15,9 @@ __all__ = [
     "InceptionFeatures",
     "NoisedInputs",
     "ReferenceStatistics",
+    "extract_features",
     "fidelity_check",
+    "frechet_distance",
     "noise_prediction_errors",
     "noised_inputs",
     "paired_psnr",

@@ -6,6 +6,9 @@ Both take images in ``[-1, 1]`` (the range diffusion models sample in), shape ``
 - ``num_features``: torchmetrics reads it instead of probing the module with a dummy ``3x299x299`` uint8
   image, which the digit classifier could not take;
 - ``fingerprint``: a short hash of the weights, so cached reference statistics belong to one extractor.
+
+An optional ``single_thread = True`` asks :func:`.frechet.extract_features` to run the extractor on one
+thread, so that its float32 sums add in the same order whatever the thread count (the digit classifier does).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class DigitFeatures(nn.Module):
         super().__init__()
         self.classifier = DigitClassifier.from_pretrained(path).requires_grad_(False)
         self.num_features: int = self.classifier.feature_dim
+        # Small enough to run on one thread: the Fréchet distance then does not depend on the thread count.
+        self.single_thread: bool = True
         self.fingerprint: str = "digits-" + _state_fingerprint(self.classifier)
         config = self.classifier.config
         self.input_shape: tuple[int, int, int] = (config["in_channels"], config["image_size"], config["image_size"])
