@@ -1,6 +1,6 @@
 """One evaluation: sample every variant from the same noise and measure it against the real data and the ANN.
 
-Measured for each network (DESIGN §6):
+Measured for each network (docs/evaluation.md, "Measuring honestly"):
 
 - the Fréchet distance of its samples to the real images (digit-classifier features by default, Inception
   features with a weights file), and its ratio to the ANN's; with ``fd_splits = K`` also over K disjoint
@@ -48,7 +48,8 @@ from .sampling import sample_variant
 from .variants import Variant, prepare_variants
 
 MIN_FD_SAMPLES = 1000
-"""Below this many samples a classifier-feature FD is too noisy to compare networks by (DESIGN §6)."""
+"""Below this many samples a classifier-feature FD is too noisy to compare networks by (see
+"Measuring honestly" in docs/evaluation.md)."""
 
 
 @dataclass

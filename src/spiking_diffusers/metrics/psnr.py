@@ -1,7 +1,7 @@
 """Paired PSNR: each image against the reference image generated from the same noise.
 
-A fidelity figure that needs no feature extractor (DESIGN §6): with a deterministic sampler the ANN's
-image from a given noise is the target the QCFS and spiking networks should reproduce.
+A fidelity figure that needs no feature extractor (see "Measuring honestly" in docs/evaluation.md): with a
+deterministic sampler the ANN's image from a given noise is the target the QCFS and spiking networks should reproduce.
 """
 
 from __future__ import annotations
