@@ -67,6 +67,22 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": True,
 }
 
+VALIDATION_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "block_out_channels": (24, 48, 48),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+}
+VALIDATION_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "beta_schedule": "linear"}
+PRESETS = {
+    "shipped": (UNET_CONFIG, SCHEDULER_CONFIG),
+    # A second, differently shaped digits DDPM (other widths, two ResNets per level, attention at 4x4 only,
+    # linear betas like google/ddpm-cifar10-32) to check that a method is not tuned to the shipped model.
+    # It is not shipped: train it with --preset validation --ddpm-out outputs/validation-ddpm.
+    "validation": (VALIDATION_UNET_CONFIG, VALIDATION_SCHEDULER_CONFIG),
+}
+
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by up to ``max_shift`` pixels in x and y, filling with the background (-1)."""
@@ -178,6 +194,7 @@ def train_ddpm(
     shift: int,
     split: str,
     seed: int,
+    preset: str = "shipped",
 ) -> tuple[Any, dict[str, Any]]:
     """DDPM-train the UNet; save the EMA weights as a ``DDPMPipeline``; return (pipeline, summary)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -186,8 +203,9 @@ def train_ddpm(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = load_digit_images(IMAGE_SIZE, split)  # type: ignore[arg-type]
-    unet = UNet2DModel(**UNET_CONFIG)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    unet_config, scheduler_config = PRESETS[preset]
+    unet = UNet2DModel(**unet_config)
+    scheduler = DDPMScheduler(**scheduler_config)
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
@@ -220,7 +238,7 @@ def train_ddpm(
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
     wall = time.perf_counter() - start
 
-    ema_unet = UNet2DModel(**UNET_CONFIG)
+    ema_unet = UNet2DModel(**unet_config)
     ema.copy_to(ema_unet.parameters())
     ema_unet.eval()
     pipe = DDPMPipeline(unet=ema_unet, scheduler=scheduler)
@@ -228,6 +246,7 @@ def train_ddpm(
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
     summary = {
+        "preset": preset,
         "data_split": split,
         "n_images": len(data),
         "steps": steps,
@@ -340,6 +359,7 @@ def evaluate(unet: Any, scheduler_config: Any, classifier: DigitClassifier, n: i
 @click.option("--split", type=click.Choice(["all", "train"]), default="all", help="Digits the DDPM trains on.")
 @click.option("--eval-samples", default=1000, help="DDIM samples for the FD check (0: skip).")
 @click.option("--seed", default=0)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="shipped", help="UNet shape and noise schedule.")
 @click.option("--threads", default=1, help="torch.set_num_threads.")
 def main(
     classifier_out: Path,
@@ -357,6 +377,7 @@ def main(
     split: str,
     eval_samples: int,
     seed: int,
+    preset: str,
     threads: int,
 ) -> None:
     """Train the digit classifier and the digits DDPM that ship with spiking_diffusers."""
@@ -377,7 +398,7 @@ def main(
     if skip_ddpm:
         pipe = DDPMPipeline.from_pretrained(str(ddpm_out))
     else:
-        pipe, summary = train_ddpm(ddpm_out, ddpm_steps, batch_size, lr, warmup, ema_decay, shift, split, seed)
+        pipe, summary = train_ddpm(ddpm_out, ddpm_steps, batch_size, lr, warmup, ema_decay, shift, split, seed, preset)
         click.echo(f"ddpm: {json.dumps(summary)}")
 
     grid = ddim_samples(pipe.unet, pipe.scheduler.config, 64, seed)
