@@ -109,7 +109,12 @@ def spike_sites(unet: nn.Module, time_embedding: str, analog_sites: Sequence[str
 
 
 def install_neurons(
-    unet: nn.Module, neuron: str, nonlinear_mode: str, time_embedding: str, analog_sites: Sequence[str] = ()
+    unet: nn.Module,
+    neuron: str,
+    nonlinear_mode: str,
+    time_embedding: str,
+    analog_sites: Sequence[str] = (),
+    burst: int = 1,
 ) -> None:
     """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
     except ``analog_sites``, signed input encoders ternary IF neurons, and every GroupNorm and attention
@@ -122,7 +127,7 @@ def install_neurons(
         unit = site_unit(parent, spec)
         factors = unit.temporal_factors
         tsm_steps = 0 if factors is None else factors.numel()
-        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps)
+        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps, burst=burst)
         neuron_module.threshold.data.copy_(unit.threshold.data)
         if factors is not None:
             neuron_module.temporal_factors.data.copy_(factors.data)

@@ -207,6 +207,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         tsm: bool = False,
         residual_spikes: bool = False,
         analog_sites: list[str] | None = None,
+        burst: int = 1,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -223,7 +224,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             tsm_steps=int(timesteps) if tsm else 0,
             residual_spikes=residual_spikes,
         )
-        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or ())
+        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
 
     @classmethod
@@ -238,6 +239,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         time_embedding: str = "auto",
         tsm: bool | None = None,
         filter_fn: Callable[[Site], bool] | None = None,
+        burst: int = 1,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
@@ -247,7 +249,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         neuron temporal factors (SDM's TSM): those ``qnet`` was calibrated with, else factors of 1; by default
         TSM is on exactly when ``qnet`` carries factors. ``filter_fn(site)`` chooses which call sites spike
         (a :class:`~.registry.Site`; false keeps the site an analog QCFS unit, counted as real-valued work;
-        the choice is saved with the model). ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
+        the choice is saved with the model). ``burst`` = B > 1 makes every IF neuron a multi-threshold
+        neuron emitting up to B spikes per step (B * T levels in T steps: match it with a QCFS network of
+        ``levels = B * T``). ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
         signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
         with their calibrated thresholds.
         """
@@ -277,11 +281,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             tsm=tsm,
             residual_spikes=config.get("residual_spikes", False),
             analog_sites=analog,
+            burst=burst,
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
         set_tsm_steps(converted, int(timesteps) if tsm else 0)
-        install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or ())
+        install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or (), burst)
         snn.unet.load_state_dict(converted.state_dict())
         if threshold_form == "unit":
             fold_unit_thresholds(snn.unet)

@@ -48,6 +48,7 @@ class SpikingNeuron(TemporalModule):
         self.phi = float(phi)
         self.channels_last = bool(channels_last)
         self.threshold = nn.Parameter(torch.ones(size))
+        self.spikes_per_step = 1
         # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
         self.register_buffer("input_gain", torch.ones(size))
         self.register_memory("membrane")
@@ -58,8 +59,9 @@ class SpikingNeuron(TemporalModule):
         """The spikes (+1 / 0 / -1) of one step from the charged ``membrane``; may update ``memory``."""
         raise NotImplementedError
 
-    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
-        """Where the surrogate gradient passes: inside the range the spike rate follows its input."""
+    def passes(self, mean_input: torch.Tensor, full_range: torch.Tensor) -> torch.Tensor:
+        """Where the surrogate gradient passes: inside the range (up to ``full_range``, lambda) the spike rate
+        follows its input."""
         raise NotImplementedError
 
     def modulate(self, current: torch.Tensor, step: torch.Tensor | int | None) -> torch.Tensor:
@@ -69,8 +71,10 @@ class SpikingNeuron(TemporalModule):
     # --- thresholds and state ---------------------------------------------------------------------------
 
     def amplitude(self, like: torch.Tensor) -> torch.Tensor:
-        """The spike amplitude lambda (1 in the unit-threshold form), shaped to broadcast against ``like``."""
-        return broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+        """One spike's amplitude, lambda / ``spikes_per_step`` (1 in the unit-threshold form), shaped to
+        broadcast against ``like``."""
+        lam = broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+        return lam if self.spikes_per_step == 1 else lam / self.spikes_per_step
 
     def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
         """The threshold the membrane is compared with."""
@@ -127,7 +131,8 @@ class SpikingNeuron(TemporalModule):
 
     def _surrogate(self, current: torch.Tensor, mean: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
         """Zero-valued term giving the output a straight-through gradient where :meth:`passes` says so."""
-        return (current - current.detach()) * self.passes(mean.detach(), amplitude.detach()).to(current.dtype)
+        full_range = amplitude.detach() * self.spikes_per_step
+        return (current - current.detach()) * self.passes(mean.detach(), full_range).to(current.dtype)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, per_channel={self.per_channel}, phi={self.phi}"
@@ -139,16 +144,28 @@ class IFNeuron(SpikingNeuron):
     ``neuron="signed_if"`` adds Fast-SNN's negative spikes: a neuron whose membrane falls below 0 after
     it has fired emits ``-lambda`` and adds the threshold back, so its net spike count stays in [0, T].
     ``tsm_steps`` gives it SDM's temporal-wise spiking mechanism: a learnable factor p_t on the input
-    current of each step.
+    current of each step. ``burst`` = B > 1 makes it a multi-threshold (burst) neuron: each step it emits
+    ``k = clip(floor(m / theta), 0, B)`` spikes of amplitude ``lambda / B`` (theta = lambda / B) and subtracts
+    ``k * theta``, so T steps carry ``B * T`` levels: for a constant input it reproduces the QCFS unit of
+    ``L = B * T`` levels exactly, for any phi. Each spike is one accumulate for the next layer.
     """
 
     def __init__(
-        self, channels: int, per_channel: bool = False, phi: float = 0.5, neuron: str = "if", tsm_steps: int = 0
+        self,
+        channels: int,
+        per_channel: bool = False,
+        phi: float = 0.5,
+        neuron: str = "if",
+        tsm_steps: int = 0,
+        burst: int = 1,
     ):
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
+        if int(burst) < 1 or (int(burst) > 1 and neuron != "if"):
+            raise ValueError(f"burst must be a whole number >= 1, and > 1 only with neuron='if'; got {burst}.")
         super().__init__(channels, per_channel, phi)
         self.neuron = neuron
+        self.spikes_per_step = int(burst)
         if neuron == "signed_if":
             self.register_memory("spike_count")
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
@@ -165,14 +182,16 @@ class IFNeuron(SpikingNeuron):
         return memory
 
     def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.spikes_per_step > 1:
+            return torch.clamp(torch.floor(membrane / firing), 0, self.spikes_per_step)
         spike = (membrane >= firing).to(membrane.dtype)
         if self.neuron == "signed_if":
             spike = spike - ((membrane < 0) & (memory["spike_count"] > 0)).to(membrane.dtype)
             memory["spike_count"] = memory["spike_count"] + spike
         return spike
 
-    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
-        return (mean_input > 0) & (mean_input < amplitude)
+    def passes(self, mean_input: torch.Tensor, full_range: torch.Tensor) -> torch.Tensor:
+        return (mean_input > 0) & (mean_input < full_range)
 
     def modulate(self, current: torch.Tensor, step: torch.Tensor | int | None) -> torch.Tensor:
         if self.temporal_factors is None:
@@ -189,7 +208,8 @@ class IFNeuron(SpikingNeuron):
 
     def extra_repr(self) -> str:
         tsm = f", tsm_steps={self.temporal_factors.numel()}" if self.temporal_factors is not None else ""
-        return f"neuron={self.neuron!r}, {super().extra_repr()}{tsm}"
+        burst = f", burst={self.spikes_per_step}" if self.spikes_per_step > 1 else ""
+        return f"neuron={self.neuron!r}, {super().extra_repr()}{tsm}{burst}"
 
 
 class TernaryIFEncoder(SpikingNeuron):
@@ -204,8 +224,8 @@ class TernaryIFEncoder(SpikingNeuron):
     def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
         return (membrane >= firing).to(membrane.dtype) - (membrane < 0).to(membrane.dtype)
 
-    def passes(self, mean_input: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
-        return mean_input.abs() < amplitude
+    def passes(self, mean_input: torch.Tensor, full_range: torch.Tensor) -> torch.Tensor:
+        return mean_input.abs() < full_range
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, channels_last={self.channels_last}"

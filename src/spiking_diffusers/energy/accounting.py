@@ -13,7 +13,7 @@ Counting rules:
 
 - Spikes are the non-zero entries of a neuron's output: ``lambda`` (threshold form ``"lambda"``), 1 (form
   ``"unit"``), negative for signed neurons and for the ternary input encoders of residual spikes; each
-  counts once, so the count is ``sum |s|``. In batched
+  counts once, so the count is ``sum |s|``; a burst neuron's k spikes in one step count k times. In batched
   execution a layer sees all T time steps folded into the batch, so counts cover all T steps. Before a
   tagged tensor is counted as spikes its values are checked to be 0 or +-amplitude.
 - ACs of a spike-driven convolution are exact for any padding, stride, dilation and groups: the sum, over
@@ -142,19 +142,23 @@ def _argument(args: tuple, kwargs: dict, index: int, name: str, default=None):
 
 
 def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
-    """``1.0`` where a tagged spike tensor holds a spike, as float64; ``None`` for a real-valued tensor.
+    """The number of spikes at each entry of a tagged spike tensor (1 where a binary or ternary neuron fired,
+    up to B for a burst neuron), as float64; ``None`` for a real-valued tensor.
 
-    Raises if a tensor tagged as spikes holds anything but 0 and +-amplitude (it was changed in place).
+    Raises if a tensor tagged as spikes holds anything but whole multiples of its neuron's spike amplitude
+    (it was changed in place).
     """
     neuron = getattr(x, _SPIKE_TAG, None)
     if neuron is None:
         return None
     amplitude = neuron.amplitude(x).detach()
-    fired = x != 0
-    off = (x.abs() - amplitude).abs() > 1e-4 * amplitude
-    if bool((fired & off).any()):
-        raise RuntimeError("A tensor tagged as spikes holds values other than 0 and +-lambda (changed in place?).")
-    return fired.to(torch.float64)
+    counts = (x.abs() / amplitude).round()
+    off = (x.abs() - counts * amplitude).abs() > 1e-4 * amplitude
+    if bool(off.any()) or bool((counts > neuron.spikes_per_step).any()):
+        raise RuntimeError(
+            "A tensor tagged as spikes holds values other than whole multiples of +-lambda (changed in place?)."
+        )
+    return counts.to(torch.float64)
 
 
 def conv_acs(
@@ -264,7 +268,7 @@ class OperationCounter(TorchFunctionMode):
         setattr(out, _SPIKE_TAG, neuron)
         site = self._names[id(neuron)]
         rate = self.accounting.sites.setdefault(site, SiteRate(site))
-        rate.spikes += int(torch.count_nonzero(out))
+        rate.spikes += round(float(spike_indicator(out).sum()))
         rate.elements += out.numel()
 
     def _compensation(self, op: TemporalOp, args) -> None:
