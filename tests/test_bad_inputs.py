@@ -7,6 +7,7 @@ directory; every command runs in-process through click's ``CliRunner``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+from spiking_diffusers.cli import OUTPUT_MARKER
 from spiking_diffusers.commands import calibrate, energy, evaluate, export, sample
 from spiking_diffusers.commands import convert as convert_cmd
 
@@ -121,15 +123,44 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     for name in ("no_images", "corrupt_images", "rgb_images"):
         paths[name] = root / name
     paths["cache"] = root / "cache"
+
+    # Weights and config that do not match: a tensor missing, one left over, another shape, an unknown block.
+    paths["missing_tensor"] = _edit_weights(ann, root / "missing-tensor", lambda t: t.pop("conv_in.weight"))
+    paths["extra_tensor"] = _edit_weights(ann, root / "extra-tensor", lambda t: t.update(extra=torch.zeros(2)))
+    paths["wider_config"] = _edit_config(ann, root / "wider", "unet/config.json", block_out_channels=[16, 64])
+    paths["unknown_block"] = _edit_config(
+        ann, root / "unknown-block", "unet/config.json", down_block_types=["DownBlock2D", "FancyDownBlock2D"]
+    )
+    scheduler = "scheduler/scheduler_config.json"
+    paths["beta_schedule"] = _edit_config(ann, root / "beta-schedule", scheduler, beta_schedule="fancy")
+    paths["scheduler_class"] = _edit_config(ann, root / "scheduler-class", scheduler, _class_name="NoSuchScheduler")
+    paths["no_train_steps"] = _edit_config(ann, root / "no-train-steps", scheduler, num_train_timesteps=0)
+    paths["negative_beta"] = _edit_config(ann, root / "negative-beta", scheduler, beta_start=-1.0)
+    shutil.copytree(ann, root / "scheduler-list")
+    (root / "scheduler-list" / scheduler).write_text("[1, 2]")
+    paths["scheduler_list"] = root / "scheduler-list"
     return paths
+
+
+def _edit_config(source: Path, target: Path, name: str, **changes) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / name).read_text())
+    (target / name).write_text(json.dumps(config | changes))
+    return target
+
+
+def previous_output(out: Path, command: str) -> Path:
+    """Make ``out`` a previous output of ``command`` (``"convert"``...): its marker and one file."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "keep.txt").write_text("previous result")
+    (out / OUTPUT_MARKER).write_text(json.dumps({"command": COMMANDS[command].main.name}))
+    return out
 
 
 def run(command: str, args: list[str], paths: dict[str, Path], tmp_path: Path, fast: bool = True):
     """Invoke ``command`` with ``{name}`` placeholders filled in, into ``tmp_path/out`` (which holds a
-    previous result, replaced only with --overwrite on success)."""
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    (out / "keep.txt").write_text("previous result")
+    previous result of the same command, replaced only with --overwrite on success)."""
+    out = previous_output(tmp_path / "out", command)
     names = {name: str(path) for name, path in paths.items()}
     argv = [arg.format(**names) for arg in args]  # last: click takes the last value of a repeated option
     if "--model" not in argv:
@@ -163,21 +194,63 @@ MODEL_CASES = [
     ("NaN weights", ["--model", "{nan}"], 1, "non-finite weights"),
     ("Inf weights", ["--model", "{inf}"], 1, "non-finite weights"),
     ("output is a file", ["--output", "{file}"], 2, "is a file"),
+    ("a tensor missing", ["--model", "{missing_tensor}"], 2, "missing from the weights: conv_in.weight"),
+    ("a tensor left over", ["--model", "{extra_tensor}"], 2, "config has no place for: extra"),
+    ("config wider than the weights", ["--model", "{wider_config}"], 2, "do not match its config.json"),
+    ("unknown block type", ["--model", "{unknown_block}"], 2, "FancyDownBlock2D does not exist. Fix config.json"),
+    ("unknown beta schedule", ["--model", "{beta_schedule}"], 2, "is not a usable DDPMScheduler config"),
+    ("unknown scheduler class", ["--model", "{scheduler_class}"], 2, "names the scheduler 'NoSuchScheduler'"),
+    ("no training timesteps", ["--model", "{no_train_steps}"], 2, "num_train_timesteps must be"),
+    ("negative beta", ["--model", "{negative_beta}"], 2, "betas outside [0, 1]"),
+    ("scheduler config not an object", ["--model", "{scheduler_list}"], 2, "holds a JSON list"),
+    ("seed beyond 64 bits", ["--seed", str(2**64)], 2, "is not in the range 0<=x<="),
+    ("negative seed", ["--seed", "-1"], 2, "is not in the range 0<=x<="),
 ]
 CASES = [(command, *case) for command in COMMANDS for case in MODEL_CASES]
+T_RANGE = "is not in the range 1<=x<=1024"
 CASES += [
-    (command, "T = 0", ["-T", "0"], 2, "expected integers >= 1" if command == "eval" else "0 is not in the range x>=1")
+    (command, "T = 0", ["-T", "0"], 2, "expected integers >= 1" if command == "eval" else f"0 {T_RANGE}")
     for command in WITH_LEVELS
 ]
-CASES += [(command, "L = 0", ["-L", "0"], 2, "0 is not in the range x>=1") for command in WITH_LEVELS]
+CASES += [
+    (command, "T = 10^6", ["-T", "1000000"], 2, "expected integers in the range 1<=x<=1024" if command == "eval"
+     else f"1000000 {T_RANGE} (each UNet call simulates T time steps")
+    for command in WITH_LEVELS
+]  # fmt: skip
+CASES += [(command, "L = 0", ["-L", "0"], 2, f"0 {T_RANGE}") for command in WITH_LEVELS]
+CASES += [(command, "L = 10^5", ["-L", "100000"], 2, f"100000 {T_RANGE} (L levels take") for command in WITH_LEVELS]
 CASES += [("eval", "T list with 0", ["-T", "2,0"], 2, "expected integers >= 1")]
 CASES += [
-    ("sample", "T = 0", ["--model", "{snn}", "--snn-timesteps", "0"], 2, "0 is not in the range x>=1"),
+    ("sample", "T = 0", ["--model", "{snn}", "--snn-timesteps", "0"], 2, f"0 {T_RANGE}"),
+    ("sample", "T = 10^6", ["--model", "{snn}", "--snn-timesteps", "1000000"], 2, f"1000000 {T_RANGE}"),
     *[
         ("sample", f"threshold scale {scale}", ["--model", "{snn}", "--threshold-scale", scale], 2, "finite number > 0")
         for scale in ("0", "-0.5", "nan", "inf", "down=0")
     ],
+    ("sample", "threshold scale item without a group", ["--model", "{snn}", "--threshold-scale", "down=0.99,0.9"], 2,
+     "every item names its group (time_embedding, down, mid, up, out), and '0.9' does not"),
+    ("sample", "threshold scale group twice", ["--model", "{snn}", "--threshold-scale", "down=0.99,down=0.9"], 2,
+     "sets group down twice"),
+    ("sample", "eta NaN", ["--eta", "nan"], 2, "'nan' is not a finite number"),
+    ("sample", "eta above 1", ["--eta", "2"], 2, "2.0 is not in the range 0<=x<=1"),
+]  # fmt: skip
+CASES += [
+    (command, "images beyond the bound", ["--num-images", "1000000"], 2, "1000000 is not in the range")
+    for command in ("sample", "eval", "energy")
 ]
+CASES += [
+    (command, "more steps than the model was trained with", ["--steps", "1001"], 2, "--steps must be at most 1000")
+    for command in ("sample", "eval", "energy")
+]
+CASES += [
+    ("calibrate", "more sampler steps than training steps", ["--sampler-steps", "1001"], 2,
+     "--sampler-steps must be at most 1000"),
+    ("calibrate", "NaN learning rate", ["--lr", "nan"], 2, "'nan' is not a finite number"),
+    ("calibrate", "NaN percentile", ["--percentile", "nan"], 2, "'nan' is not a finite number"),
+    ("calibrate", "Inf loss weight", ["--block-loss-weight", "inf"], 2, "'inf' is not a finite number"),
+    ("energy", "Inf energy per MAC", ["--mac-pj", "inf"], 2, "'inf' is not a finite number"),
+    ("eval", "T list beyond the bound", ["-T", "2,5000"], 2, "expected integers in the range 1<=x<=1024"),
+]  # fmt: skip
 CASES += [
     (command, "non-finite output", ["--model", "{exploding}"], 1, "is not finite")
     for command in ("convert", "calibrate", "sample", "eval", "export")

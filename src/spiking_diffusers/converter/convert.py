@@ -30,6 +30,7 @@ def convert(
     signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
     with their calibrated thresholds.
     """
+    _check_arguments(qnet, timesteps, tsm)
     config = dict(qnet.config)
     calibrated_steps = int(config.get("tsm_steps") or 0)
     tsm = bool(calibrated_steps) if tsm is None else bool(tsm)
@@ -63,3 +64,26 @@ def convert(
     if threshold_form == "unit":
         fold_unit_thresholds(snn.unet)
     return snn.eval()
+
+
+def _check_arguments(qnet, timesteps, tsm) -> None:
+    """The model is a :class:`QCFSUNet2DModel` and ``timesteps`` an int in bounds (the model classes check the
+    choices), else a ``TypeError`` / ``ValueError`` that names the argument."""
+    from diffusers import UNet2DModel
+
+    from ..validation import check_bool, check_int
+
+    if isinstance(qnet, SpikingUNet2DModel):
+        raise TypeError("convert() takes a QCFSUNet2DModel; this model is already a SpikingUNet2DModel.")
+    if isinstance(qnet, UNet2DModel):
+        raise TypeError(
+            "convert() takes a QCFSUNet2DModel, not a plain UNet2DModel: quantize it first, "
+            "convert(quantize(unet, levels=L), timesteps=T) (or calibrate() it)."
+        )
+    if not isinstance(qnet, QCFSUNet2DModel):
+        raise TypeError(
+            f"convert() takes a QCFSUNet2DModel (from quantize() or calibrate()), got {type(qnet).__name__}."
+        )
+    check_int(timesteps, "timesteps", "timesteps")
+    if tsm is not None:
+        check_bool(tsm, "tsm")

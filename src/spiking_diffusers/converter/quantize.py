@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .building import move_like, spatial_size, unet_config_dict
-from .models import QCFSUNet2DModel
+from .models import QCFSUNet2DModel, SpikingUNet2DModel
 from .support import check_functional_activations, check_structure
 
 
@@ -81,10 +81,21 @@ def quantize(
     cannot be converted.
     """
     from ..calibration.statistics import collect_site_inputs, init_thresholds
+    from ..validation import check_bool, check_choice, check_float, check_int
 
+    if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
+        raise TypeError(f"quantize() takes the original UNet2DModel; this model is already a {type(unet).__name__}.")
+    if not isinstance(unet, UNet2DModel):
+        raise TypeError(f"quantize() takes a diffusers UNet2DModel, got {type(unet).__name__}.")
+    levels = check_int(levels, "levels", "levels")
+    check_float(phi, "phi", 0, 1)
+    check_bool(per_channel, "per_channel")
+    check_choice(init, "init", (None, "percentile", "mse"))
+    check_float(percentile, "percentile", 0, 100, low_open=True)
+    check_int(num_samples, "num_samples", "num_samples")
+    check_int(seed, "seed", "seed")
+    check_bool(residual_spikes, "residual_spikes")
     check_structure(unet)
-    if int(levels) < 1:
-        raise ValueError(f"levels must be at least 1, got {levels}.")
     config = unet_config_dict(unet)
     qnet = QCFSUNet2DModel(
         unet_config=config,
