@@ -7,11 +7,14 @@ directory; every command runs in-process through click's ``CliRunner``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,9 +25,10 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import spiking_diffusers
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
-from spiking_diffusers.cli import OUTPUT_MARKER
+from spiking_diffusers.cli import OUTPUT_MARKER, output_marker
 from spiking_diffusers.commands import calibrate, energy, evaluate, export, sample
 from spiking_diffusers.commands import convert as convert_cmd
 
@@ -315,3 +319,151 @@ def test_images_of_another_size_and_channel_count_are_converted(paths, tmp_path)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model_index.json").is_file()
     result = run("eval", ["--real-images", "{rgb_images}", "--output", str(tmp_path / "eval")], paths, tmp_path)
     assert result.exit_code == 0, result.output
+
+
+PACKAGE = Path(spiking_diffusers.__file__).resolve().parent
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user_files(paths, tmp_path, monkeypatch) -> Path:
+    """A user's folder, the working directory: a note, a model and a previous output of another command."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("the user's notes")
+    shutil.copytree(paths["ann"], user / "model")
+    other = user / "other-output"
+    other.mkdir()
+    (other / "result.txt").write_text("made by another command")
+    monkeypatch.chdir(user)
+    return user
+
+
+OUTPUT_CASES = [
+    ("empty --output (an unset shell variable)", "", "--output is empty"),
+    ("blank --output", "  ", "--output is empty"),
+    ("--output is the model", "{user}/model", "is --model"),
+    ("--output inside the model", "{user}/model/unet", "is inside --model"),
+    ("--output holds the model", "{user}", "contains --model"),
+    ("--output is the working directory", ".", "contains --model"),
+    ("--output is a user's folder", "{user}/other-output", "not a previous"),
+    ("--output inside a file", "{user}/notes.txt/out", "is a file, not a directory"),
+    ("--output is the shipped model", "{package}/assets/digits-ddpm", "installed spiking-diffusers package"),
+    ("--output inside the package", "{package}/assets/new-output", "installed spiking-diffusers package"),
+    ("--output holds the package", str(PACKAGE.parent), "installed spiking-diffusers package"),
+]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize(("case", "output", "message"), OUTPUT_CASES, ids=[case[0] for case in OUTPUT_CASES])
+def test_an_output_that_would_destroy_something_is_refused(user_files, tmp_path, command, case, output, message):
+    """Even with --overwrite, nothing of the user's is replaced, and nothing is written anywhere."""
+    other = "sample" if command == "convert" else "convert"
+    (user_files / "other-output" / OUTPUT_MARKER).write_text(json.dumps({"command": f"sdm-{other}"}))
+    before, package_before = _tree(user_files), _tree(PACKAGE / "assets")
+    argv = [*FAST[command], "--output", output.format(user=user_files, package=PACKAGE), "--overwrite"]
+    if "package" not in case and "shipped" not in case:
+        argv += ["--model", str(user_files / "model")]
+    result = CliRunner().invoke(COMMANDS[command].main, argv)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert _tree(user_files) == before and _tree(PACKAGE / "assets") == package_before
+    assert not list(tmp_path.rglob(".*.tmp-*")) and not list(PACKAGE.rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_previous_output_is_replaced_only_with_overwrite_and_a_user_folder_never(paths, tmp_path, command):
+    out = previous_output(tmp_path / "out", command)
+    result = CliRunner().invoke(COMMANDS[command].main, [*FAST[command], "--output", str(out)])
+    assert result.exit_code == 2 and f"holds a previous {COMMANDS[command].main.name} output; pass --overwrite" in (
+        result.output
+    ), result.output
+    (out / OUTPUT_MARKER).unlink()  # the same files, not written by us: never replaced
+    result = CliRunner().invoke(COMMANDS[command].main, [*FAST[command], "--output", str(out), "--overwrite"])
+    assert result.exit_code == 2 and "not a previous" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_output_is_checked_before_any_work(user_files, monkeypatch, command):
+    """sdm-energy used to measure for minutes before looking at --output; no command loads a model first."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(COMMANDS[command], "load_model", load_model)
+    argv = [*FAST[command], "--output", str(user_files / "other-output"), "--overwrite"]
+    result = CliRunner().invoke(COMMANDS[command].main, argv)
+    assert result.exit_code == 2 and "not a previous" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_unwritable_parent_is_a_usage_error_naming_it(tmp_path, monkeypatch, command):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    result = CliRunner().invoke(COMMANDS[command].main, [*FAST[command], "--output", str(locked / "new" / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"Error: --output {locked}/new/out: {locked} cannot be written" in result.output
+    assert not (locked / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_parent_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = CliRunner().invoke(convert_cmd.main, [*FAST["convert"], "--output", str(locked / "out")])
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
+
+
+def test_a_failure_to_write_names_the_output_not_the_staging_directory(paths, tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out", "convert")
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".out.tmp-x1y2"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", denied)
+        result = run("convert", [], paths, tmp_path)
+    assert_clean_failure(result, 2, f"Cannot write --output {out}: Permission denied", tmp_path)
+    assert ".tmp-" not in result.output
+
+    def disk_full(self, directory, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / "unet" / "model.safetensors"))
+
+    monkeypatch.setattr(SpikingDiffusionPipeline, "save_pretrained", disk_full)
+    result = run("convert", [], paths, tmp_path)
+    assert_clean_failure(result, 1, f"Cannot write --output {out}: No space left on device.", tmp_path)
+    assert ".tmp-" not in result.output
+
+
+def test_the_output_has_the_umask_mode_and_the_marker_of_its_command(paths, tmp_path):
+    out = tmp_path / "snn"
+    previous = os.umask(0o027)
+    try:
+        result = CliRunner().invoke(convert_cmd.main, [*FAST["convert"], "--model", str(paths["ann"]), "--output", out])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert output_marker(out) == "sdm-convert"
+    again = CliRunner().invoke(convert_cmd.main, [*FAST["convert"], "--model", str(out), "--output", out])
+    assert again.exit_code == 2 and "is --model" in again.output, again.output
+    result = CliRunner().invoke(
+        sample.main, [*FAST["sample"], "--model", str(paths["ann"]), "--output", out, "--overwrite"]
+    )
+    assert result.exit_code == 2 and "not a previous sdm-sample output" in result.output, result.output
+    argv = [*FAST["convert"], "--model", str(paths["ann"]), "--output", out, "--overwrite"]
+    assert CliRunner().invoke(convert_cmd.main, argv).exit_code == 0
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_takes_device(command):
+    result = CliRunner().invoke(COMMANDS[command].main, ["--help"])
+    assert result.exit_code == 0 and "--device [auto|cpu|cuda|mps]" in result.output
