@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import spiking_diffusers
 from conftest import TINY_CONFIGS, make_unet
-from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+from spiking_diffusers import QCFSUNet2DModel, SpikingDiffusionPipeline, SpikingUNet2DModel, convert, quantize
 from spiking_diffusers.cli import OUTPUT_MARKER, output_marker
 from spiking_diffusers.commands import calibrate, energy, evaluate, export, sample
 from spiking_diffusers.commands import convert as convert_cmd
@@ -467,3 +468,90 @@ def test_the_output_has_the_umask_mode_and_the_marker_of_its_command(paths, tmp_
 def test_every_command_takes_device(command):
     result = CliRunner().invoke(COMMANDS[command].main, ["--help"])
     assert result.exit_code == 0 and "--device [auto|cpu|cuda|mps]" in result.output
+
+
+# The Python API: a TypeError / ValueError that names the argument and what it accepts, before any work.
+
+
+@pytest.fixture(scope="module")
+def api_models():
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    qnet = quantize(unet, levels=2)
+    return {"unet": unet, "qnet": qnet, "snn": convert(qnet, timesteps=2)}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m: convert(m["unet"]), TypeError, "not a plain UNet2DModel: quantize it first"),
+        (lambda m: convert(m["snn"]), TypeError, "already a SpikingUNet2DModel"),
+        (lambda m: convert(m["qnet"], timesteps=2.5), TypeError, "timesteps must be an int, got float"),
+        (lambda m: convert(m["qnet"], timesteps=10**6), ValueError, "timesteps must be in the range 1<=x<=1024"),
+        (lambda m: convert(m["qnet"], neuron="lif"), ValueError, "Unknown neuron 'lif'"),
+        (lambda m: quantize(m["qnet"]), TypeError, "already a QCFSUNet2DModel"),
+        (lambda m: quantize(m["unet"], levels=0), ValueError, "levels must be in the range 1<=x<=1024, got 0"),
+        (lambda m: quantize(m["unet"], levels="4"), TypeError, "levels must be an int, got str"),
+        (lambda m: quantize(m["unet"], init="best"), ValueError, "Unknown init 'best'"),
+        (lambda m: quantize(m["unet"], percentile=float("nan")), ValueError, "percentile must be a finite number"),
+        (lambda m: quantize(m["unet"], seed=-1), ValueError, "seed must be in the range 0<=x<="),
+        (lambda m: SpikingUNet2DModel(unet_config="x"), TypeError, "unet_config must be the dict"),
+        (lambda m: SpikingUNet2DModel(dict(UNET), timesteps=0), ValueError, "timesteps must be in the range"),
+        (lambda m: QCFSUNet2DModel(dict(UNET), levels=-1), ValueError, "levels must be in the range"),
+        (lambda m: QCFSUNet2DModel(dict(UNET), phi=2.0), ValueError, "phi must be a finite number >= 0 and <= 1"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_the_api_refuses_bad_arguments_by_name(api_models, call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call(api_models)
+
+
+@pytest.mark.parametrize("model", ["qnet", "snn"])
+@pytest.mark.parametrize(
+    ("sample_", "timestep", "error", "message"),
+    [
+        (torch.randn(2, 1, 8, 8, dtype=torch.float64), 5, TypeError, "sample is torch.float64 but the model's weights"),
+        (torch.randn(2, 3, 8, 8), 5, ValueError, "sample must have shape (batch, 1, height, width)"),
+        (torch.randn(1, 8, 8), 5, ValueError, "got (1, 8, 8)"),
+        (torch.randn(2, 1, 8, 8).numpy(), 5, TypeError, "sample must be a torch.Tensor, got ndarray"),
+        (torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]), ValueError, "timestep must be one value or one per sample"),
+    ],
+    ids=["dtype", "channels", "rank", "not a tensor", "timesteps per sample"],
+)
+def test_a_forward_on_the_wrong_input_names_the_input(api_models, model, sample_, timestep, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        api_models[model](sample_, timestep)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be in the range 1<=x<="),
+        ({"batch_size": -2}, ValueError, "batch_size must be in the range 1<=x<="),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be at least 1, got 0"),
+        ({"num_inference_steps": 1001}, ValueError, "num_inference_steps must be at most 1000"),
+        ({"batch_size": 3, "generator": "few"}, ValueError, "a list of one per image (3), got a list of 2"),
+        ({"batch_size": 1, "generator": "many"}, ValueError, "a list of one per image (1), got a list of 2"),
+        ({"generator": 7}, TypeError, "generator must be a torch.Generator"),
+        ({"latents": torch.randn(2, 3, 8, 8)}, ValueError, "latents must be a tensor of shape (batch, 1, 8, 8)"),
+        ({"snn_timesteps": 0}, ValueError, "snn_timesteps must be in the range 1<=x<=1024"),
+    ],
+    ids=lambda value: None if isinstance(value, dict | type) else value,
+)
+def test_the_pipeline_refuses_bad_arguments_by_name(api_models, kwargs, error, message):
+    pipe = SpikingDiffusionPipeline(unet=api_models["snn"], scheduler=DDPMScheduler())
+    if kwargs.get("generator") in ("few", "many"):
+        kwargs["generator"] = [torch.Generator().manual_seed(i) for i in range(2)]
+    with pytest.raises(error, match=re.escape(message)):
+        pipe(**kwargs)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_a_scheduler_that_cannot_take_the_steps_is_refused_up_front(api_models, steps):
+    """PNDM's Runge-Kutta warm-up takes 4 steps; below that it died inside numpy ("could not be broadcast")."""
+    pipe = SpikingDiffusionPipeline(unet=api_models["snn"], scheduler=PNDMScheduler())
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 4 for PNDMScheduler"):
+        pipe(num_inference_steps=steps)
+    skipping = SpikingDiffusionPipeline(unet=api_models["snn"], scheduler=PNDMScheduler(skip_prk_steps=True))
+    assert skipping(num_inference_steps=steps, output_type="np").images.shape == (1, 8, 8, 1)
