@@ -85,7 +85,7 @@ def quantize(
 
     if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
         raise TypeError(f"quantize() takes the original UNet2DModel; this model is already a {type(unet).__name__}.")
-    if not isinstance(unet, UNet2DModel):
+    if not isinstance(unet, torch.nn.Module):  # other modules: check_structure names what is not supported
         raise TypeError(f"quantize() takes a diffusers UNet2DModel, got {type(unet).__name__}.")
     levels = check_int(levels, "levels", "levels")
     check_float(phi, "phi", 0, 1)
