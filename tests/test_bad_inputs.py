@@ -423,14 +423,30 @@ def test_a_read_only_parent_is_refused(tmp_path):
     assert result.exit_code == 2 and "cannot be written" in result.output, result.output
 
 
+def _mkdtemp_failing(kind: str, error: int):
+    """``tempfile.mkdtemp`` that fails for the ``kind`` of directory (``.probe-`` or ``.tmp-``: staging)."""
+    real = tempfile.mkdtemp
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        if kind not in (prefix or ""):
+            return real(suffix, prefix, dir)
+        raise OSError(error, os.strerror(error), str(Path(dir) / f"{prefix}x1y2"))
+
+    return mkdtemp
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_parent_that_refuses_a_directory_is_found_before_any_work(paths, tmp_path, monkeypatch, command):
+    """Root on a read-only mount, or /sys: access() says yes, creating a directory says no."""
+    monkeypatch.setattr(tempfile, "mkdtemp", _mkdtemp_failing(".probe-", errno.EPERM))
+    result = run(command, [], paths, tmp_path)
+    assert_clean_failure(result, 2, f"{tmp_path} cannot be written (Operation not permitted)", tmp_path)
+
+
 def test_a_failure_to_write_names_the_output_not_the_staging_directory(paths, tmp_path, monkeypatch):
     out = previous_output(tmp_path / "out", "convert")
-
-    def denied(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".out.tmp-x1y2"))
-
     with monkeypatch.context() as patch:
-        patch.setattr(tempfile, "mkdtemp", denied)
+        patch.setattr(tempfile, "mkdtemp", _mkdtemp_failing(".tmp-", errno.EACCES))
         result = run("convert", [], paths, tmp_path)
     assert_clean_failure(result, 2, f"Cannot write --output {out}: Permission denied", tmp_path)
     assert ".tmp-" not in result.output

@@ -369,12 +369,13 @@ def check_output(
         existing = existing.parent
     if not existing.is_dir():
         raise CommandError(f"--output {target}: {existing} is a file, not a directory.", exit_code=2)
+    unwritable = f"--output {target}: {existing} cannot be written"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(
-            f"--output {target}: {existing} cannot be written (permission denied or a read-only file system); "
-            "choose a writable place.",
-            exit_code=2,
-        )
+        raise CommandError(f"{unwritable} (permission denied or a read-only file system); choose a writable place.", 2)
+    try:  # what access() cannot tell (root on a read-only mount, special file systems): try it
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=existing))
+    except OSError as err:
+        raise CommandError(f"{unwritable} ({err.strerror or err}); choose a writable place.", 2) from err
     return target
 
 
