@@ -258,3 +258,14 @@ def test_a_signal_during_start_up_exits_130_with_one_error_line(tmp_path, sig):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.strip().splitlines() == ["Error: Interrupted; no partial output was written."]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_signal_while_the_command_line_is_parsed_exits_130(monkeypatch):
+    """click alone would print "Aborted!" and exit 1."""
+
+    def interrupted(self, ctx, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_cmd.main.__class__, "parse_args", interrupted)
+    result = CliRunner().invoke(calibrate_cmd.main, ["--output", "anywhere"])
+    assert result.exit_code == 130 and result.output.strip() == "Error: Interrupted; no partial output was written."
