@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, SpikingUNet2DModel, quantize
 from spiking_diffusers import convert as convert_model
+from spiking_diffusers.cli import OUTPUT_MARKER
 from spiking_diffusers.commands import convert, sample
 from spiking_diffusers.pipelines import SCHEDULERS, make_scheduler
 
@@ -142,8 +143,12 @@ def test_sample_every_scheduler_on_the_ann(models, tmp_path, name):
     ("command", "args", "message"),
     [
         (convert, ["--model", "{tmp}/missing"], "No such directory"),
-        (convert, ["--model", "{google}", "--timesteps", "0"], "'--timesteps' / '-T': 0 is not in the range x>=1"),
-        (convert, ["--model", "{tmp}"], "is not a diffusers model"),
+        (
+            convert,
+            ["--model", "{google}", "--timesteps", "0"],
+            "'--timesteps' / '-T': 0 is not in the range 1<=x<=1024",
+        ),
+        (convert, ["--model", "{root}"], "is not a diffusers model"),
         (sample, ["--model", "{snn}", "--threshold-scale", "-1"], "every value must be a finite number > 0"),
         (sample, ["--model", "{snn}", "--threshold-scale", "left=0.9"], "Unknown threshold_scale group"),
         (sample, ["--model", "{google}", "--threshold-scale", "0.99"], "apply to spiking models"),
@@ -153,7 +158,7 @@ def test_sample_every_scheduler_on_the_ann(models, tmp_path, name):
 )
 def test_usage_mistakes_exit_2_with_one_error_line_and_leave_nothing(models, snn_dir, tmp_path, command, args, message):
     out = tmp_path / "out"
-    paths = {"tmp": tmp_path, "google": models["google"], "snn": snn_dir}
+    paths = {"tmp": tmp_path, "root": models["google"].parent, "google": models["google"], "snn": snn_dir}
     result = invoke(command, *[arg.format(**paths) for arg in args], "--output", out)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -170,6 +175,7 @@ def test_runtime_failure_exits_1_and_keeps_the_previous_output(models, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
+    (out / OUTPUT_MARKER).write_text(json.dumps({"command": "sdm-convert"}))  # a previous sdm-convert output
     result = invoke(convert, "--model", broken, "--output", out, "--overwrite")
     assert result.exit_code == 1 and result.output.startswith("Error: Could not load the weights")
     assert (out / "keep.txt").read_text() == "previous result" and not list(tmp_path.glob(".out.*"))

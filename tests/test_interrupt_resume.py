@@ -23,6 +23,7 @@ from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.checkpoint import CHECKPOINT_FILE, CalibrationCheckpoints, checkpoint_dir
 from spiking_diffusers.calibration.data import NoisedBatches
 from spiking_diffusers.calibration.distill import DistillSettings
+from spiking_diffusers.cli import OUTPUT_MARKER
 from spiking_diffusers.commands import calibrate as calibrate_cmd
 from spiking_diffusers.errors import DamagedFileError, InputError
 
@@ -118,9 +119,11 @@ def ann_dir(unet, tmp_path_factory) -> Path:
     return path
 
 
-def _previous_result(out: Path) -> None:
+def _previous_result(out: Path, command: str) -> None:
+    """A previous output of ``command``, which --overwrite may replace (but an interrupted run must not)."""
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
+    (out / OUTPUT_MARKER).write_text(json.dumps({"command": command}))
 
 
 def _default_sigint() -> None:
@@ -142,7 +145,7 @@ def _stop_when(process: subprocess.Popen, ready, sig: int, timeout: float = 120.
 
 
 def _assert_untouched(out: Path) -> None:
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "keep.txt"])
     assert not list(out.parent.glob(f".{out.name}.tmp-*")) and not list(out.parent.glob(f".{out.name}.old-*"))
 
 
@@ -153,7 +156,7 @@ def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir
             "--snn-steps", "3", "--batch-size", "4", "--snn-batch-size", "4", "--threshold-init", "percentile",
             "--cache-dir", cache, "--checkpoint-every", "5", "--overwrite"]  # fmt: skip
     out = tmp_path / "out"
-    _previous_result(out)
+    _previous_result(out, "sdm-calibrate")
     checkpoint = checkpoint_dir(out) / CHECKPOINT_FILE
     process = subprocess.Popen(
         [BIN / "sdm-calibrate", *map(str, args), "--output", str(out)],
@@ -186,7 +189,7 @@ def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir
 def test_sigint_mid_conversion_keeps_the_previous_output(ann_dir, tmp_path):
     """A real sdm-convert stopped by SIGINT while it calibrates (once its calibration images are cached)."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    _previous_result(out)
+    _previous_result(out, "sdm-convert")
     process = subprocess.Popen(
         [BIN / "sdm-convert", "--model", str(ann_dir), "-T", "2", "--calibration-samples", "8",
          "--calibration-steps", "5000", "--output", str(out), "--overwrite"],
@@ -197,3 +200,72 @@ def test_sigint_mid_conversion_keeps_the_previous_output(ann_dir, tmp_path):
     assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == "Error: Interrupted; no partial output was written."
     _assert_untouched(out)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHED = """
+import sys
+import {module} as launcher
+
+real_import = launcher._import_command
+
+
+def announced(name):  # the signal comes while torch and diffusers are being imported
+    sys.stderr.write("importing\\n")
+    sys.stderr.flush()
+    return real_import(name)
+
+
+launcher._import_command = announced
+sys.argv[0] = {script!r}
+sys.exit(launcher.{function}())
+"""
+
+
+def console_scripts() -> dict[str, tuple[str, str]]:
+    """``[project.scripts]`` of pyproject.toml: script -> (module, function)."""
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return {name: tuple(target.split(":")) for name, target in scripts.items()}
+
+
+def test_every_console_script_goes_through_the_launcher_to_its_own_command(monkeypatch):
+    import importlib
+
+    scripts = console_scripts()
+    assert len(scripts) == 6
+    for script, (module, function) in scripts.items():
+        assert module == "spiking_diffusers_launcher", script
+        launcher = importlib.import_module(module)
+        monkeypatch.setattr(launcher, "_run", lambda name: name)
+        command = getattr(launcher, function)()
+        assert importlib.import_module(f"spiking_diffusers.commands.{command}").main.name == script
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_exits_130_with_one_error_line(tmp_path, sig):
+    """Before the launcher, Ctrl-C while importing printed a KeyboardInterrupt traceback and SIGTERM exited 143."""
+    module, function = console_scripts()["sdm-sample"]
+    code = LAUNCHED.format(module=module, function=function, script="sdm-sample")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--output", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_default_sigint,
+    )  # fmt: skip
+    assert process.stderr.readline() == "importing\n"
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines() == ["Error: Interrupted; no partial output was written."]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_signal_while_the_command_line_is_parsed_exits_130(monkeypatch):
+    """click alone would print "Aborted!" and exit 1."""
+
+    def interrupted(self, ctx, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_cmd.main.__class__, "parse_args", interrupted)
+    result = CliRunner().invoke(calibrate_cmd.main, ["--output", "anywhere"])
+    assert result.exit_code == 130 and result.output.strip() == "Error: Interrupted; no partial output was written."

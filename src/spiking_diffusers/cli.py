@@ -2,14 +2,19 @@
 and atomic output directories.
 
 Exit codes: 0 success, 2 usage mistake (bad option, wrong path, not a model, unsupported architecture),
-1 runtime failure. Expected mistakes print one line, ``Error: ...``, and no traceback (set
-``SDM_DEBUG=1`` to see one). Outputs are written to a temporary directory beside the target and renamed
-into place only when complete, so an interrupted or failed run leaves the previous result or nothing.
+1 runtime failure, 130 interrupted. Expected mistakes print one line, ``Error: ...``, and no traceback (set
+``SDM_DEBUG=1`` to see one). ``--output`` is checked before any work (:func:`check_output`); outputs are
+written to a temporary directory beside the target and renamed into place only when complete, so an
+interrupted or failed run leaves the previous result or nothing. Numeric options take their bounds from
+:mod:`spiking_diffusers.validation`. ``docs/robustness.md`` lists every guarantee.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import math
 import os
 import shutil
 import signal
@@ -22,10 +27,13 @@ from typing import TYPE_CHECKING, Any
 import click
 import torch
 
+from spiking_diffusers_launcher import EXIT_INTERRUPTED, INTERRUPTED
+
 from . import distributed
 from .converter.support import UnsupportedModuleError
 from .errors import SdmError
 from .loading import LoadedModel, ModelLoadError, resolve_device
+from .validation import BOUNDS, Bound
 
 if TYPE_CHECKING:
     from .calibration.calibrate import CalibrationConfig
@@ -44,6 +52,13 @@ class CommandError(click.ClickException):
 class SdmCommand(click.Command):
     """A click command that turns expected exceptions into one-line errors with the right exit code."""
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        """Parse the command line; a Ctrl-C / SIGTERM meanwhile exits 130 (click alone would say "Aborted!", 1)."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            raise CommandError(INTERRUPTED, exit_code=EXIT_INTERRUPTED) from err
+
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; expected failures become a :class:`CommandError` (SIGTERM: a ``KeyboardInterrupt``)."""
         # Python takes signal handlers in the main thread only; a command run from another thread (a notebook
@@ -56,7 +71,7 @@ class SdmCommand(click.Command):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as err:
-            raise CommandError("Interrupted; no partial output was written.", exit_code=130) from err
+            raise CommandError(INTERRUPTED, exit_code=EXIT_INTERRUPTED) from err
         except SdmError as err:
             raise CommandError(str(err), exit_code=err.exit_code) from err
         except UnsupportedModuleError as err:
@@ -85,10 +100,52 @@ def _quiet_unless_main_process() -> Iterator[None]:
         yield
 
 
-def sdm_command(**kwargs) -> Callable:
-    """``@click.command`` with :class:`SdmCommand` and a ``--help`` that shows option defaults."""
+def sdm_command(name: str, **kwargs) -> Callable:
+    """``@click.command`` named ``name`` (``"sdm-convert"``: the name its output marker records) with
+    :class:`SdmCommand` and a ``--help`` that shows option defaults."""
     kwargs.setdefault("context_settings", {"show_default": True, "max_content_width": 100})
-    return click.command(cls=SdmCommand, **kwargs)
+    return click.command(name, cls=SdmCommand, **kwargs)
+
+
+class BoundedInt(click.IntRange):
+    """An integer option in the range of a :data:`~spiking_diffusers.validation.BOUNDS` entry; a value
+    outside it is a usage error that gives the range and why it is there."""
+
+    def __init__(self, bound: Bound | str, low: int | None = None):
+        self.bound = BOUNDS[bound] if isinstance(bound, str) else bound
+        super().__init__(self.bound.low if low is None else low, self.bound.high)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as err:
+            if "is not in the range" not in err.message:
+                raise
+            self.fail(f"{err.message.rstrip('.')} ({self.bound.why}).", param, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that also refuses NaN and Inf (``click.FloatRange`` lets NaN through every bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def output_options(help_text: str) -> Callable:
+    """``--output DIR`` (required) and ``--overwrite``, checked by :func:`check_output`."""
+
+    def decorate(command: Callable) -> Callable:
+        command = click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace --output if it holds a previous output of this command (nothing else is ever replaced).",
+        )(command)
+        return click.option("--output", required=True, type=click.Path(), help=help_text)(command)
+
+    return decorate
 
 
 def model_option(
@@ -98,14 +155,9 @@ def model_option(
     return click.option("--model", "model", default=None, metavar="ID_OR_DIR", help=help_text)
 
 
-def device_option() -> Callable:
+def device_option(help_text: str = "Where to run: auto picks CUDA, then MPS, then CPU.") -> Callable:
     """``--device auto|cpu|cuda|mps`` (see :func:`get_device`)."""
-    return click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-        default="auto",
-        help="Where to run: auto picks CUDA, then MPS, then CPU.",
-    )
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", help=help_text)
 
 
 def calibration_options(command: Callable) -> Callable:
@@ -120,7 +172,7 @@ def calibration_options(command: Callable) -> Callable:
             help="Calibrate an uncalibrated ANN first with the sdm-calibrate recipe (minutes on a CPU for the "
             "shipped model); --no-calibrate uses percentile thresholds only: quick, and a poor network.",
         ),
-        click.option("--calibration-samples", default=defaults.num_samples, type=click.IntRange(min=1),
+        click.option("--calibration-samples", default=defaults.num_samples, type=BoundedInt("num_samples"),
                      help="Images drawn from the model to calibrate on."),
         click.option("--calibration-steps", default=defaults.distill.steps, type=click.IntRange(min=0),
                      help="QCFS distillation steps of the calibration."),
@@ -196,6 +248,17 @@ def get_device(name: str) -> torch.device:
         raise CommandError(str(err), exit_code=2) from err
 
 
+def check_scheduler_steps(scheduler: Any, steps: int, option: str) -> None:
+    """``option`` (denoising steps) refused before any sampling where ``scheduler`` cannot take it: the bound
+    and why (see :func:`spiking_diffusers.pipelines.schedulers.check_steps`), exit 2."""
+    from .pipelines.schedulers import check_steps
+
+    try:
+        check_steps(scheduler, steps, option)
+    except ValueError as err:
+        raise CommandError(str(err), exit_code=2) from err
+
+
 def option_given(name: str) -> bool:
     """Whether the running command's option ``name`` was passed on the command line (not left at its default)."""
     return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
@@ -214,38 +277,175 @@ def parse_float_list(value: str, name: str, positive: bool = True) -> list[float
     return values
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; rename it to ``target`` only on success.
+OUTPUT_MARKER = ".sdm-output.json"
+"""The file each command writes into its output directory (``{"command": "sdm-convert", "version": ...}``).
+``--overwrite`` replaces a directory only when it holds this marker naming the same command: a previous
+output of that command. Any other non-empty directory is the user's and is never replaced."""
 
-    On any failure (including Ctrl-C / SIGTERM) the temporary directory is removed and ``target`` keeps
-    its previous content, or does not exist. Under ``accelerate launch`` the other processes get a private
-    scratch directory, discarded afterwards: only the main process writes ``target``.
+WRITE_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def package_dir() -> Path:
+    """The installed ``spiking_diffusers`` package, with the models it ships (never an output)."""
+    return Path(__file__).resolve().parent
+
+
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.command.name if ctx is not None and ctx.command.name else "sdm"
+
+
+def output_marker(directory: Path) -> str | None:
+    """The command named by the :data:`OUTPUT_MARKER` in ``directory`` (``None``: no readable marker)."""
+    try:
+        data = json.loads((directory / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("command") if isinstance(data, dict) else None
+
+
+def _relation(output: Path, other: Path) -> str | None:
+    if output == other:
+        return "is"
+    if other in output.parents:
+        return "is inside"
+    if output in other.parents:
+        return "contains"
+    return None
+
+
+def check_output(
+    output: str | os.PathLike | None,
+    overwrite: bool,
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    command: str | None = None,
+) -> Path:
+    """Refuse an ``--output`` that cannot be written without destroying something, before any work.
+
+    Usage errors (exit 2) for: an empty path (an unset shell variable would otherwise mean "here"); a path
+    that is, is inside or contains one of ``inputs`` (``{"--model": path, ...}``: replacing it would delete
+    the input) or the installed package with its shipped models; an existing file; an existing non-empty
+    directory that is not a previous output of ``command`` (no :data:`OUTPUT_MARKER` of it), even with
+    ``--overwrite``; a previous output without ``--overwrite``; a parent that cannot be written. Returns the
+    resolved path.
     """
-    target = Path(target).expanduser().resolve()
+    command = command or _command_name()
+    if output is None or not str(output).strip():
+        raise CommandError(
+            "--output is empty; pass the directory to write (an unset shell variable gives an empty path).", 2
+        )
+    target = Path(output).expanduser().resolve()
+    protected = dict(inputs or {})
+    protected["the installed spiking-diffusers package (with its shipped models)"] = package_dir()
+    for label, path in protected.items():
+        if path is None or not str(path).strip() or not Path(path).expanduser().exists():
+            continue  # a hub id, the default, or a missing path that the command reports itself
+        resolved = Path(path).expanduser().resolve()
+        relation = _relation(target, resolved)
+        if relation is not None:
+            what = label if label.startswith("the ") else f"{label} {resolved}"
+            raise CommandError(
+                f"--output {target} {relation} {what}; writing there would destroy it. Choose another --output.", 2
+            )
     if target.exists() and not target.is_dir():
         raise CommandError(f"--output {target} exists and is a file; pass a directory path.", exit_code=2)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise CommandError(f"--output {target} exists and is not empty; pass --overwrite to replace it.", exit_code=2)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        occupied = target.is_dir() and any(target.iterdir())
     except OSError as err:
-        raise CommandError(f"Cannot create the parent of --output {target}: {err.strerror}.", exit_code=2) from err
+        raise CommandError(f"Cannot read --output {target}: {err.strerror}; choose another --output.", 2) from err
+    if occupied:
+        if output_marker(target) != command:
+            raise CommandError(
+                f"--output {target} exists and holds files that are not a previous {command} output (it has no "
+                f"{OUTPUT_MARKER} of {command}); they are never replaced: choose a new or empty directory.",
+                exit_code=2,
+            )
+        if not overwrite:
+            raise CommandError(
+                f"--output {target} holds a previous {command} output; pass --overwrite to replace it.", exit_code=2
+            )
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"--output {target}: {existing} is a file, not a directory.", exit_code=2)
+    unwritable = f"--output {target}: {existing} cannot be written"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{unwritable} (permission denied or a read-only file system); choose a writable place.", 2)
+    try:  # what access() cannot tell (root on a read-only mount, special file systems): try it
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=existing))
+    except OSError as err:
+        raise CommandError(f"{unwritable} ({err.strerror or err}); choose a writable place.", 2) from err
+    return target
+
+
+def _write_error(target: Path, err: OSError) -> CommandError:
+    """A failure to write ``--output``, named after it (not after the hidden staging directory)."""
+    reason = err.strerror or str(err)
+    if err.errno in WRITE_DENIED:
+        return CommandError(f"Cannot write --output {target}: {reason}; choose a writable place.", exit_code=2)
+    return CommandError(f"Cannot write --output {target}: {reason}.", exit_code=1)
+
+
+def _within(err: OSError, directory: Path) -> bool:
+    names = [name for name in (err.filename, err.filename2) if name is not None]
+    return any(Path(os.fsdecode(name)).resolve().is_relative_to(directory) for name in names if name != "")
+
+
+def _default_directory_mode() -> int:
+    """The mode ``mkdir`` gives a new directory under the current umask (``mkdtemp`` gives 0700)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False, command: str | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; rename it to ``target`` only on success.
+
+    ``target`` is checked first (:func:`check_output`: only a previous output of ``command``, the running
+    command by default, is ever replaced, and only with ``overwrite``). The result holds the
+    :data:`OUTPUT_MARKER` and has the mode a new directory gets under the umask. On any failure (including
+    Ctrl-C / SIGTERM) the temporary directory is removed and ``target`` keeps its previous content, or does
+    not exist. Under ``accelerate launch`` the other processes get a private scratch directory, discarded
+    afterwards: only the main process writes ``target``.
+    """
+    command = command or _command_name()
+    target = check_output(target, overwrite, command=command)
     if not distributed.is_main_process():  # under accelerate launch only the main process writes the output
         with tempfile.TemporaryDirectory(prefix="sdm-scratch-") as scratch:
             yield Path(scratch)
         return
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield staging
-        with signals_deferred():  # never stop between moving the old result away and moving the new one in
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                target.rename(old / "previous")
-                staging.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise _write_error(target, err) from err
+    try:
+        try:
+            staging.chmod(_default_directory_mode())
+            yield staging
+            from . import __version__
+
+            marker = {"command": command, "version": __version__}
+            (staging / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n")
+            with signals_deferred():  # never stop between moving the old result away and moving the new one in
+                if target.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                    target.rename(old / "previous")
+                    try:
+                        staging.rename(target)
+                    except OSError:
+                        (old / "previous").rename(target)  # put the previous output back
+                        raise
+                    finally:
+                        shutil.rmtree(old, ignore_errors=True)
+                else:
+                    staging.rename(target)
+        except OSError as err:
+            if _within(err, staging) or _within(err, target):
+                raise _write_error(target, err) from err
+            raise
     finally:
         with signals_deferred():  # a second Ctrl-C must not leave the staging directory half deleted
             if staging.exists():

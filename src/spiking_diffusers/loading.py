@@ -8,13 +8,15 @@ spiking models. Every expected mistake raises :class:`ModelLoadError` with one l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin, UNet2DModel
 
 from .converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from .errors import SdmError
@@ -109,9 +111,17 @@ def _download(repo_id: str) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"{path} is not valid JSON ({err}); the model directory is damaged.") from err
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({err}); the model directory is damaged: download or save the model again."
+        ) from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"{path} holds a JSON {type(data).__name__}, not the settings object diffusers writes; the model "
+            "directory is damaged: download or save the model again."
+        )
+    return data
 
 
 def _unet_dir(root: Path) -> Path:
@@ -129,13 +139,56 @@ def _unet_dir(root: Path) -> Path:
 def _scheduler(root: Path, unet_dir: Path) -> SchedulerMixin:
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         if candidate.is_file():
-            config = _read_json(candidate)
-            from diffusers import schedulers
-
-            cls = getattr(schedulers, config.get("_class_name", "DDPMScheduler"), DDPMScheduler)
-            return cls.from_config(config)
+            return scheduler_from_config(_read_json(candidate), candidate)
     train_steps = _read_json(unet_dir / "config.json").get("num_train_timesteps") or 1000
-    return DDPMScheduler(num_train_timesteps=train_steps)
+    return scheduler_from_config({"num_train_timesteps": train_steps}, unet_dir / "config.json")
+
+
+def scheduler_from_config(config: dict, path: Path | str) -> SchedulerMixin:
+    """The diffusers scheduler ``config`` (read from ``path``) describes, checked to give a usable noise
+    schedule; a :class:`ModelLoadError` (exit 2) that names the file and says what to do otherwise."""
+    from diffusers import schedulers
+
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(schedulers, name, None) if isinstance(name, str) else None
+    hint = "fix it, or copy scheduler_config.json from the original model"
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelLoadError(
+            f"{path} names the scheduler {name!r}, which diffusers does not have; {hint} (a DDPM's is DDPMScheduler)."
+        )
+    try:
+        with _diffusers_quiet():
+            scheduler = cls.from_config(config)
+    except Exception as err:
+        raise ModelLoadError(f"{path} is not a usable {name} config ({_first_line(err)}); {hint}.") from err
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+        raise ModelLoadError(f"{path}: num_train_timesteps must be a whole number >= 1, got {train_steps!r}; {hint}.")
+    betas = getattr(scheduler, "betas", None)
+    if torch.is_tensor(betas) and not (betas.isfinite().all() and (betas >= 0).all() and (betas <= 1).all()):
+        raise ModelLoadError(
+            f"{path} gives a noise schedule with betas outside [0, 1] (beta_start, beta_end, beta_schedule or "
+            f"trained_betas); {hint}."
+        )
+    return scheduler
+
+
+@contextlib.contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    """Hold diffusers' warnings back while loading: what they warn of is reported here as one error line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_model(model: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -144,23 +197,103 @@ def load_model(model: str | None = None, device: str | torch.device = "cpu") -> 
     unet_dir = _unet_dir(root)
     config = _read_json(unet_dir / "config.json")
     class_name = config.get("_class_name", "UNet2DModel")
-    if class_name not in UNET_CLASSES:
+    if not isinstance(class_name, str) or class_name not in UNET_CLASSES:
         raise ModelLoadError(
             f"{root} holds a {class_name}; only unconditional UNet2DModel diffusion models (and this package's "
             "QCFS / spiking versions of them) are supported."
         )
     if not any((unet_dir / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(f"{unet_dir} has no weights ({' or '.join(WEIGHT_FILES)}).")
+    cls = UNET_CLASSES[class_name]
+    scheduler = _scheduler(root, unet_dir)  # a damaged scheduler config is refused before the weights load
+    _check_weight_shapes(_config_shapes(cls, config, unet_dir), unet_dir)
     try:
-        unet = UNET_CLASSES[class_name].from_pretrained(unet_dir)
+        with _diffusers_quiet():
+            unet, info = cls.from_pretrained(unet_dir, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
+        cause = _root_cause(err)
+        if any(sign in cause for sign in ("expected shape", "size mismatch", "keys are missing")):
+            raise ModelLoadError(f"The weights in {unet_dir} do not match its config.json: {cause[:300]}.") from err
         raise ModelLoadError(
-            f"Could not load the weights in {unet_dir}: {_root_cause(err)[:300]}. The file is truncated or "
+            f"Could not load the weights in {unet_dir}: {cause[:300]}. The file is truncated or "
             "damaged: download or save the model again.",
             exit_code=1,
         ) from err
+    _check_loading_info(unet, info, unet_dir)
     _check_finite_weights(unet, unet_dir)
-    return LoadedModel(unet.to(device).eval(), _scheduler(root, unet_dir), str(root))
+    return LoadedModel(unet.to(device).eval(), scheduler, str(root))
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:3])
+    return f"{shown} (+{len(keys) - 3} more)" if len(keys) > 3 else shown
+
+
+def _config_shapes(cls: type, config: dict, unet_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """The tensor shapes ``config`` asks for (built on the meta device: no memory, no time), or a
+    :class:`ModelLoadError` naming config.json when diffusers cannot build it (an unknown block type, a
+    value of the wrong kind). ``None`` where only a real build can tell, and it succeeds."""
+    try:
+        with _diffusers_quiet(), torch.device("meta"):
+            model = cls.from_config(config)
+        return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    except Exception:
+        pass
+    try:  # a config that builds on the CPU but not on the meta device is not the user's fault
+        with _diffusers_quiet():
+            cls.from_config(config)
+    except Exception as err:
+        raise ModelLoadError(
+            f"{unet_dir / 'config.json'} does not describe a {cls.__name__} that diffusers can build: "
+            f"{_first_line(err)[:300].rstrip('.')}. Fix config.json, or use the one saved with the weights."
+        ) from err
+    return None
+
+
+def _check_weight_shapes(expected: dict[str, tuple[int, ...]] | None, unet_dir: Path) -> None:
+    """Compare the safetensors header (no tensor is read) with the shapes the config asks for."""
+    path = unet_dir / WEIGHT_FILES[0]
+    if expected is None or not path.is_file():
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as weights:
+            found = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except Exception:
+        return  # a damaged file: loading it reports that
+    mismatched = [name for name in expected if name in found and found[name] != expected[name]]
+    if mismatched:
+        first = mismatched[0]
+        raise ModelLoadError(
+            f"The weights in {unet_dir} do not match its config.json: {len(mismatched)} tensor(s) of another "
+            f"shape, first {first} ({list(found[first])} in the weights, {list(expected[first])} by the config). "
+            "The config and the weights come from different models: use the config.json saved with the weights."
+        )
+
+
+def _check_loading_info(unet: torch.nn.Module, info: dict, unet_dir: Path) -> None:
+    """Refuse weights with tensors missing (left uninitialised, on the meta device) or left over."""
+    on_meta = [name for name, tensor in unet.state_dict().items() if tensor.is_meta]
+    missing = sorted(set(info.get("missing_keys", [])) | set(on_meta))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    mismatched = [
+        str(entry[0]) if isinstance(entry, tuple | list) else str(entry) for entry in info.get("mismatched_keys", [])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the weights: {_names(missing)}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} tensor(s) in the weights that the config has no place for: {_names(unexpected)}"
+        )
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of another shape: {_names(mismatched)}")
+    if problems:
+        raise ModelLoadError(
+            f"The weights in {unet_dir} do not match its config.json: {'; '.join(problems)}. The weights file is "
+            "incomplete or the config belongs to another model: use the config.json and weights saved together."
+        )
 
 
 def _root_cause(err: BaseException) -> str:
@@ -174,7 +307,9 @@ def _root_cause(err: BaseException) -> str:
 def _check_finite_weights(unet: torch.nn.Module, unet_dir: Path) -> None:
     """A NaN or Inf weight makes every output NaN; refuse the model at load, naming the first such tensor."""
     bad = [
-        name for name, tensor in unet.state_dict().items() if tensor.is_floating_point() and not tensor.isfinite().all()
+        name
+        for name, tensor in unet.state_dict().items()
+        if tensor.is_floating_point() and not tensor.is_meta and not tensor.isfinite().all()
     ]
     if bad:
         raise ModelLoadError(

@@ -10,11 +10,16 @@ from ..calibration.checkpoint import CalibrationCheckpoints, checkpoint_dir
 from ..calibration.distill import TRAIN_OPTIONS, DistillSettings
 from ..calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
 from ..cli import (
+    BoundedInt,
     CommandError,
+    FiniteFloat,
     atomic_directory,
+    check_output,
+    check_scheduler_steps,
     device_option,
     get_device,
     model_option,
+    output_options,
     residual_spikes_option,
     sdm_command,
 )
@@ -23,7 +28,7 @@ from ..converter.encoders import SignedQCFS
 from ..converter.neurons import NEURON_TYPES, TernaryIFEncoder
 from ..distributed import is_main_process
 from ..loading import load_model
-from ..pipelines import SpikingDiffusionPipeline
+from ..pipelines import SpikingDiffusionPipeline, make_scheduler
 
 DEFAULTS = CalibrationConfig()
 """The recipe's defaults, shown by --help; the same object sdm-convert calibrates with."""
@@ -38,18 +43,17 @@ Examples:
 """
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-calibrate", epilog=EXAMPLES)
 @model_option()
-@click.option("--output", required=True, type=click.Path(), help="Directory for the calibrated model and report.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@output_options("Directory for the calibrated model and report.")
 @click.option(
     "--timesteps",
     "-T",
     default=DEFAULTS.timesteps,
-    type=click.IntRange(min=1),
+    type=BoundedInt("timesteps"),
     help="SNN time steps T to calibrate for.",
 )
-@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: T].")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: T].")
 @click.option("--per-channel/--per-layer", default=DEFAULTS.per_channel, help="One threshold per channel, or per site.")
 @click.option(
     "--neuron", type=click.Choice(NEURON_TYPES), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
@@ -59,13 +63,13 @@ Examples:
 @click.option(
     "--percentile",
     default=DEFAULTS.percentile,
-    type=click.FloatRange(0, 100, min_open=True),
+    type=FiniteFloat(0, 100, min_open=True),
     help="For percentile init.",
 )
 @click.option(
     "--num-samples",
     default=DEFAULTS.num_samples,
-    type=click.IntRange(min=1),
+    type=BoundedInt("num_samples"),
     help="Calibration images drawn from the model.",
 )
 @click.option(
@@ -79,10 +83,8 @@ Examples:
     help="QCFS distillation steps (0: skip).",
 )
 @click.option("--batch-size", default=DEFAULTS.distill.batch_size, type=click.IntRange(min=1))
-@click.option(
-    "--lr", default=DEFAULTS.distill.lr, type=click.FloatRange(min=0, min_open=True), help="Weight learning rate."
-)
-@click.option("--threshold-lr", default=None, type=click.FloatRange(min=0, min_open=True), help="[default: --lr]")
+@click.option("--lr", default=DEFAULTS.distill.lr, type=FiniteFloat(min=0, min_open=True), help="Weight learning rate.")
+@click.option("--threshold-lr", default=None, type=FiniteFloat(min=0, min_open=True), help="[default: --lr]")
 @click.option(
     "--train",
     type=click.Choice(["weights", "thresholds"]),
@@ -92,24 +94,24 @@ Examples:
 @click.option(
     "--block-loss-weight",
     default=DEFAULTS.distill.block_loss_weight,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Weight of block-output matching.",
 )
-@click.option("--grad-clip", default=DEFAULTS.distill.grad_clip, type=click.FloatRange(min=0, min_open=True))
+@click.option("--grad-clip", default=DEFAULTS.distill.grad_clip, type=FiniteFloat(min=0, min_open=True))
 @click.option(
     "--snn-steps", default=DEFAULTS.snn.steps, type=click.IntRange(min=0), help="SNN-aware fine-tuning steps (0: skip)."
 )
 @click.option("--snn-batch-size", default=DEFAULTS.snn.batch_size, type=click.IntRange(min=1))
-@click.option("--snn-lr", default=DEFAULTS.snn.lr, type=click.FloatRange(min=0, min_open=True))
+@click.option("--snn-lr", default=DEFAULTS.snn.lr, type=FiniteFloat(min=0, min_open=True))
 @click.option("--tsm/--no-tsm", default=DEFAULTS.tsm, help="Learn temporal factors p_t per neuron (SDM's TSM).")
-@click.option("--tsm-lr", default=DEFAULTS.snn.tsm_lr, type=click.FloatRange(min=0, min_open=True))
+@click.option("--tsm-lr", default=DEFAULTS.snn.tsm_lr, type=FiniteFloat(min=0, min_open=True))
 @click.option(
     "--snn-train",
     type=click.Choice(TRAIN_OPTIONS),
     default=DEFAULTS.snn.train,
     help="What SNN fine-tuning fits (tsm: the temporal factors alone).",
 )
-@click.option("--seed", default=DEFAULTS.seed, type=int)
+@click.option("--seed", default=DEFAULTS.seed, type=BoundedInt("seed"))
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of calibration samples [~/.cache/...].")
 @click.option(
     "--checkpoint-every",
@@ -122,8 +124,13 @@ Examples:
 @device_option()
 def main(model, output, overwrite, device, checkpoint_every, resume, **options) -> None:
     """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
+    check_output(
+        output, overwrite, {"--model": model, "--image-dir": options["image_dir"], "--cache-dir": options["cache_dir"]}
+    )
     config = build_config(**options)
     loaded = load_model(model, get_device(device))
+    if config.image_dir is None:  # the calibration images are sampled with DDIM
+        check_scheduler_steps(make_scheduler("ddim", loaded.scheduler.config), config.sampler_steps, "--sampler-steps")
     if config.tsm and config.snn.steps == 0:
         raise CommandError("--tsm needs SNN fine-tuning (--snn-steps > 0): that is where the factors are learned.", 2)
     if config.snn.train == "tsm" and not config.tsm:

@@ -18,14 +18,17 @@ from ..calibration.calibrate import CalibrationConfig
 from ..calibration.policy import calibrate_or_quantize
 from ..calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
 from ..cli import (
+    BoundedInt,
     CommandError,
     atomic_directory,
     calibration_config,
     calibration_options,
+    check_output,
     device_option,
     get_device,
     model_option,
     option_given,
+    output_options,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -51,13 +54,12 @@ Examples:
 """
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-convert", epilog=EXAMPLES)
 @model_option("Hub id or local directory of a UNet2DModel (either layout) or of a calibrated QCFS model; "
               "default: the digits DDPM shipped in the package.")  # fmt: skip
-@click.option("--output", required=True, type=click.Path(), help="Directory for the spiking pipeline.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1), help="SNN time steps T per UNet call.")
-@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@output_options("Directory for the spiking pipeline.")
+@click.option("--timesteps", "-T", default=4, type=BoundedInt("timesteps"), help="SNN time steps T per UNet call.")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
 @click.option(
     "--nonlinear-mode",
@@ -81,7 +83,7 @@ Examples:
     help="The original ANN, for the fidelity check of a calibrated QCFS model (whose weights calibration may have "
     "changed) [default: the QCFS weights with the original activations].",
 )
-@click.option("--seed", default=0, type=int, help="Seed of the threshold probes and of the fidelity check inputs.")
+@click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the threshold probes and the fidelity check.")
 @device_option()
 def main(
     model,
@@ -103,6 +105,7 @@ def main(
     device,
 ) -> None:
     """Convert a diffusers UNet2DModel into an integrate-and-fire spiking network."""
+    check_output(output, overwrite, {"--model": model, "--reference": reference})
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)

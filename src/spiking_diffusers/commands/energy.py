@@ -16,11 +16,16 @@ from diffusers import UNet2DModel
 
 from ..calibration.policy import calibrate_or_quantize
 from ..cli import (
+    BoundedInt,
+    FiniteFloat,
     atomic_directory,
+    check_output,
+    check_scheduler_steps,
     device_option,
     get_device,
     model_option,
     option_given,
+    output_options,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -41,23 +46,22 @@ Examples:
 """
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-energy", epilog=EXAMPLES)
 @model_option(
     "Hub id or local directory of an ANN, QCFS or spiking model; an ANN or QCFS model is converted first "
     "(IF neurons, compensated GroupNorm/attention). Default: the digits DDPM shipped in the package."
 )
-@click.option("--output", required=True, type=click.Path(), help="Directory for energy.json and the plots.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--timesteps", "-T", default=4, type=click.IntRange(min=1),
+@output_options("Directory for energy.json and the plots.")
+@click.option("--timesteps", "-T", default=4, type=BoundedInt("timesteps"),
               help="SNN time steps T per UNet call (for a spiking model: its own T unless given).")  # fmt: skip
-@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler of the run.")
 @click.option("--steps", default=50, type=click.IntRange(min=1), help="Denoising steps of the sampling run.")
-@click.option("--num-images", default=4, type=click.IntRange(min=1), help="Images sampled while counting.")
-@click.option("--mac-pj", default=4.6, type=click.FloatRange(min=0), help="Energy per MAC (pJ).")
-@click.option("--ac-pj", default=0.9, type=click.FloatRange(min=0), help="Energy per AC (pJ).")
+@click.option("--num-images", default=4, type=BoundedInt("num_images"), help="Images sampled while counting.")
+@click.option("--mac-pj", default=4.6, type=FiniteFloat(min=0), help="Energy per MAC (pJ).")
+@click.option("--ac-pj", default=0.9, type=FiniteFloat(min=0), help="Energy per AC (pJ).")
 @click.option("--rows", default=30, type=click.IntRange(min=1), help="Table rows to print (all go to energy.json).")
-@click.option("--seed", default=0, type=int, help="Seed of the sampling run and the threshold probes.")
+@click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the sampling run and the threshold probes.")
 @residual_spikes_option()
 @device_option()
 def main(
@@ -65,14 +69,17 @@ def main(
     residual_spikes, device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
+    check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
     device = get_device(device)
     loaded = load_model(model, device)
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))
+    check_scheduler_steps(sampler, steps, "--steps")
     snn, ann, snn_timesteps = _networks(loaded, timesteps, levels, seed, residual_spikes)
     report = measure_energy(
         snn,
         ann,
-        make_scheduler(scheduler, dict(loaded.scheduler.config)),
+        sampler,
         steps,
         num_images=num_images,
         seed=seed,

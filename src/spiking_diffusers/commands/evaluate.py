@@ -5,13 +5,17 @@ from __future__ import annotations
 import click
 
 from ..cli import (
+    BoundedInt,
     CommandError,
     atomic_directory,
     calibration_config,
     calibration_options,
+    check_output,
+    check_scheduler_steps,
     device_option,
     get_device,
     model_option,
+    output_options,
     residual_spikes_option,
     sdm_command,
 )
@@ -30,7 +34,8 @@ from ..evaluation import (
 )
 from ..loading import load_model
 from ..metrics import FeatureExtractorError
-from ..pipelines import SCHEDULERS
+from ..pipelines import SCHEDULERS, make_scheduler
+from ..validation import BOUNDS
 
 EXAMPLES = """
 \b
@@ -44,17 +49,20 @@ Examples:
 
 
 def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (each >= 1, duplicates dropped, order kept)."""
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (each in the bounds of T, duplicates dropped, order kept)."""
     try:
         values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError as err:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from err
     if not values or min(values) < 1:
         raise click.BadParameter(f"expected integers >= 1, got {value!r}")
+    bound = BOUNDS["timesteps"]
+    if max(values) > bound.high:
+        raise click.BadParameter(f"expected integers in the range {bound.describe()}, got {value!r} ({bound.why})")
     return list(dict.fromkeys(values))
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-eval", epilog=EXAMPLES)
 @model_option("ANN, QCFS or spiking model (hub id or directory); default: the shipped digits DDPM.")
 @click.option(
     "--reference-model",
@@ -62,10 +70,9 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     metavar="ID_OR_DIR",
     help="The original ANN, when --model is a QCFS or spiking model [default: the shipped digits DDPM].",
 )
-@click.option("--output", required=True, type=click.Path(), help="Directory for report.json, report.md, grid.png.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@output_options("Directory for report.json, report.md, grid.png.")
 @click.option("--timesteps", "-T", default="1,2,4,8,16", callback=parse_int_list, help="SNN time steps T to compare.")
-@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L [default: L = T].")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: L = T].")
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default=None, help="Neuron for conversions [default: if].")
 @click.option(
     "--execution",
@@ -75,9 +82,9 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 )
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler (ddim: deterministic).")
 @click.option("--steps", default=20, type=click.IntRange(min=1), help="Denoising steps.")
-@click.option("--num-images", "-n", default=1000, type=click.IntRange(min=2), help="Samples per network.")
+@click.option("--num-images", "-n", default=1000, type=BoundedInt("num_images", low=2), help="Samples per network.")
 @click.option("--batch-size", default=100, type=click.IntRange(min=1), help="Images per UNet call.")
-@click.option("--seed", default=0, type=int, help="Seed of the initial noise (shared by every network).")
+@click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the initial noise (shared by every network).")
 @click.option("--fd-splits", default=1, type=click.IntRange(min=1), help="Also report FD over K disjoint subsets.")
 @click.option("--noise-timesteps", default=10, type=click.IntRange(min=1), help="Diffusion timesteps in the sweep.")
 @click.option("--noise-images", default=64, type=click.IntRange(min=1), help="Real images per sweep timestep.")
@@ -109,6 +116,17 @@ def main(
 ) -> None:  # fmt: skip
     """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
     report Fréchet distance, paired PSNR and noise-prediction error."""
+    check_output(
+        output,
+        overwrite,
+        {
+            "--model": model,
+            "--reference-model": reference_model,
+            "--real-images": options["real_images"],
+            "--inception-weights": options["inception_weights"],
+            "--cache-dir": options["cache_dir"],
+        },
+    )
     torch_device = get_device(device)
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
@@ -118,6 +136,7 @@ def main(
     options["progress"] = options["progress"] and is_main_process()
     config = EvaluationConfig(**options, calibration=calibration)
     loaded = load_model(model, torch_device)
+    check_scheduler_steps(make_scheduler(options["scheduler"], loaded.scheduler.config), options["steps"], "--steps")
     reference = None
     if loaded.kind != "ann":
         reference = load_model(reference_model, torch_device)

@@ -16,10 +16,15 @@ import numpy as np
 
 from ..calibration.policy import calibrate_or_quantize
 from ..cli import (
+    BoundedInt,
     CommandError,
     atomic_directory,
+    check_output,
+    device_option,
+    get_device,
     model_option,
     option_given,
+    output_options,
     residual_spikes_option,
     resolve_residual_spikes,
     sdm_command,
@@ -49,28 +54,32 @@ def parse_which(value: str) -> list[str]:
     return [name for name in GRAPHS if name in names]
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-export", epilog=EXAMPLES)
 @model_option(
     "Hub id or local directory of an ANN, QCFS or spiking model (an ANN is quantized with percentile "
     "thresholds and converted first). Default: the digits DDPM shipped in the package."
 )
-@click.option("--output", required=True, type=click.Path(), help="Directory for the ONNX files.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@output_options("Directory for the ONNX files.")
 @click.option(
     "--timesteps",
     "-T",
     default=4,
-    type=click.IntRange(min=1),
+    type=BoundedInt("timesteps"),
     help="SNN time steps T, unrolled in the snn graph (for a spiking model: its own T unless given).",
 )
-@click.option("--levels", "-L", default=None, type=click.IntRange(min=1), help="QCFS levels L of an ANN [default: T].")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
 @click.option("--which", default=",".join(GRAPHS), help="Graphs to export: a comma-separated subset of qcfs,snn,step.")
-@click.option("--seed", default=0, type=int, help="Seed of the threshold probes and the random check inputs.")
+@click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the threshold probes and the check inputs.")
 @residual_spikes_option()
-def main(model, output, overwrite, timesteps, levels, which, seed, residual_spikes) -> None:
+@device_option(
+    "Where the model is loaded, probed and converted (auto picks CUDA, then MPS, then CPU); the ONNX graphs are "
+    "traced and checked on the CPU in float32 whatever the device."
+)
+def main(model, output, overwrite, timesteps, levels, which, seed, residual_spikes, device) -> None:
     """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
+    check_output(output, overwrite, {"--model": model})
     graphs = parse_which(which)
-    loaded = load_model(model, "cpu")
+    loaded = load_model(model, get_device(device))
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes)
     if qnet is None:

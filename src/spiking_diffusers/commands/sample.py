@@ -22,7 +22,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..calibration.data import default_cache_dir
-from ..cli import CommandError, atomic_directory, device_option, get_device, model_option, parse_float_list, sdm_command
+from ..cli import (
+    BoundedInt,
+    CommandError,
+    FiniteFloat,
+    atomic_directory,
+    check_output,
+    check_scheduler_steps,
+    device_option,
+    get_device,
+    model_option,
+    output_options,
+    parse_float_list,
+    sdm_command,
+)
 from ..digits import load_digit_images
 from ..distributed import gather_batches, is_main_process, my_batches
 from ..loading import load_model
@@ -51,9 +64,23 @@ def parse_threshold_scales(values: tuple[str, ...]) -> list[ThresholdScale]:
             settings.extend(parse_float_list(value, "--threshold-scale"))
             continue
         scale: dict[str, float] = {}
-        for item in value.split(","):
-            group, _, number = item.partition("=")
-            scale[group.strip()] = parse_float_list(number, "--threshold-scale")[0]
+        for item in (item.strip() for item in value.split(",")):
+            group, equals, number = (part.strip() for part in item.partition("="))
+            if not equals or not group:
+                raise click.BadParameter(
+                    f"{value!r}: in the GROUP=S form every item names its group ({', '.join(GROUPS)}), and "
+                    f"{item!r} does not; give a sweep of several settings as one --threshold-scale each.",
+                    param_hint="--threshold-scale",
+                )
+            if group in scale:
+                raise click.BadParameter(
+                    f"{value!r} sets group {group} twice; give each group once per setting.",
+                    param_hint="--threshold-scale",
+                )
+            numbers = parse_float_list(number, "--threshold-scale")
+            if len(numbers) != 1:
+                raise click.BadParameter(f"{item!r}: a group takes one number.", param_hint="--threshold-scale")
+            scale[group] = numbers[0]
         try:
             group_scales(scale)
         except ValueError as err:
@@ -137,16 +164,15 @@ def generate(
     return gather_batches(batches, num_images, batch_size).numpy()
 
 
-@sdm_command(epilog=EXAMPLES)
+@sdm_command("sdm-sample", epilog=EXAMPLES)
 @model_option("Hub id or local directory of an ANN, QCFS or spiking model (either layout); default: the digits "
               "DDPM shipped in the package (an ANN).")  # fmt: skip
-@click.option("--output", required=True, type=click.Path(), help="Directory for the PNGs, grid.png and sweep.json.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@output_options("Directory for the PNGs, grid.png and sweep.json.")
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler.")
 @click.option("--steps", default=50, type=click.IntRange(min=1), help="Denoising steps.")
-@click.option("--num-images", "-n", default=16, type=click.IntRange(min=1), help="Images per threshold scale.")
+@click.option("--num-images", "-n", default=16, type=BoundedInt("num_images"), help="Images per threshold scale.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), help="Images per UNet call.")
-@click.option("--seed", default=0, type=int, help="Image i starts from a generator seeded seed + i.")
+@click.option("--seed", default=0, type=BoundedInt("seed"), help="Image i starts from a generator seeded seed + i.")
 @click.option(
     "--threshold-scale",
     "threshold_scales",
@@ -156,8 +182,10 @@ def generate(
     "sweep over the same noise (scale 1 is added as the reference). GROUP=S sets block groups "
     f"({', '.join(GROUPS)}). Repeatable.",
 )
-@click.option("--snn-timesteps", default=None, type=click.IntRange(min=1), help="SNN time steps T [default: model's].")
-@click.option("--eta", default=0.0, type=click.FloatRange(min=0), help="Noise of DDIM-type samplers (ddim only).")
+@click.option(
+    "--snn-timesteps", default=None, type=BoundedInt("timesteps"), help="SNN time steps T [default: model's]."
+)
+@click.option("--eta", default=0.0, type=FiniteFloat(0, 1), help="Noise of DDIM-type samplers (ddim only).")
 @device_option()
 def main(
     model,
@@ -174,6 +202,7 @@ def main(
     device,
 ) -> None:
     """Sample images from a diffusion model (ANN, QCFS or spiking), optionally sweeping threshold guidance."""
+    check_output(output, overwrite, {"--model": model})
     settings = _sweep_settings(parse_threshold_scales(threshold_scales))
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -185,6 +214,7 @@ def main(
                 exit_code=2,
             )
         pipe = SpikingDiffusionPipeline(unet=loaded.unet, scheduler=make_scheduler(scheduler, loaded.scheduler.config))
+        check_scheduler_steps(pipe.scheduler, steps, "--steps")
         if eta and not step_accepts(pipe.scheduler, "eta"):
             raise CommandError(f"--eta applies to the ddim scheduler, not to {scheduler}.", exit_code=2)
         pipe.set_progress_bar_config(leave=False, desc="denoising", disable=not is_main_process())

@@ -18,6 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 
+from ..validation import check_bool, check_choice, check_float, check_int
 from .building import (
     analog_site_names,
     build_qcfs_unet,
@@ -54,6 +55,32 @@ class _SiteModelMixin:
         """Each site's threshold lambda (a copy), for reports and plots."""
         return {name: unit.threshold.detach().clone() for name, unit in self.sites().items()}
 
+    def _check_inputs(self, sample: Any, timestep: Any, class_labels: Any) -> None:
+        """Refuse inputs the UNet cannot take with a message about them (torch's would be about T x B)."""
+        name = type(self).__name__
+        if not torch.is_tensor(sample):
+            raise TypeError(f"{name}: sample must be a torch.Tensor, got {type(sample).__name__}.")
+        channels = self.config.in_channels
+        if sample.dim() != 4 or sample.shape[1] != channels:
+            raise ValueError(
+                f"{name}: sample must have shape (batch, {channels}, height, width) (in_channels = {channels}), "
+                f"got {tuple(sample.shape)}."
+            )
+        if sample.dtype != self.dtype:
+            raise TypeError(
+                f"{name}: sample is {sample.dtype} but the model's weights are {self.dtype}; pass "
+                "sample.to(model.dtype) (or convert the model with model.to(dtype))."
+            )
+        batch = sample.shape[0]
+        if torch.is_tensor(timestep) and timestep.numel() not in (1, batch):
+            raise ValueError(
+                f"{name}: timestep must be one value or one per sample ({batch}), got shape {tuple(timestep.shape)}."
+            )
+        if torch.is_tensor(class_labels) and (class_labels.dim() == 0 or class_labels.shape[0] != batch):
+            raise ValueError(
+                f"{name}: class_labels must have one entry per sample ({batch}), got shape {tuple(class_labels.shape)}."
+            )
+
 
 class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     """A ``UNet2DModel`` whose every activation call site is a QCFS unit with its own threshold.
@@ -81,6 +108,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         residual_spikes: bool = False,
     ):
         super().__init__()
+        _check_settings(unet_config, levels, phi)
         self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes)
 
     @classmethod
@@ -106,9 +134,21 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         those layers spikes too. Raises :class:`~.registry.UnsupportedModuleError` naming any module that
         cannot be converted.
         """
+        if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
+            raise TypeError(
+                f"quantize() takes the original UNet2DModel; this model is already a {type(unet).__name__}."
+            )
+        if not isinstance(unet, torch.nn.Module):  # other modules: check_structure names what is not supported
+            raise TypeError(f"quantize() takes a diffusers UNet2DModel, got {type(unet).__name__}.")
+        levels = check_int(levels, "levels", "levels")
+        check_float(phi, "phi", 0, 1)
+        check_bool(per_channel, "per_channel")
+        check_choice(init, "init", (None, "percentile", "mse"))
+        check_float(percentile, "percentile", 0, 100, low_open=True)
+        check_int(num_samples, "num_samples", "num_samples")
+        check_int(seed, "seed", "seed")
+        check_bool(residual_spikes, "residual_spikes")
         check_structure(unet)
-        if int(levels) < 1:
-            raise ValueError(f"levels must be at least 1, got {levels}.")
         config = unet_config_dict(unet)
         qnet = cls(
             unet_config=config,
@@ -153,6 +193,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
+        self._check_inputs(sample, timestep, class_labels)
         return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
 
     @contextlib.contextmanager
@@ -214,8 +255,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         _check_choice("nonlinear_mode", nonlinear_mode, NONLINEAR_MODES)
         _check_choice("execution", execution, EXECUTION_MODES)
         _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
-        if int(timesteps) < 1:
-            raise ValueError(f"timesteps must be at least 1, got {timesteps}.")
+        _check_settings(unet_config, levels, phi)
+        check_int(timesteps, "timesteps", "timesteps")
         self.unet = build_qcfs_unet(
             unet_config,
             levels,
@@ -255,6 +296,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
         with their calibrated thresholds.
         """
+        _check_conversion_arguments(qnet, timesteps, tsm)
         config = dict(qnet.config)
         analog = analog_site_names(qnet.unet, filter_fn) or None
         calibrated_steps = int(config.get("tsm_steps") or 0)
@@ -350,9 +392,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         snn_timesteps: int | None = None,
     ) -> SpikingUNet2DOutput | tuple:
         """Simulate ``snn_timesteps`` (default: the configured T) spiking steps on ``sample``."""
-        num_steps = int(self.config.timesteps if snn_timesteps is None else snn_timesteps)
-        if num_steps < 1:
-            raise ValueError(f"snn_timesteps must be at least 1, got {num_steps}.")
+        self._check_inputs(sample, timestep, class_labels)
+        num_steps = (
+            int(self.config.timesteps)
+            if snn_timesteps is None
+            else check_int(snn_timesteps, "snn_timesteps", "timesteps")
+        )
         execution = self.config.execution
         for module in self.temporal_modules:
             module.begin(num_steps, execution)
@@ -391,6 +436,32 @@ def _repeat_batched(value, num_steps: int, batch: int):
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
         return value.repeat(num_steps, *([1] * (value.dim() - 1)))
     return value
+
+
+def _check_conversion_arguments(qnet: Any, timesteps: Any, tsm: Any) -> None:
+    """The model is a :class:`QCFSUNet2DModel` and ``timesteps`` an int in bounds (the model classes check the
+    choices), else a ``TypeError`` / ``ValueError`` that names the argument."""
+    if isinstance(qnet, SpikingUNet2DModel):
+        raise TypeError("convert() takes a QCFSUNet2DModel; this model is already a SpikingUNet2DModel.")
+    if isinstance(qnet, UNet2DModel):
+        raise TypeError(
+            "convert() takes a QCFSUNet2DModel, not a plain UNet2DModel: quantize it first, "
+            "convert(quantize(unet, levels=L), timesteps=T) (or calibrate() it)."
+        )
+    if not isinstance(qnet, QCFSUNet2DModel):
+        raise TypeError(
+            f"convert() takes a QCFSUNet2DModel (from quantize() or calibrate()), got {type(qnet).__name__}."
+        )
+    check_int(timesteps, "timesteps", "timesteps")
+    if tsm is not None:
+        check_bool(tsm, "tsm")
+
+
+def _check_settings(unet_config: Any, levels: Any, phi: Any) -> None:
+    if not isinstance(unet_config, dict):
+        raise TypeError(f"unet_config must be the dict of a UNet2DModel's config, got {type(unet_config).__name__}.")
+    check_int(levels, "levels", "levels")
+    check_float(phi, "phi", 0, 1)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,6 +1,6 @@
 """Sampling with spiking UNets: the diffusers pipeline and threshold guidance."""
 
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, check_steps, make_scheduler
 from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
 from .threshold_guidance import (
     GROUPS,
@@ -16,6 +16,7 @@ __all__ = [
     "SCHEDULERS",
     "SpikingDiffusionPipeline",
     "ThresholdScale",
+    "check_steps",
     "get_threshold_scales",
     "make_scheduler",
     "scaled_thresholds",

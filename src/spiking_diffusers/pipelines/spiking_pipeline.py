@@ -31,6 +31,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
+from ..validation import check_int
+from .schedulers import check_steps
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -69,10 +71,34 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"threshold_scale applies to spiking UNets only; this pipeline holds a {kind}.")
             if snn_timesteps is not None:
                 raise ValueError(f"snn_timesteps applies to spiking UNets only; this pipeline holds a {kind}.")
-        if snn_timesteps is not None and int(snn_timesteps) < 1:
-            raise ValueError(f"snn_timesteps must be at least 1, got {snn_timesteps}.")
+        if snn_timesteps is not None:
+            check_int(snn_timesteps, "snn_timesteps", "timesteps")
         if eta != 0 and not step_accepts(self.scheduler, "eta"):
             raise ValueError(f"eta applies to DDIM-type schedulers; {type(self.scheduler).__name__} has no eta.")
+
+    def _check_batch(self, batch_size, generator, num_inference_steps, latents) -> int:
+        """The number of images to make, with ``batch_size``, the generators, the steps and ``latents`` checked
+        against each other; ``TypeError`` / ``ValueError`` naming the argument otherwise."""
+        check_steps(self.scheduler, num_inference_steps)
+        if latents is None:
+            batch = check_int(batch_size, "batch_size", "num_images")
+        else:
+            expected = self._image_shape(1)[1:]
+            if not torch.is_tensor(latents) or latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
+                shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(
+                    f"latents must be a tensor of shape (batch, {', '.join(map(str, expected))}), got {shape}."
+                )
+            batch = latents.shape[0]
+        if isinstance(generator, list | tuple):
+            if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"generator must be one torch.Generator or a list of one per image ({batch}), got a list of "
+                    f"{len(generator)}."
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+        return batch
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.unet.config
@@ -111,6 +137,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             class_labels: labels for class-conditional UNets.
         """
         self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
+        self._check_batch(batch_size, generator, num_inference_steps, latents)
         device = self._execution_device
         dtype = self.unet.dtype
         if latents is None:
