@@ -44,8 +44,8 @@ FAST = {
     "sample": ["--steps", "2", "-n", "2"],
     "eval": ["-T", "2", "--no-calibrate", "--num-images", "4", "--batch-size", "4", "--steps", "2",
              "--noise-timesteps", "2", "--noise-images", "2", "--grid-rows", "2", "--no-progress"],
-    "energy": ["-T", "2", "--steps", "2", "--num-images", "1"],
-    "export": ["-T", "2", "--which", "qcfs"],
+    "energy": ["-T", "2", "--steps", "2", "--num-images", "1", "--no-calibrate"],
+    "export": ["-T", "2", "--which", "qcfs", "--no-calibrate"],
 }  # fmt: skip
 COMMANDS = {
     "convert": convert_cmd,

@@ -85,20 +85,22 @@ def test_convert_pipeline_layout_with_options_prints_the_summary(models, tmp_pat
     assert config.per_channel and config.nonlinear_mode == "per_step"
 
 
-def test_convert_takes_a_qcfs_model_as_it_is_and_refuses_a_spiking_one(models, snn_dir, tmp_path):
+def test_convert_takes_a_qcfs_model_as_it_is_and_a_spiking_one_through_its_qcfs_network(models, snn_dir, tmp_path):
     result = invoke(convert, "--model", models["qcfs"], "--output", tmp_path / "a")
     assert result.exit_code == 0, result.output
-    assert "Converted a QCFS model" in result.output and "L = 3" in result.output
+    assert "Converted a QCFS model with L = 3" in result.output
     assert "vs the QCFS weights with the original activations" in result.output
     result = invoke(convert, "--model", models["qcfs"], "--reference", models["google"], "--output", tmp_path / "r")
     assert result.exit_code == 0 and "noise prediction vs the ANN" in result.output, result.output
     result = invoke(convert, "--model", models["qcfs"], "--reference", snn_dir, "--output", tmp_path / "s")
     assert result.exit_code == 2 and "is not the original UNet2DModel" in result.output
     result = invoke(convert, "--model", models["qcfs"], "--levels", 4, "--output", tmp_path / "b")
-    assert result.exit_code == 2 and "conflicts with the QCFS model's L = 3" in result.output
-    result = invoke(convert, "--model", snn_dir, "--output", tmp_path / "c")
-    assert result.exit_code == 2 and "already a spiking network" in result.output
-    assert not any((tmp_path / name).exists() for name in "bcs")
+    assert result.exit_code == 2 and "levels=4 conflicts with the model's own levels=3" in result.output
+    assert not any((tmp_path / name).exists() for name in "bs")
+    result = invoke(convert, "--model", snn_dir, "-T", "4", "--output", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "Converted a spiking model (its QCFS network)" in result.output
+    assert SpikingUNet2DModel.from_pretrained(tmp_path / "c" / "unet").config.timesteps == 4
 
 
 def test_sample_sweep_uses_the_same_noise_at_every_scale(snn_dir, tmp_path):

@@ -37,8 +37,9 @@ RUNS = {
                         "--scheduler", "euler-a", "--noise-timesteps", "2", "--noise-images", "2", "--grid-rows", "2",
                         "--calibration-samples", "4", "--calibration-steps", "2", "--snn-steps", "1", "--seed", "3",
                         "--no-progress", "--cache-dir", "{cache}"]),
-    "energy": (energy, ["--model", "{ann}", "-T", "2", "--steps", "2", "--num-images", "2", "--seed", "3"]),
-    "export": (export, ["--model", "{ann}", "-T", "2", "--seed", "3"]),
+    "energy": (energy, ["--model", "{ann}", "-T", "2", "--steps", "2", "--num-images", "2", "--seed", "3",
+                        "--no-calibrate"]),
+    "export": (export, ["--model", "{ann}", "-T", "2", "--seed", "3", "--no-calibrate"]),
 }  # fmt: skip
 """Each command with small settings and stochastic parts switched on (DDPM and Euler-ancestral samplers,
 calibration inside sdm-convert and sdm-eval)."""

@@ -174,12 +174,16 @@ def test_sdm_energy_end_to_end(tmp_path, tiny_snn):
     result = CliRunner().invoke(
         energy_main,
         ["--model", str(tmp_path / "ann"), "--output", str(tmp_path / "out"), "-T", "2", "--steps", "2",
-         "--num-images", "1", "--rows", "5", "--device", "cpu"],
+         "--num-images", "1", "--rows", "5", "--device", "cpu", "--calibration-samples", "4",
+         "--calibration-steps", "2", "--snn-steps", "1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # an ANN is measured as the network sdm-convert makes of it (calibrated), and the output says so
+    assert "Converting an uncalibrated ANN, calibrated here" in result.output
     assert "Spike-driven share of operations" in result.output and "cheaper rows not shown" in result.output
     report = json.loads((tmp_path / "out" / "energy.json").read_text())
     assert report["settings"]["timesteps"] == 2 and report["totals"]["unet_evaluations_per_image"] == 2
+    assert "calibrated here" in report["settings"]["measured"]
     assert 0 < report["totals"]["spike_driven_fraction"] < 1
     assert (tmp_path / "out" / "firing_rates.png").stat().st_size > 0
     assert (tmp_path / "out" / "energy_breakdown.png").stat().st_size > 0

@@ -37,6 +37,7 @@ from .validation import BOUNDS, Bound
 
 if TYPE_CHECKING:
     from .calibration.calibrate import CalibrationConfig
+    from .calibration.policy import QCFSSource
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -230,6 +231,40 @@ def calibration_config(
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config
+
+
+def conversion_source(
+    loaded: LoadedModel,
+    timesteps: int,
+    calibration: CalibrationConfig | None,
+    levels: int | None = None,
+    per_channel: bool | None = None,
+    residual_spikes: bool | None = None,
+    seed: int = 0,
+) -> QCFSSource:
+    """The QCFS network a command converts from what it loaded (one path for every command: see
+    :func:`spiking_diffusers.calibration.policy.qcfs_network`), with a conflict between an option and the
+    model's own setting as a usage error. Prints what is converted."""
+    from .calibration.policy import ConversionSourceError, qcfs_network
+
+    try:
+        source = qcfs_network(
+            loaded.unet,
+            dict(loaded.scheduler.config),
+            timesteps=timesteps,
+            levels=levels,
+            per_channel=per_channel,
+            seed=seed,
+            calibration=calibration,
+            residual_spikes=residual_spikes,
+            progress=distributed.is_main_process(),
+        )
+    except ConversionSourceError as err:
+        raise CommandError(f"{loaded.source}: {err} Leave the option out to use the model's own.", 2) from err
+    except ValueError as err:  # a unit-threshold-form spiking model does not map back onto a QCFS network
+        raise CommandError(f"{loaded.source}: {err}", 2) from err
+    click.echo(f"Converting {source.description} ({loaded.source})")
+    return source
 
 
 def get_device(name: str) -> torch.device:

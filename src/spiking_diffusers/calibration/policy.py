@@ -1,7 +1,9 @@
-"""The policy that turns a loaded, uncalibrated ANN into the QCFS network the commands convert.
+"""The policy that turns a loaded model into the QCFS network the commands convert.
 
-:func:`calibrate_or_quantize` is the single place where that happens: calibrated with the same recipe as
-``sdm-calibrate``, or (quick, poor) with percentile thresholds only.
+:func:`qcfs_network` is the one path every command takes from whatever it loaded (an ANN, a QCFS model, a
+spiking model) to the QCFS network it converts, and says what it did. An uncalibrated ANN goes through
+:func:`calibrate_or_quantize`: calibrated with the same recipe as ``sdm-calibrate``, or (quick, poor) with
+percentile thresholds only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ..converter import quantize
+from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, quantize
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 
 
@@ -52,3 +54,79 @@ def calibrate_or_quantize(
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress)
+
+
+class ConversionSourceError(ValueError):
+    """The model given cannot become the QCFS network asked for (a setting conflicts with the model's own)."""
+
+
+@dataclasses.dataclass
+class QCFSSource:
+    """The QCFS network a command converts, where it came from, and what was done to get it.
+
+    ``description`` is the one line every command prints ("what it converted"); ``ann`` is the original
+    network when it is at hand (else ``None``: the QCFS network's ``as_ann()`` stands in for it);
+    ``calibration_report`` is the report of a calibration run here (``{}`` when none ran).
+    """
+
+    qnet: QCFSUNet2DModel
+    ann: UNet2DModel | None
+    description: str
+    calibration_report: dict[str, Any]
+
+
+def qcfs_network(
+    unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel,
+    scheduler_config: dict[str, Any] | None,
+    timesteps: int,
+    levels: int | None = None,
+    per_channel: bool | None = None,
+    seed: int = 0,
+    calibration: CalibrationConfig | None = None,
+    residual_spikes: bool | None = None,
+    progress: bool = True,
+) -> QCFSSource:
+    """The one path from a loaded UNet to the QCFS network that every command converts.
+
+    - an original ``UNet2DModel`` is calibrated with ``calibration`` (the ``sdm-calibrate`` recipe at T =
+      ``timesteps``, L = ``levels`` or T), or, with ``calibration=None``, gets percentile thresholds only;
+    - a ``QCFSUNet2DModel`` (calibrated or not) is taken as it is;
+    - a ``SpikingUNet2DModel`` (lambda form) maps back onto the QCFS network it was converted from.
+
+    ``levels``, ``per_channel`` and ``residual_spikes`` that conflict with a QCFS or spiking model's own
+    raise :class:`ConversionSourceError`; ``None`` means "as the model has it" (for an ANN: L = T,
+    per-layer thresholds unless ``calibration`` says per channel, no residual spikes).
+    """
+    if isinstance(unet, SpikingUNet2DModel | QCFSUNet2DModel):
+        qnet = unet.to_qcfs() if isinstance(unet, SpikingUNet2DModel) else unet
+        own = qnet.config
+        for name, requested, value in (
+            ("levels", levels, own.levels),
+            ("per_channel", per_channel, own.per_channel),
+            ("residual_spikes", residual_spikes, bool(own.residual_spikes)),
+        ):
+            if requested is not None and requested != value:
+                raise ConversionSourceError(f"{name}={requested} conflicts with the model's own {name}={value}.")
+        kind = "spiking model (its QCFS network)" if isinstance(unet, SpikingUNet2DModel) else "QCFS model"
+        return QCFSSource(qnet, None, f"a {kind} with L = {own.levels}, thresholds as given", {})
+    if calibration is not None and per_channel is None:
+        per_channel = calibration.per_channel
+    result = calibrate_or_quantize(
+        unet,
+        levels=levels or timesteps,
+        per_channel=bool(per_channel),
+        seed=seed,
+        timesteps=timesteps,
+        scheduler_config=scheduler_config,
+        calibration=calibration,
+        progress=progress,
+        residual_spikes=residual_spikes,
+    )
+    level = result.qnet.config.levels
+    if calibration is None:
+        how = (
+            f"an uncalibrated ANN with L = {level}, thresholds the 99.9th percentile on noised inputs (not calibrated)"
+        )
+    else:
+        how = f"an uncalibrated ANN, calibrated here with the sdm-calibrate recipe at T = {timesteps}, L = {level}"
+    return QCFSSource(result.qnet, unet, how, result.report)

@@ -14,8 +14,6 @@ import click
 import torch
 from diffusers import UNet2DModel
 
-from ..calibration.calibrate import CalibrationConfig
-from ..calibration.policy import calibrate_or_quantize
 from ..calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
 from ..cli import (
     BoundedInt,
@@ -24,13 +22,13 @@ from ..cli import (
     calibration_config,
     calibration_options,
     check_output,
+    conversion_source,
     device_option,
     get_device,
     model_option,
     option_given,
     output_options,
     residual_spikes_option,
-    resolve_residual_spikes,
     sdm_command,
 )
 from ..converter import QCFSUNet2DModel, convert
@@ -39,7 +37,7 @@ from ..converter.models import THRESHOLD_FORMS
 from ..converter.neurons import NEURON_TYPES
 from ..converter.summary import conversion_summary
 from ..converter.temporal import NONLINEAR_MODES
-from ..loading import LoadedModel, load_model
+from ..loading import load_model
 from ..metrics import fidelity_check
 from ..pipelines import SpikingDiffusionPipeline
 
@@ -110,9 +108,16 @@ def main(
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
-        qnet, ann, calibration_report = _qcfs_network(
-            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes
+        source = conversion_source(
+            loaded,
+            timesteps,
+            calibration,
+            levels=levels,
+            per_channel=per_channel if option_given("per_channel") or loaded.kind == "ann" else None,
+            residual_spikes=residual_spikes,
+            seed=seed,
         )
+        qnet, ann, calibration_report = source.qnet, source.ann, source.calibration_report
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
         snn = convert(
@@ -121,6 +126,7 @@ def main(
         report = {
             "source": loaded.source,
             "source_kind": loaded.kind,
+            "converted": source.description,
             "calibrated_here": bool(calibration_report),
             "fidelity_reference": "ann" if ann is not None else "qcfs_as_ann",
             "settings": {
@@ -151,57 +157,18 @@ def _reference_ann(reference: str, qnet: QCFSUNet2DModel, device: torch.device) 
     return loaded.unet
 
 
-def _qcfs_network(
-    loaded: LoadedModel,
-    timesteps: int,
-    levels: int | None,
-    per_channel: bool,
-    seed: int,
-    calibration: CalibrationConfig | None,
-    residual_spikes: bool | None,
-):
-    """The QCFS network to convert, the ANN reference of the fidelity check (``None``: use ``as_ann``), and
-    the report of the calibration run here (empty when none ran)."""
-    if loaded.kind == "snn":
-        raise CommandError(
-            f"{loaded.source} is already a spiking network (SpikingUNet2DModel); pass the original model or "
-            "a calibrated QCFS model to convert it again.",
-            exit_code=2,
-        )
-    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
-    if loaded.kind == "qcfs":
-        qnet = loaded.unet
-        if option_given("levels") and levels != qnet.config.levels:
-            raise CommandError(f"--levels {levels} conflicts with the QCFS model's L = {qnet.config.levels}.", 2)
-        if option_given("per_channel") and per_channel != qnet.config.per_channel:
-            raise CommandError("--per-channel/--per-layer conflicts with the QCFS model's thresholds.", 2)
-        return qnet, None, {}
-    result = calibrate_or_quantize(
-        loaded.unet,
-        levels=levels or timesteps,
-        per_channel=per_channel,
-        seed=seed,
-        timesteps=timesteps,
-        scheduler_config=dict(loaded.scheduler.config),
-        calibration=calibration,
-        residual_spikes=residual_spikes,
-    )
-    return result.qnet, loaded.unet, result.report
-
-
 def _print_report(report: dict[str, Any], output: str) -> None:
     settings, summary = report["settings"], report["summary"]
-    source = "a QCFS model" if report["source_kind"] == "qcfs" else "an uncalibrated ANN"
-    click.echo(f"Converted {source} ({report['source']})")
+    click.echo(f"Converted {report['converted']} ({report['source']})")
     click.echo(
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
         + (", residual spikes" if settings.get("residual_spikes") else "")
     )
-    if report["source_kind"] == "ann" and report["calibrated_here"]:
-        click.echo(f"  calibrated here with the sdm-calibrate defaults (report: {REPORT_FILE}, plot: {PLOT_FILE})")
+    if report["calibrated_here"]:
+        click.echo(f"  calibration report: {REPORT_FILE}, plot: {PLOT_FILE}")
     elif report["source_kind"] == "ann":
-        click.echo("  thresholds: 99.9th percentile on noised inputs, not calibrated (--no-calibrate)")
+        click.echo("  --no-calibrate: a quick and poor network; calibrate for quality")
     sites = summary["sites"]
     click.echo(f"Sites: {sum(sites.values())} ({', '.join(f'{count} {kind}' for kind, count in sites.items())})")
     lam = summary["thresholds"]

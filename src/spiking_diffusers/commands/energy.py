@@ -14,20 +14,23 @@ from pathlib import Path
 import click
 from diffusers import UNet2DModel
 
-from ..calibration.policy import calibrate_or_quantize
+from ..calibration.calibrate import CalibrationConfig
 from ..cli import (
     BoundedInt,
+    CommandError,
     FiniteFloat,
     atomic_directory,
+    calibration_config,
+    calibration_options,
     check_output,
     check_scheduler_steps,
+    conversion_source,
     device_option,
     get_device,
     model_option,
     option_given,
     output_options,
     residual_spikes_option,
-    resolve_residual_spikes,
     sdm_command,
 )
 from ..converter import convert
@@ -40,9 +43,9 @@ from ..pipelines import SCHEDULERS, make_scheduler
 EXAMPLES = """
 \b
 Examples:
-  sdm-energy --output energy                                # the shipped digits model, T = 4, DDIM 50 steps
+  sdm-energy --output energy                                # the shipped model, calibrated as sdm-convert does
   sdm-energy --model digits-snn --timesteps 8 --output energy-t8      # a model saved by sdm-convert
-  sdm-energy --model google/ddpm-cifar10-32 --steps 20 --num-images 1 --output cifar-energy
+  sdm-energy --model google/ddpm-cifar10-32 --no-calibrate --steps 20 --num-images 1 --output cifar-energy
 """
 
 
@@ -63,19 +66,20 @@ Examples:
 @click.option("--rows", default=30, type=click.IntRange(min=1), help="Table rows to print (all go to energy.json).")
 @click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the sampling run and the threshold probes.")
 @residual_spikes_option()
+@calibration_options
 @device_option()
 def main(
     model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
-    residual_spikes, device,
+    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
     device = get_device(device)
     loaded = load_model(model, device)
-    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))
     check_scheduler_steps(sampler, steps, "--steps")
-    snn, ann, snn_timesteps = _networks(loaded, timesteps, levels, seed, residual_spikes)
+    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps)
+    snn, ann, snn_timesteps, measured = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     report = measure_energy(
         snn,
         ann,
@@ -89,13 +93,13 @@ def main(
     settings = {
         "source": loaded.source,
         "source_kind": loaded.kind,
-        "thresholds": "99.9th percentile on noised inputs, not calibrated" if loaded.kind == "ann" else "as given",
+        "measured": measured,
         "timesteps": report.timesteps,
         "levels": snn.config.levels,
         "neuron": snn.config.neuron,
         "nonlinear_mode": snn.config.nonlinear_mode,
         "threshold_form": snn.config.threshold_form,
-        "residual_spikes": residual_spikes,
+        "residual_spikes": bool(snn.config.residual_spikes),
         "scheduler": scheduler,
         "steps": steps,
         "num_images": num_images,
@@ -109,22 +113,34 @@ def main(
     click.echo(f"Wrote {output}/energy.json, firing_rates.png, energy_breakdown.png")
 
 
-def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
-    """``(snn, ann, snn_timesteps)``: the spiking network to measure, a network with the ANN's layers, and
-    the T override for a spiking model given with ``--timesteps``.
+def _networks(
+    loaded: LoadedModel,
+    timesteps: int,
+    levels: int | None,
+    seed: int,
+    residual_spikes: bool | None,
+    calibration: CalibrationConfig | None,
+):
+    """``(snn, ann, snn_timesteps, measured)``: the spiking network to measure, a network with the ANN's
+    layers, the T override for a spiking model given with ``--timesteps``, and what is measured.
 
-    Only the ANN's MAC count is used, which depends on its architecture alone, so for a QCFS or spiking
-    model a freshly initialised ``UNet2DModel`` of the same config stands in for the original.
+    An ANN or a QCFS model becomes the spiking network ``sdm-convert`` would make of it (an ANN is calibrated
+    first unless ``--no-calibrate``); a spiking model is measured as it is. Only the ANN's MAC count is used,
+    which depends on its architecture alone, so without the original a freshly initialised ``UNet2DModel``
+    of the same config stands in for it.
     """
-    if loaded.kind == "ann":
-        qnet = calibrate_or_quantize(
-            loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
-        ).qnet
-        return convert(qnet, timesteps=timesteps), loaded.unet, None
-    ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
-    if loaded.kind == "qcfs":
-        return convert(loaded.unet, timesteps=timesteps), ann, None
-    return loaded.unet, ann, timesteps if option_given("timesteps") else None
+    if loaded.kind == "snn":
+        snn = loaded.unet
+        if residual_spikes is not None and residual_spikes != bool(snn.config.residual_spikes):
+            raise CommandError(f"--residual-spikes: {loaded.source} is a spiking model; it keeps its own setting.", 2)
+        click.echo(f"Measuring a spiking model as given ({loaded.source})")
+        ann = UNet2DModel.from_config(snn.config.unet_config).to(snn.device).eval()
+        return snn, ann, timesteps if option_given("timesteps") else None, "a spiking model, as given"
+    source = conversion_source(
+        loaded, timesteps, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed
+    )
+    ann = source.ann or UNet2DModel.from_config(source.qnet.config.unet_config).to(loaded.unet.device).eval()
+    return convert(source.qnet, timesteps=timesteps), ann, None, source.description
 
 
 def _write(report: EnergyReport, settings: dict, directory: Path) -> None:

@@ -8,25 +8,28 @@ spiking network with its T time steps unrolled), ``snn_step.onnx`` with ``snn_st
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ..calibration.policy import calibrate_or_quantize
+from ..calibration.calibrate import CalibrationConfig
 from ..cli import (
     BoundedInt,
     CommandError,
     atomic_directory,
+    calibration_config,
+    calibration_options,
     check_output,
+    conversion_source,
     device_option,
     get_device,
     model_option,
     option_given,
     output_options,
     residual_spikes_option,
-    resolve_residual_spikes,
     sdm_command,
 )
 from ..converter import convert
@@ -71,17 +74,21 @@ def parse_which(value: str) -> list[str]:
 @click.option("--which", default=",".join(GRAPHS), help="Graphs to export: a comma-separated subset of qcfs,snn,step.")
 @click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the threshold probes and the check inputs.")
 @residual_spikes_option()
+@calibration_options
 @device_option(
     "Where the model is loaded, probed and converted (auto picks CUDA, then MPS, then CPU); the ONNX graphs are "
     "traced and checked on the CPU in float32 whatever the device."
 )
-def main(model, output, overwrite, timesteps, levels, which, seed, residual_spikes, device) -> None:
+def main(
+    model, output, overwrite, timesteps, levels, which, seed, residual_spikes, calibrate, calibration_samples,
+    calibration_steps, snn_steps, device,
+) -> None:  # fmt: skip
     """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
     check_output(output, overwrite, {"--model": model})
     graphs = parse_which(which)
     loaded = load_model(model, get_device(device))
-    residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
-    qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes)
+    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps)
+    qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     if qnet is None:
         if option_given("which") and "qcfs" in graphs:
             raise CommandError(
@@ -93,7 +100,7 @@ def main(model, output, overwrite, timesteps, levels, which, seed, residual_spik
     manifest = {
         "source": loaded.source,
         "source_kind": loaded.kind,
-        "residual_spikes": residual_spikes,
+        "residual_spikes": bool(snn.config.residual_spikes),
         "opset": OPSET,
         "graphs": {},
     }
@@ -135,20 +142,30 @@ def main(model, output, overwrite, timesteps, levels, which, seed, residual_spik
         )
 
 
-def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
-    """``(qnet, snn)``: the QCFS network (``None`` for a spiking model) and the spiking network."""
+def _networks(
+    loaded: LoadedModel,
+    timesteps: int,
+    levels: int | None,
+    seed: int,
+    residual_spikes: bool | None,
+    calibration: CalibrationConfig | None,
+):
+    """``(qnet, snn)``: the QCFS network (``None`` for a spiking model) and the spiking network, made as
+    ``sdm-convert`` makes them (an ANN is calibrated first unless ``--no-calibrate``). A spiking model is
+    exported as it is; ``--timesteps`` sets the T of the unrolled graph on a copy, never on the loaded model."""
     if loaded.kind == "snn":
         snn = loaded.unet
-        if option_given("timesteps"):
+        if residual_spikes is not None and residual_spikes != bool(snn.config.residual_spikes):
+            raise CommandError(f"--residual-spikes: {loaded.source} is a spiking model; it keeps its own setting.", 2)
+        click.echo(f"Exporting a spiking model as given ({loaded.source})")
+        if option_given("timesteps") and timesteps != snn.config.timesteps:
+            snn = copy.deepcopy(snn)
             snn.register_to_config(timesteps=timesteps)
         return None, snn
-    if loaded.kind == "qcfs":
-        qnet = loaded.unet
-    else:
-        qnet = calibrate_or_quantize(
-            loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
-        ).qnet
-    return qnet, convert(qnet, timesteps=timesteps)
+    source = conversion_source(
+        loaded, timesteps, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed
+    )
+    return source.qnet, convert(source.qnet, timesteps=timesteps)
 
 
 def _entry(check: ExportCheck, inputs: list[str], outputs: list[str]) -> dict:

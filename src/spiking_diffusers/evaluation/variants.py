@@ -3,7 +3,7 @@
 :func:`prepare_variants` is the one place where they are built, whatever the user passed:
 
 - an original ``UNet2DModel``: it is the ANN; QCFS networks come from
-  :func:`~spiking_diffusers.calibration.policy.calibrate_or_quantize`, the same step as ``sdm-convert`` (the
+  :func:`~spiking_diffusers.calibration.policy.qcfs_network`, the same step as ``sdm-convert`` (the
   calibration recipe, or percentile thresholds only), and spiking networks from
   :func:`~spiking_diffusers.convert`;
 - a ``QCFSUNet2DModel`` (e.g. a calibrated one): it is the QCFS network at its own L, converted at each T;
@@ -22,7 +22,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..calibration.calibrate import CalibrationConfig
-from ..calibration.policy import calibrate_or_quantize
+from ..calibration.policy import qcfs_network
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import unet_config_dict
 
@@ -86,12 +86,11 @@ def prepare_variants(
     for t in timesteps:
         level = int(levels or t)
         if level not in qnets:
-            qnets[level] = calibrate_or_quantize(
+            qnets[level] = qcfs_network(
                 model,
-                levels=level,
-                per_channel=calibration.per_channel if calibration else False,
+                scheduler_config,
                 timesteps=t,
-                scheduler_config=scheduler_config,
+                levels=level,
                 calibration=calibration,
                 residual_spikes=residual_spikes,
             ).qnet
