@@ -152,8 +152,9 @@ def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
     if neuron is None:
         return None
     amplitude = neuron.amplitude(x).detach()
-    counts = (x.abs() / amplitude).round()
-    off = (x.abs() - counts * amplitude).abs() > 1e-4 * amplitude
+    finite = x.isfinite()  # a diverging network is reported by the sampler, not counted here
+    counts = torch.where(finite, (x.abs() / amplitude).round(), 0)
+    off = finite & ((x.abs() - counts * amplitude).abs() > 1e-4 * amplitude)
     if bool(off.any()) or bool((counts > neuron.spikes_per_step).any()):
         raise RuntimeError(
             "A tensor tagged as spikes holds values other than whole multiples of +-lambda (changed in place?)."
