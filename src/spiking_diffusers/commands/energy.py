@@ -18,9 +18,11 @@ from ..calibration.policy import calibrate_or_quantize
 from ..cli import (
     BoundedInt,
     FiniteFloat,
+    TScheduleParam,
     atomic_directory,
     check_output,
     check_scheduler_steps,
+    check_t_schedule,
     device_option,
     get_device,
     model_option,
@@ -35,7 +37,7 @@ from ..energy.measure import measure_energy
 from ..energy.plots import plot_energy_breakdown, plot_firing_rates
 from ..energy.report import EnergyModel, EnergyReport, format_summary, format_table
 from ..loading import LoadedModel, load_model
-from ..pipelines import SCHEDULERS, make_scheduler
+from ..pipelines import SCHEDULERS, TSchedule, make_scheduler
 
 EXAMPLES = """
 \b
@@ -43,6 +45,7 @@ Examples:
   sdm-energy --output energy                                # the shipped digits model, T = 4, DDIM 50 steps
   sdm-energy --model digits-snn --timesteps 8 --output energy-t8      # a model saved by sdm-convert
   sdm-energy --model google/ddpm-cifar10-32 --steps 20 --num-images 1 --output cifar-energy
+  sdm-energy --steps 20 -T 4,16x3 --output energy-sched     # T schedule: T = 16 for the last 3 steps, mean 5.8
 """
 
 
@@ -52,9 +55,11 @@ Examples:
     "(IF neurons, compensated GroupNorm/attention). Default: the digits DDPM shipped in the package."
 )
 @output_options("Directory for energy.json and the plots.")
-@click.option("--timesteps", "-T", default=4, type=BoundedInt("timesteps"),
-              help="SNN time steps T per UNet call (for a spiking model: its own T unless given).")  # fmt: skip
-@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
+@click.option("--timesteps", "-T", default="4", type=TScheduleParam(), metavar="T | SCHEDULE",
+              help="SNN time steps T per UNet call (for a spiking model: its own T unless given), or a T schedule: "
+              "4,16x3 is T = 16 for the last 3 denoising steps and 4 for the others.")  # fmt: skip
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"),
+              help="QCFS levels L of an ANN [default: T, or the T most steps of a schedule take].")  # fmt: skip
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler of the run.")
 @click.option("--steps", default=50, type=click.IntRange(min=1), help="Denoising steps of the sampling run.")
 @click.option("--num-images", default=4, type=BoundedInt("num_images"), help="Images sampled while counting.")
@@ -70,6 +75,7 @@ def main(
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
+    check_t_schedule(timesteps, steps, "--timesteps")
     device = get_device(device)
     loaded = load_model(model, device)
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
@@ -91,6 +97,7 @@ def main(
         "source_kind": loaded.kind,
         "thresholds": "99.9th percentile on noised inputs, not calibrated" if loaded.kind == "ann" else "as given",
         "timesteps": report.timesteps,
+        "mean_timesteps": report.mean_timesteps,
         "levels": snn.config.levels,
         "neuron": snn.config.neuron,
         "nonlinear_mode": snn.config.nonlinear_mode,
@@ -109,21 +116,24 @@ def main(
     click.echo(f"Wrote {output}/energy.json, firing_rates.png, energy_breakdown.png")
 
 
-def _networks(loaded: LoadedModel, timesteps: int, levels: int | None, seed: int, residual_spikes: bool):
+def _networks(loaded: LoadedModel, timesteps: int | TSchedule, levels: int | None, seed: int, residual_spikes: bool):
     """``(snn, ann, snn_timesteps)``: the spiking network to measure, a network with the ANN's layers, and
-    the T override for a spiking model given with ``--timesteps``.
+    the T override of the run (a spiking model given with ``--timesteps``, or any T schedule).
 
-    Only the ANN's MAC count is used, which depends on its architecture alone, so for a QCFS or spiking
-    model a freshly initialised ``UNet2DModel`` of the same config stands in for the original.
+    An ANN or QCFS model is converted at T, or at the T most steps of a schedule take. Only the ANN's MAC
+    count is used, which depends on its architecture alone, so for a QCFS or spiking model a freshly
+    initialised ``UNet2DModel`` of the same config stands in for the original.
     """
+    schedule = timesteps if isinstance(timesteps, TSchedule) else None
+    base = schedule.base if schedule is not None else timesteps
     if loaded.kind == "ann":
         qnet = calibrate_or_quantize(
-            loaded.unet, levels=levels or timesteps, seed=seed, timesteps=timesteps, residual_spikes=residual_spikes
+            loaded.unet, levels=levels or base, seed=seed, timesteps=base, residual_spikes=residual_spikes
         ).qnet
-        return convert(qnet, timesteps=timesteps), loaded.unet, None
+        return convert(qnet, timesteps=base), loaded.unet, schedule
     ann = UNet2DModel.from_config(loaded.unet.config.unet_config).to(loaded.unet.device).eval()
     if loaded.kind == "qcfs":
-        return convert(loaded.unet, timesteps=timesteps), ann, None
+        return convert(loaded.unet, timesteps=base), ann, schedule
     return loaded.unet, ann, timesteps if option_given("timesteps") else None
 
 
