@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, PNDMScheduler
+from click.testing import CliRunner
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler
+from PIL import Image
 
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import SpikingDiffusionPipeline, convert, quantize
+from spiking_diffusers.commands.sample import main as sample_main
 from spiking_diffusers.pipelines import SCHEDULE_FORM, TSchedule, TScheduleError, make_scheduler
 from spiking_diffusers.pipelines.t_schedule import call_steps
 
@@ -245,3 +251,64 @@ def test_pndm_with_its_runge_kutta_warm_up_maps_every_call_onto_a_step():
     scheduler.set_timesteps(4)
     steps = call_steps(scheduler.timesteps.tolist(), 4)
     assert steps[0] == 0 and steps[-1] == 3 and sorted(set(steps)) == [0, 1, 2, 3]
+
+
+# -- sdm-sample ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """A tiny ANN pipeline and its spiking pipeline (T = 2, not calibrated), saved."""
+    root = tmp_path_factory.mktemp("models")
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(root / "ann")
+    SpikingDiffusionPipeline(
+        unet=convert(quantize(unet, levels=2), timesteps=2), scheduler=DDPMScheduler()
+    ).save_pretrained(root / "snn")
+    return {"ann": root / "ann", "snn": root / "snn"}
+
+
+def run_sample(*args) -> object:
+    return CliRunner().invoke(sample_main, [str(arg) for arg in (*args, "--steps", 3, "-n", 2, "--device", "cpu")])
+
+
+def test_sdm_sample_takes_a_schedule_and_states_its_mean_t(saved, tmp_path):
+    result = run_sample("--model", saved["snn"], "--snn-timesteps", "2,4x1", "--output", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "T = 2,4x1, mean T 2.66667 per denoising step" in result.output
+    plain = run_sample("--model", saved["snn"], "--output", tmp_path / "b")
+    assert "T = 2, mean T 2 per denoising step" in plain.output  # the model's own T
+    same = run_sample("--model", saved["snn"], "-T", "2x3", "--output", tmp_path / "c")
+    assert same.exit_code == 0 and "T = 2, mean T 2 per denoising step" in same.output
+    for name in ("00000.png", "00001.png"):
+        a, b, c = (np.asarray(Image.open(tmp_path / d / name)) for d in "abc")
+        assert np.array_equal(b, c) and not np.array_equal(a, b)
+
+    sweep_dir = tmp_path / "sweep"
+    result = run_sample("--model", saved["snn"], "-T", "2,4x1", "--threshold-scale", "0.9,1", "--output", sweep_dir)
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sweep["snn_timesteps"] == "2,4x1" and sweep["mean_snn_timesteps"] == pytest.approx(8 / 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "value", "message"),
+    [
+        ("snn", "4x2", "--snn-timesteps 4x2 gives T for 2 denoising steps, but there are 3"),
+        ("snn", "4,16x4", "its TxK items take 4 denoising steps, more than the 3 there are"),
+        ("snn", "2,", "the T schedule '2,' has an empty item"),
+        ("snn", "2,4", "more than one bare T"),
+        ("snn", "2,0x1", "T = 0 is out of range"),
+        ("snn", "", "is empty"),
+        ("snn", "0", "0 is not in the range 1<=x<=1024"),  # a plain T keeps its message
+        ("ann", "2,4x1", "apply to spiking models"),
+    ],
+)
+def test_sdm_sample_refuses_a_schedule_that_cannot_work(saved, tmp_path, model, value, message):
+    result = run_sample("--model", saved[model], "--snn-timesteps", value, "--output", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    if model == "snn" and value != "0":
+        assert "accepted: T for every step" in errors[0]
+    assert not (tmp_path / "out").exists()
