@@ -82,7 +82,8 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     type=TScheduleParam(),
     metavar="SCHEDULE",
     help="Also compare the SNN with this T per denoising step: 4,16x3 is T = 16 for the last 3 steps and 4 for "
-    "the others (L = --levels or 4); TxK items whose counts add up to --steps give every step. Repeatable.",
+    "the others (L = --levels, else the T most steps take); TxK items adding up to --steps give every step. "
+    "Repeatable.",
 )
 @click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: L = T].")
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default=None, help="Neuron for conversions [default: if].")
