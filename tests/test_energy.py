@@ -17,7 +17,8 @@ from spiking_diffusers import convert, quantize
 from spiking_diffusers.commands.energy import main as energy_main
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.energy.accounting import GROUPNORM_OPS, SOFTMAX_OPS, OperationCounter, conv_acs
-from spiking_diffusers.energy.measure import count_forward, measure_energy
+from spiking_diffusers.energy.measure import count_forward, count_sampling, measure_energy
+from spiking_diffusers.energy.report import format_summary
 from spiking_diffusers.pipelines import make_scheduler
 
 DIAGONAL = torch.eye(3).reshape(1, 1, 3, 3)
@@ -168,6 +169,33 @@ def test_report_over_a_sampling_run(tiny_snn):
     assert set(report.site_rates) == set(snn.neurons())
 
 
+def test_a_t_schedule_costs_its_mean_t_and_the_ratio_divides_by_unet_evaluations(tiny_snn):
+    """T = 1, 1, 3 over three DDIM steps (schedule "1,3x1"): the SNN's figures per denoising step are means over
+    the steps, so the time-constant input conv costs (1 + 1 + 3) / 3 of the ANN's MACs per step; per image the
+    run made 3 UNet evaluations (not 3 x mean T), and the ANN is charged one forward for each."""
+    unet, qnet = tiny_snn
+    snn = convert(qnet, timesteps=2)
+    scheduler = make_scheduler("ddim", {"num_train_timesteps": 1000})
+    report = measure_energy(snn, unet, scheduler, steps=3, num_images=2, snn_timesteps="1,3x1")
+    assert report.timesteps == "1,3x1" and report.mean_timesteps == pytest.approx(5 / 3)
+    assert report.unet_evaluations_per_image == 3
+    conv_in = next(row for row in report.rows if row.name == "conv_in")
+    assert conv_in.macs == pytest.approx(5 / 3 * conv_in.ann_macs) and not conv_in.spike_driven
+    assert report.ann_macs == count_forward(unet).macs
+    raw = count_sampling(snn, make_scheduler("ddim", {"num_train_timesteps": 1000}), 3, 2, snn_timesteps=[1, 1, 3])
+    assert report.snn_macs == pytest.approx(raw.macs / (2 * 3)) and report.snn_acs == pytest.approx(raw.acs / 6)
+    totals = report.totals()
+    assert totals["timesteps"] == "1,3x1" and totals["mean_timesteps_per_step"] == pytest.approx(5 / 3)
+    assert totals["snn_energy_mj_per_image"] / totals["ann_energy_mj_per_image"] == pytest.approx(report.energy_ratio)
+    assert "T = 1,3x1, mean T = 1.667" in format_summary(report)
+    # a constant schedule is plain T, and states it so
+    plain = measure_energy(snn, unet, scheduler, steps=3, num_images=2, snn_timesteps=[2, 2, 2])
+    assert plain.timesteps == 2 and plain.mean_timesteps == 2.0
+    assert "Per denoising step (T = 2):" in format_summary(plain)
+    model_t = measure_energy(snn, unet, scheduler, steps=3, num_images=2)
+    assert model_t.timesteps == 2 and model_t.snn_acs == plain.snn_acs
+
+
 def test_sdm_energy_end_to_end(tmp_path, tiny_snn):
     unet, _ = tiny_snn
     unet.save_pretrained(tmp_path / "ann")
@@ -190,3 +218,15 @@ def test_sdm_energy_end_to_end(tmp_path, tiny_snn):
 
     missing = CliRunner().invoke(energy_main, ["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "No such directory" in missing.output
+
+    args = ["--model", str(tmp_path / "ann"), "--steps", "2", "--num-images", "1", "--device", "cpu"]
+    scheduled = CliRunner().invoke(energy_main, [*args, "-T", "2,4x1", "--output", str(tmp_path / "sched")])
+    assert scheduled.exit_code == 0, scheduled.output
+    assert "T = 2,4x1, mean T = 3" in scheduled.output
+    report = json.loads((tmp_path / "sched" / "energy.json").read_text())
+    assert report["settings"]["timesteps"] == "2,4x1" and report["settings"]["mean_timesteps"] == 3.0
+    assert report["settings"]["levels"] == 2 and report["totals"]["mean_timesteps_per_step"] == 3.0
+    for bad, message in (("4x3", "gives T for 3 denoising steps, but there are 2"), ("2,", "has an empty item")):
+        result = CliRunner().invoke(energy_main, [*args, "-T", bad, "--output", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and message in result.output and "accepted:" in result.output
+        assert result.output.count("Error:") == 1 and not (tmp_path / "bad").exists()

@@ -152,3 +152,43 @@ def test_prepare_variants_shares_a_fixed_level_and_recovers_qcfs_from_an_snn(ann
         prepare_variants(snn, ann, timesteps=[2], neuron="if")
     with pytest.raises(VariantError, match="original network"):
         prepare_variants(qnet, None, timesteps=[2])
+
+
+def test_a_t_schedule_is_one_more_snn_variant_with_its_mean_t(ann) -> None:
+    variants = prepare_variants(ann, None, timesteps=[2], t_schedules=["2,4x1", "2x3", "2,4x1"], execution="stepwise")
+    assert [v.name for v in variants] == ["ANN", "QCFS L=2", "SNN T=2", "SNN T=2,4x1"]  # "2x3" is T = 2
+    plain, scheduled = variants[2], variants[3]
+    assert scheduled.unet is plain.unet and scheduled.levels == 2 and scheduled.t_label == "2,4x1"
+    assert scheduled.forward_kwargs == {"snn_timesteps": scheduled.t_schedule}
+    assert scheduled.mean_timesteps(3) == pytest.approx(8 / 3) and plain.mean_timesteps(3) == 2.0
+    assert variants[0].mean_timesteps(3) is None and variants[1].mean_timesteps(3) is None
+    # L follows --levels, else the T most steps take; an SNN model is simulated on the schedule as it is
+    assert prepare_variants(ann, None, [2], levels=3, t_schedules=["2,4x1"])[-1].levels == 3
+    snn = convert(quantize(ann, levels=2), timesteps=2)
+    names = [v.name for v in prepare_variants(snn, ann, timesteps=[1], t_schedules=["1,3x1"])]
+    assert names == ["ANN", "QCFS L=2", "SNN T=1", "SNN T=1,3x1"]
+    with pytest.raises(VariantError, match="accepted: T for every step"):
+        prepare_variants(ann, None, timesteps=[2], t_schedules=["2,4"])
+
+
+def test_sdm_eval_reports_a_t_schedule_and_its_mean_t(ann_dir, cache_dir, tmp_path) -> None:
+    out = tmp_path / "eval"
+    args = ("--model", ann_dir, "--no-calibrate", "-T", "2", "--t-schedule", "2,4x1", "--output", str(out))
+    result = run(*args, cache_dir=cache_dir)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [row["name"] for row in report["variants"]] == ["ANN", "QCFS L=2", "SNN T=2", "SNN T=2,4x1"]
+    assert report["settings"]["t_schedules"] == ["2,4x1"]
+    rows = {row["name"]: row for row in report["variants"]}
+    assert rows["SNN T=2,4x1"]["timesteps"] == "2,4x1" and rows["SNN T=2,4x1"]["mean_timesteps"] == 3.0
+    assert rows["SNN T=2"]["mean_timesteps"] == 2.0 and rows["ANN"]["mean_timesteps"] is None
+    # noise timesteps 1, 500, 999 against DDIM-2 steps at 500 and 0: the T of the nearest step
+    assert rows["SNN T=2,4x1"]["noise_error_snn_timesteps"] == [4, 2, 2]
+    table = (out / "report.md").read_text()
+    assert "| network | L | T | mean T |" in table and "| SNN T=2,4x1 | 2 | 2,4x1 | 3 |" in table
+
+    for bad, message in (("4x3", "gives T for 3 denoising steps, but there are 2"), ("2,", "has an empty item")):
+        result = run(*args[:-4], "--t-schedule", bad, "--output", str(tmp_path / "bad"), cache_dir=cache_dir)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+        assert "accepted: T for every step" in errors[0] and not (tmp_path / "bad").exists()

@@ -125,6 +125,42 @@ class BoundedInt(click.IntRange):
             self.fail(f"{err.message.rstrip('.')} ({self.bound.why}).", param, ctx)
 
 
+class TScheduleParam(click.ParamType):
+    """A T or a T schedule (``4``, ``4,16x3``; see :mod:`spiking_diffusers.pipelines.t_schedule`): a plain
+    integer stays an ``int`` with the bounds of :class:`BoundedInt`, anything else becomes a ``TSchedule``; a
+    schedule that cannot work is a usage error naming the accepted form. Whether it fits the denoising steps is
+    checked by :func:`check_t_schedule` once they are known."""
+
+    name = "T_SCHEDULE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .pipelines.t_schedule import TSchedule, TScheduleError
+
+        if isinstance(value, int | TSchedule):
+            return value
+        text = str(value).strip()
+        if text.lstrip("+-").isdigit():
+            return BoundedInt("timesteps").convert(text, param, ctx)
+        try:
+            return TSchedule.parse(text, name="the T schedule")
+        except TScheduleError as err:
+            self.fail(str(err), param, ctx)
+
+
+def check_t_schedule(schedule: Any, steps: int, option: str) -> float | None:
+    """The mean T per denoising step of ``schedule`` (an int, a ``TSchedule`` or ``None``: ``None``) over
+    ``steps`` denoising steps, or a usage error (exit 2) naming ``option`` and the accepted form where the
+    schedule does not fit them."""
+    from .pipelines.t_schedule import TSchedule, TScheduleError
+
+    if schedule is None:
+        return None
+    try:
+        return TSchedule.coerce(schedule).mean(steps, name=option)
+    except TScheduleError as err:
+        raise CommandError(str(err), exit_code=2) from err
+
+
 class FiniteFloat(click.FloatRange):
     """A float option that also refuses NaN and Inf (``click.FloatRange`` lets NaN through every bound)."""
 

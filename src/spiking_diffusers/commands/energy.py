@@ -19,11 +19,13 @@ from ..cli import (
     BoundedInt,
     CommandError,
     FiniteFloat,
+    TScheduleParam,
     atomic_directory,
     calibration_config,
     calibration_options,
     check_output,
     check_scheduler_steps,
+    check_t_schedule,
     conversion_source,
     device_option,
     get_device,
@@ -38,7 +40,7 @@ from ..energy.measure import measure_energy
 from ..energy.plots import plot_energy_breakdown, plot_firing_rates
 from ..energy.report import EnergyModel, EnergyReport, format_summary, format_table
 from ..loading import LoadedModel, load_model
-from ..pipelines import SCHEDULERS, make_scheduler
+from ..pipelines import SCHEDULERS, TSchedule, make_scheduler
 
 EXAMPLES = """
 \b
@@ -46,6 +48,7 @@ Examples:
   sdm-energy --output energy                                # the shipped model, calibrated as sdm-convert does
   sdm-energy --model digits-snn --timesteps 8 --output energy-t8      # a model saved by sdm-convert
   sdm-energy --model google/ddpm-cifar10-32 --no-calibrate --steps 20 --num-images 1 --output cifar-energy
+  sdm-energy --steps 20 -T 4,16x3 --output energy-sched     # T schedule: T = 16 for the last 3 steps, mean 5.8
 """
 
 
@@ -55,9 +58,11 @@ Examples:
     "(IF neurons, compensated GroupNorm/attention). Default: the digits DDPM shipped in the package."
 )
 @output_options("Directory for energy.json and the plots.")
-@click.option("--timesteps", "-T", default=4, type=BoundedInt("timesteps"),
-              help="SNN time steps T per UNet call (for a spiking model: its own T unless given).")  # fmt: skip
-@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
+@click.option("--timesteps", "-T", default="4", type=TScheduleParam(), metavar="T | SCHEDULE",
+              help="SNN time steps T per UNet call (for a spiking model: its own T unless given), or a T schedule: "
+              "4,16x3 is T = 16 for the last 3 denoising steps and 4 for the others.")  # fmt: skip
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"),
+              help="QCFS levels L of an ANN [default: T, or the T most steps of a schedule take].")  # fmt: skip
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", help="Sampler of the run.")
 @click.option("--steps", default=50, type=click.IntRange(min=1), help="Denoising steps of the sampling run.")
 @click.option("--num-images", default=4, type=BoundedInt("num_images"), help="Images sampled while counting.")
@@ -74,6 +79,7 @@ def main(
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
+    check_t_schedule(timesteps, steps, "--timesteps")
     device = get_device(device)
     loaded = load_model(model, device)
     sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))
@@ -95,6 +101,7 @@ def main(
         "source_kind": loaded.kind,
         "measured": measured,
         "timesteps": report.timesteps,
+        "mean_timesteps": report.mean_timesteps,
         "levels": snn.config.levels,
         "neuron": snn.config.neuron,
         "nonlinear_mode": snn.config.nonlinear_mode,
@@ -115,20 +122,23 @@ def main(
 
 def _networks(
     loaded: LoadedModel,
-    timesteps: int,
+    timesteps: int | TSchedule,
     levels: int | None,
     seed: int,
     residual_spikes: bool | None,
     calibration: CalibrationConfig | None,
 ):
     """``(snn, ann, snn_timesteps, measured)``: the spiking network to measure, a network with the ANN's
-    layers, the T override for a spiking model given with ``--timesteps``, and what is measured.
+    layers, the T override of the run (a spiking model given with ``--timesteps``, or any T schedule), and
+    what is measured.
 
     An ANN or a QCFS model becomes the spiking network ``sdm-convert`` would make of it (an ANN is calibrated
-    first unless ``--no-calibrate``); a spiking model is measured as it is. Only the ANN's MAC count is used,
-    which depends on its architecture alone, so without the original a freshly initialised ``UNet2DModel``
-    of the same config stands in for it.
+    first unless ``--no-calibrate``), at T or at the T most steps of a schedule take; a spiking model is
+    measured as it is. Only the ANN's MAC count is used, which depends on its architecture alone, so without
+    the original a freshly initialised ``UNet2DModel`` of the same config stands in for it.
     """
+    schedule = timesteps if isinstance(timesteps, TSchedule) else None
+    base = schedule.base if schedule is not None else timesteps
     if loaded.kind == "snn":
         snn = loaded.unet
         if residual_spikes is not None and residual_spikes != bool(snn.config.residual_spikes):
@@ -136,11 +146,9 @@ def _networks(
         click.echo(f"Measuring a spiking model as given ({loaded.source})")
         ann = UNet2DModel.from_config(snn.config.unet_config).to(snn.device).eval()
         return snn, ann, timesteps if option_given("timesteps") else None, "a spiking model, as given"
-    source = conversion_source(
-        loaded, timesteps, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed
-    )
+    source = conversion_source(loaded, base, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed)
     ann = source.ann or UNet2DModel.from_config(source.qnet.config.unet_config).to(loaded.unet.device).eval()
-    return convert(source.qnet, timesteps=timesteps), ann, None, source.description
+    return convert(source.qnet, timesteps=base), ann, schedule, source.description
 
 
 def _write(report: EnergyReport, settings: dict, directory: Path) -> None:

@@ -7,11 +7,13 @@ import click
 from ..cli import (
     BoundedInt,
     CommandError,
+    TScheduleParam,
     atomic_directory,
     calibration_config,
     calibration_options,
     check_output,
     check_scheduler_steps,
+    check_t_schedule,
     device_option,
     get_device,
     model_option,
@@ -43,6 +45,7 @@ Examples:
   sdm-eval --output eval                                   # shipped model, T = 1,2,4,8,16, L = T
   sdm-eval --timesteps 4,8 --levels 8 --num-images 200 --fd-splits 4 --output eval-l8
   sdm-eval --model digits-calibrated --output eval-cal     # a calibrated QCFS model vs the shipped ANN
+  sdm-eval --model digits-calibrated -T 4,8 --t-schedule 4,16x3 --output eval-sched   # + a T schedule (mean 5.8)
   sdm-eval --model my-ddpm --real-images real/ --inception-weights weights-inception-2015-12-05-6726825d.pth \\
       --output eval-fid
 """
@@ -72,6 +75,16 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 )
 @output_options("Directory for report.json, report.md, grid.png.")
 @click.option("--timesteps", "-T", default="1,2,4,8,16", callback=parse_int_list, help="SNN time steps T to compare.")
+@click.option(
+    "--t-schedule",
+    "t_schedules",
+    multiple=True,
+    type=TScheduleParam(),
+    metavar="SCHEDULE",
+    help="Also compare the SNN with this T per denoising step: 4,16x3 is T = 16 for the last 3 steps and 4 for "
+    "the others (L = --levels, else the T most steps take); TxK items adding up to --steps give every step. "
+    "Repeatable.",
+)
 @click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: L = T].")
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default=None, help="Neuron for conversions [default: if].")
 @click.option(
@@ -127,6 +140,9 @@ def main(
             "--cache-dir": options["cache_dir"],
         },
     )
+    for schedule in options["t_schedules"]:
+        check_t_schedule(schedule, options["steps"], "--t-schedule")
+    options["t_schedules"] = [str(schedule) for schedule in options["t_schedules"]]
     torch_device = get_device(device)
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"

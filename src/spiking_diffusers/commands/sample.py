@@ -26,9 +26,11 @@ from ..cli import (
     BoundedInt,
     CommandError,
     FiniteFloat,
+    TScheduleParam,
     atomic_directory,
     check_output,
     check_scheduler_steps,
+    check_t_schedule,
     device_option,
     get_device,
     model_option,
@@ -52,6 +54,7 @@ Examples:
   sdm-sample --model digits-snn --scheduler dpm++ --steps 20 --num-images 64 --output snn-samples
   sdm-sample --model digits-snn --threshold-scale 0.99,0.995,1.0,1.005 --output sweep   # threshold guidance
   sdm-sample --model digits-snn --threshold-scale down=0.99,up=0.995 --snn-timesteps 8 --output grouped
+  sdm-sample --model digits-snn --steps 20 --snn-timesteps 4,16x3 --output scheduled   # T schedule: mean T 5.8
 """
 
 
@@ -183,7 +186,13 @@ def generate(
     f"({', '.join(GROUPS)}). Repeatable.",
 )
 @click.option(
-    "--snn-timesteps", default=None, type=BoundedInt("timesteps"), help="SNN time steps T [default: model's]."
+    "--snn-timesteps",
+    "-T",
+    default=None,
+    type=TScheduleParam(),
+    metavar="T | SCHEDULE",
+    help="SNN time steps T per denoising step [default: model's], or a T schedule: 4,16x3 is T = 16 for the last "
+    "3 steps and 4 for the others; TxK items whose counts add up to --steps give every step (8x10,16x10).",
 )
 @click.option("--eta", default=0.0, type=FiniteFloat(0, 1), help="Noise of DDIM-type samplers (ddim only).")
 @device_option()
@@ -203,6 +212,9 @@ def main(
 ) -> None:
     """Sample images from a diffusion model (ANN, QCFS or spiking), optionally sweeping threshold guidance."""
     check_output(output, overwrite, {"--model": model})
+    mean_timesteps = check_t_schedule(snn_timesteps, steps, "--snn-timesteps")
+    if getattr(snn_timesteps, "constant_timesteps", None) is not None:
+        snn_timesteps = snn_timesteps.constant_timesteps  # "2x3" over 3 steps is T = 2
     settings = _sweep_settings(parse_threshold_scales(threshold_scales))
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -229,16 +241,26 @@ def main(
                 subdir = f"scale-{scale_label(scale)}" if len(settings) > 1 else "."
                 save_images(images, Path(staging) / subdir)
                 results.append({"scale": scale, "dir": subdir, "images": images})
+        if loaded.kind == "snn" and snn_timesteps is None:
+            snn_timesteps = mean_timesteps = int(loaded.unet.config.timesteps)
         if len(settings) > 1:
             sweep = _score_sweep(results) | {
                 "model": loaded.source, "scheduler": scheduler, "steps": steps, "num_images": num_images,
-                "seed": seed, "snn_timesteps": snn_timesteps or loaded.unet.config.timesteps, "eta": eta,
+                "seed": seed, "snn_timesteps": _json_t(snn_timesteps), "mean_snn_timesteps": mean_timesteps,
+                "eta": eta,
             }  # fmt: skip
             (Path(staging) / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
     if len(settings) > 1:
         _print_sweep(sweep)
     kind = loaded.kind.upper()
+    if loaded.kind == "snn":
+        kind += f", T = {snn_timesteps}, mean T {mean_timesteps:g} per denoising step"
     click.echo(f"Wrote {num_images * len(settings)} images ({kind}, {scheduler}, {steps} steps) to {output}")
+
+
+def _json_t(snn_timesteps) -> int | str:
+    """T as JSON: an int, or a schedule's text form (``"4,16x3"``)."""
+    return snn_timesteps if isinstance(snn_timesteps, int) else str(snn_timesteps)
 
 
 def _sweep_settings(settings: list[ThresholdScale]) -> list[ThresholdScale]:

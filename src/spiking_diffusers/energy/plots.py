@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt
 
-from .report import OP_CLASSES, EnergyReport
+from .report import OP_CLASSES, EnergyReport, t_description
 
 _COLOURS = ("tab:green", "tab:red", "tab:orange", "tab:purple")
 
@@ -24,7 +24,7 @@ def plot_firing_rates(report: EnergyReport, path: str | Path) -> None:
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("firing rate (spikes per neuron per time step)")
-    ax.set_title(f"Firing rate per neuron layer (T = {report.timesteps}, mean over a sampling run)")
+    ax.set_title(f"Firing rate per neuron layer ({t_description(report)}, mean over a sampling run)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -42,7 +42,7 @@ def plot_energy_breakdown(report: EnergyReport, path: str | Path) -> None:
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     ax.set_ylabel("energy per denoising step per image (mJ)")
     ax.set_title(
-        f"T = {report.timesteps}: SNN / ANN = {report.energy_ratio:.2f}, "
+        f"{t_description(report)}: SNN / ANN = {report.energy_ratio:.2f}, "
         f"{report.spike_driven_fraction:.0%} of operations spike-driven",
         fontsize=10,
     )

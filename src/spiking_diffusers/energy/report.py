@@ -3,7 +3,9 @@
 Energy follows the 45 nm model all SNN papers use: ``E = e_MAC * MACs + e_AC * ACs`` with 4.6 pJ per MAC
 and 0.9 pJ per AC by default. Every count is normalised to one UNet evaluation (one denoising step, all T
 time steps of the SNN) on one image; per-image totals multiply by the UNet evaluations the sampler made
-per image.
+per image. Under a T schedule (T per denoising step) the SNN's figures per denoising step are means over the
+steps of the run, and ``mean_timesteps`` is the mean T they cost; the ANN makes one forward per denoising step
+whatever T, so the SNN / ANN ratio compares the run's mean SNN step with one ANN forward.
 """
 
 from __future__ import annotations
@@ -62,13 +64,20 @@ class LayerRow:
 
 @dataclass
 class EnergyReport:
-    """SNN against ANN, per denoising step per image unless a name says otherwise."""
+    """SNN against ANN, per denoising step per image unless a name says otherwise. ``timesteps`` is the T of
+    the run, or the text form of its T schedule (``"4,16x3"``); ``mean_timesteps`` the mean T per denoising
+    step (T itself without a schedule)."""
 
     rows: list[LayerRow]
     site_rates: dict[str, float]
-    timesteps: int
+    timesteps: int | str
     unet_evaluations_per_image: float
     energy_model: EnergyModel
+    mean_timesteps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean_timesteps is None:
+            self.mean_timesteps = float(self.timesteps)
 
     @property
     def snn_acs(self) -> float:
@@ -128,6 +137,7 @@ class EnergyReport:
         per_image = self.unet_evaluations_per_image
         return {
             "timesteps": self.timesteps,
+            "mean_timesteps_per_step": self.mean_timesteps,
             "unet_evaluations_per_image": per_image,
             "snn_acs_per_step": self.snn_acs,
             "snn_macs_per_step": self.snn_macs,
@@ -161,12 +171,20 @@ class EnergyReport:
 
 
 def build_report(
-    snn: Accounting, ann: Accounting, timesteps: int, num_images: int, energy_model: EnergyModel | None = None
+    snn: Accounting,
+    ann: Accounting,
+    timesteps: int | str,
+    num_images: int,
+    energy_model: EnergyModel | None = None,
+    mean_timesteps: float | None = None,
 ) -> EnergyReport:
     """Join the SNN's and the ANN's counts layer by layer, normalised per UNet evaluation per image.
 
     ``snn`` is measured over a sampling run of ``num_images`` images, ``ann`` over any forward passes (its
-    MACs do not depend on the input).
+    MACs do not depend on the input). ``timesteps`` is the run's T or T schedule (text form), and
+    ``mean_timesteps`` its mean T per UNet evaluation (default: ``timesteps``, which must then be an int).
+    Each side is divided by its own number of UNet forwards on one sample, never by T: an SNN evaluation
+    holds all its T time steps, and the ANN makes one forward per denoising step whatever the schedule.
     """
     energy_model = energy_model or EnergyModel()
     snn_per, ann_per = 1 / snn.sample_forwards, 1 / ann.sample_forwards
@@ -196,6 +214,7 @@ def build_report(
         timesteps=timesteps,
         unet_evaluations_per_image=snn.sample_forwards / num_images,
         energy_model=energy_model,
+        mean_timesteps=mean_timesteps,
     )
 
 
@@ -230,7 +249,7 @@ def format_summary(report: EnergyReport) -> str:
             f"Spike-driven share of operations: {t['spike_driven_fraction']:.1%} of ACs + MACs "
             f"({t['weight_layer_spike_driven_fraction']:.1%} of conv / linear work)",
             f"Mean input firing rate of spike-driven layers: {t['mean_input_firing_rate']:.3f} spikes / neuron / step",
-            f"Per denoising step (T = {report.timesteps}): SNN {t['snn_acs_per_step'] / 1e6:.2f} M ACs + "
+            f"Per denoising step ({t_description(report)}): SNN {t['snn_acs_per_step'] / 1e6:.2f} M ACs + "
             f"{t['snn_macs_per_step'] / 1e6:.2f} M MACs = {t['snn_energy_mj_per_step']:.4f} mJ; "
             f"ANN {t['ann_macs_per_step'] / 1e6:.2f} M MACs = {t['ann_energy_mj_per_step']:.4f} mJ",
             f"Per image ({t['unet_evaluations_per_image']:g} UNet evaluations): "
@@ -238,3 +257,10 @@ def format_summary(report: EnergyReport) -> str:
             f"SNN / ANN energy: {t['energy_ratio_snn_over_ann']:.2f}",
         ]
     )
+
+
+def t_description(report: EnergyReport) -> str:
+    """``T = 4``, or ``T = 4,16x3, mean T = 5.8`` under a T schedule."""
+    if isinstance(report.timesteps, int) and report.mean_timesteps == report.timesteps:
+        return f"T = {report.timesteps}"
+    return f"T = {report.timesteps}, mean T = {report.mean_timesteps:.4g}"

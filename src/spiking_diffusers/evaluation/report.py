@@ -45,11 +45,14 @@ def markdown_table(report: dict) -> str:
     splits = report["settings"]["fd_splits"]
     split_cols = f" | FD, {splits} splits | FD / ANN, {splits} splits" if splits > 1 else ""
     lines = [
-        f"| network | L | T | FD | FD / ANN{split_cols} | PSNR vs ANN (dB) | noise-pred. rel. error | s / image |",
-        "|---|---|---|---|---" + ("|---|---" if splits > 1 else "") + "|---|---|---|",
+        f"| network | L | T | mean T | FD | FD / ANN{split_cols} | PSNR vs ANN (dB) | noise-pred. rel. error | "
+        "s / image |",
+        "|---|---|---|---|---|---" + ("|---|---" if splits > 1 else "") + "|---|---|---|",
     ]
     for row in report["variants"]:
-        cells = [row["name"], str(row["levels"] or "-"), str(row["timesteps"] or "-"), _fmt(row["fd"])]
+        mean_t = row.get("mean_timesteps")
+        cells = [row["name"], str(row["levels"] or "-"), str(row["timesteps"] or "-")]
+        cells += ["-" if mean_t is None else f"{mean_t:g}", _fmt(row["fd"])]
         cells.append(_fmt(row["fd_ratio"]))
         if splits > 1:
             cells += [
@@ -84,6 +87,8 @@ def markdown_report(report: dict) -> str:
         "images)",
         f"- noise-prediction error: ||eps - eps_ANN|| / ||eps_ANN|| on {s['noise_images']} noised real images "
         "per timestep; the table gives its mean over timesteps",
+        "- mean T: simulation time steps per denoising step (what energy and latency pay); a T schedule such as "
+        "4,16x3 gives the last 3 steps T = 16 and the others T = 4",
         "",
     ]
     body = [

@@ -7,7 +7,9 @@ Measured for each network (docs/evaluation.md, "Measuring honestly"):
   subsets, whose spread is the seed-to-seed noise a ratio must be read against;
 - the PSNR of each sample against the ANN's sample from the same noise (mean and std over images);
 - the relative error of its noise prediction against the ANN's on fixed noised real images, at
-  timesteps spread over the diffusion schedule.
+  timesteps spread over the diffusion schedule (a T-schedule variant at each timestep with the T of the
+  sampling run's denoising step nearest to it);
+- for a spiking network, its mean T per denoising step (what energy and latency pay; a T schedule's mean).
 
 The real reference for the digit model is all 1797 digits, not the 359 of the held-out split: the DDPM
 was trained on all of them, and a 128-dimensional covariance wants as many samples as there are. The
@@ -37,15 +39,16 @@ from ..metrics import (
     FeatureExtractorError,
     FrechetDistance,
     InceptionFeatures,
+    NoisedInputs,
     noise_prediction_errors,
     noised_inputs,
     paired_psnr,
     predict_noise,
     reference_statistics,
 )
-from ..pipelines import make_scheduler
+from ..pipelines import TSchedule, make_scheduler
 from .sampling import sample_variant
-from .variants import Variant, prepare_variants
+from .variants import Variant, VariantError, prepare_variants
 
 MIN_FD_SAMPLES = 1000
 """Below this many samples a classifier-feature FD is too noisy to compare networks by (see
@@ -58,6 +61,7 @@ class EvaluationConfig:
     is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own."""
 
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    t_schedules: list[TSchedule | str] = field(default_factory=list)
     levels: int | None = None
     neuron: str | None = None
     execution: str = "batched"
@@ -92,6 +96,11 @@ def evaluate(
     """Evaluate ``model`` (ANN, QCFS or SNN; see :func:`prepare_variants`) as described in the module doc."""
     if config.num_images < 2 or config.num_images // max(config.fd_splits, 1) < 2:
         raise ValueError("Every Fréchet distance needs at least 2 images: raise --num-images or lower --fd-splits.")
+    for schedule in config.t_schedules:  # a schedule that does not fit the steps fails before any work
+        try:
+            TSchedule.coerce(schedule, "t_schedules").per_step(config.steps, "the T schedule")
+        except ValueError as err:
+            raise VariantError(f"{err} (steps: {config.steps})") from err
     shape = _sample_shape(model)  # the metric and its real images first: a mistake there fails before any work
     extractor, extractor_name = _feature_extractor(config, shape)
     real, real_name = _real_images(config, shape)
@@ -105,6 +114,7 @@ def evaluate(
         scheduler_config,
         config.calibration,
         config.residual_spikes,
+        config.t_schedules,
     )
     device = next(model.parameters()).device
     extractor = extractor.to(device)
@@ -173,20 +183,47 @@ def _noise_prediction_errors(
     out: dict = {"timesteps": inputs.timesteps.tolist()}
     reference = None
     for variant in tqdm(variants, desc="noise-prediction sweep", disable=not config.progress, leave=False):
-        predictions = predict_noise(variant.unet, inputs, config.batch_size, **variant.forward_kwargs)
+        if variant.t_schedule is None:
+            predictions = predict_noise(variant.unet, inputs, config.batch_size, **variant.forward_kwargs)
+            steps = None
+        else:
+            predictions, steps = _predict_noise_scheduled(variant, inputs, scheduler_config, config)
         if reference is None:  # the ANN comes first
             reference = predictions
             out[variant.name] = {"noise_error": None, "noise_error_mean": None}
             continue
         errors = noise_prediction_errors(predictions, reference)
         out[variant.name] = {"noise_error": errors, "noise_error_mean": float(np.mean(errors))}
+        if steps is not None:
+            out[variant.name]["noise_error_snn_timesteps"] = steps
     return out
+
+
+def _predict_noise_scheduled(
+    variant: Variant, inputs: NoisedInputs, scheduler_config: dict, config: EvaluationConfig
+) -> tuple[torch.Tensor, list[int]]:
+    """A T-schedule variant's noise predictions, each sweep timestep at the T of the sampling run's denoising
+    step nearest to it; and those T."""
+    scheduler = make_scheduler(config.scheduler, scheduler_config)
+    scheduler.set_timesteps(config.steps)
+    steps = variant.t_schedule.at_timesteps(inputs.timesteps.tolist(), scheduler.timesteps.tolist(), config.steps)
+    predictions = [
+        predict_noise(
+            variant.unet,
+            NoisedInputs(inputs.samples[k : k + 1], inputs.timesteps[k : k + 1]),
+            config.batch_size,
+            snn_timesteps=t,
+        )
+        for k, t in enumerate(steps)
+    ]
+    return torch.cat(predictions), steps
 
 
 def _measure(
     variant: Variant, images: torch.Tensor, ann_images: torch.Tensor, frechet: FrechetDistance, config: EvaluationConfig
 ) -> dict:
-    row = {"name": variant.name, "kind": variant.kind, "levels": variant.levels, "timesteps": variant.timesteps}
+    row = {"name": variant.name, "kind": variant.kind, "levels": variant.levels, "timesteps": variant.t_label}
+    row["mean_timesteps"] = variant.mean_timesteps(config.steps)
     row["fd"] = frechet(images)
     splits = max(config.fd_splits, 1)
     size = len(images) // splits
@@ -214,6 +251,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def _settings(config: EvaluationConfig, extractor: str, real: str, num_real: int, device: str) -> dict:
     settings = {k: v for k, v in vars(config).items() if k not in ("progress", "cache_dir")}
+    settings["t_schedules"] = [str(TSchedule.coerce(schedule)) for schedule in config.t_schedules]
     settings["calibration"] = dataclasses.asdict(config.calibration) if config.calibration else None
     settings.update(feature_extractor=extractor, real_reference=real, real_reference_images=num_real, device=device)
     return settings

@@ -11,6 +11,10 @@
   default) and must have the same architecture;
 - a ``SpikingUNet2DModel``: it is simulated at each T; its QCFS network is recovered from its weights
   (lambda threshold form only), and the ANN again comes from ``reference``.
+
+A T schedule (``"4,16x3"``: T per denoising step, see :mod:`spiking_diffusers.pipelines.t_schedule`) adds one
+more spiking variant, sampled with its step's T at every denoising step, from the QCFS network at L =
+``levels`` or the T most of its steps take.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..calibration.calibrate import CalibrationConfig
 from ..calibration.policy import qcfs_network
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import unet_config_dict
+from ..pipelines.t_schedule import TSchedule
 
 
 class VariantError(ValueError):
@@ -33,18 +38,33 @@ class VariantError(ValueError):
 
 @dataclass
 class Variant:
-    """One network to sample from: ``kind`` is "ann", "qcfs" or "snn"; ``timesteps`` is the SNN's T."""
+    """One network to sample from: ``kind`` is "ann", "qcfs" or "snn"; ``timesteps`` is the SNN's T, or
+    ``t_schedule`` its T per denoising step."""
 
     name: str
     kind: str
     unet: nn.Module
     levels: int | None = None
     timesteps: int | None = None
+    t_schedule: TSchedule | None = None
 
     @property
     def forward_kwargs(self) -> dict:
-        """Extra arguments of every UNet call (the simulation length of a spiking UNet)."""
-        return {"snn_timesteps": self.timesteps} if self.kind == "snn" else {}
+        """Extra arguments of the pipeline (the simulation length of a spiking UNet: a T or a T schedule)."""
+        if self.kind != "snn":
+            return {}
+        return {"snn_timesteps": self.t_schedule if self.t_schedule is not None else self.timesteps}
+
+    @property
+    def t_label(self) -> int | str | None:
+        """T as the report gives it: an int, or a schedule's text form."""
+        return str(self.t_schedule) if self.t_schedule is not None else self.timesteps
+
+    def mean_timesteps(self, steps: int) -> float | None:
+        """The mean T per denoising step over ``steps`` steps (``None`` for an ANN or QCFS network)."""
+        if self.kind != "snn":
+            return None
+        return self.t_schedule.mean(steps) if self.t_schedule is not None else float(self.timesteps)
 
 
 def prepare_variants(
@@ -57,8 +77,10 @@ def prepare_variants(
     scheduler_config: dict | None = None,
     calibration: CalibrationConfig | None = None,
     residual_spikes: bool | None = None,
+    t_schedules: list[TSchedule | str] | None = None,
 ) -> list[Variant]:
-    """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T.
+    """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T;
+    then an SNN for each of ``t_schedules`` (non-constant T schedules; a constant one joins ``timesteps``).
 
     ``model`` is the network the user passed (ANN, QCFS or SNN); ``reference`` is the ANN to compare a
     QCFS or SNN model against (ignored for an ANN ``model``). ``neuron`` ("if" or "signed_if") applies to
@@ -70,20 +92,23 @@ def prepare_variants(
     keeps its own, and asking for the other setting is a :class:`VariantError`. A QCFS network shared by
     several T appears once.
     """
-    if not timesteps or min(timesteps) < 1:
+    schedules, timesteps = _split_schedules(t_schedules, list(timesteps or []))
+    if (not timesteps and not schedules) or (timesteps and min(timesteps) < 1):
         raise VariantError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps}.")
     if isinstance(model, (SpikingUNet2DModel, QCFSUNet2DModel)):
         _check_residual_spikes(model, residual_spikes)
     if isinstance(model, SpikingUNet2DModel):
         model.set_execution(execution)
-        return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron)
+        return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron, schedules)
     if isinstance(model, QCFSUNet2DModel):
         snn_options = {"neuron": neuron or "if", "execution": execution}
-        return _from_qcfs(model, _checked_reference(model, reference), timesteps, levels, snn_options)
+        return _from_qcfs(model, _checked_reference(model, reference), timesteps, levels, snn_options, schedules)
     variants = [Variant("ANN", "ann", model)]
     qnets: dict[int, QCFSUNet2DModel] = {}
     snns: dict[int, SpikingUNet2DModel] = {}
-    for t in timesteps:
+    for t in [*timesteps, *schedules]:
+        schedule = t if isinstance(t, TSchedule) else None
+        t = schedule.base if schedule is not None else t
         level = int(levels or t)
         if level not in qnets:
             qnets[level] = qcfs_network(
@@ -96,18 +121,45 @@ def prepare_variants(
             ).qnet
             snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
-        variants.append(Variant(f"SNN T={t}", "snn", snns[level], levels=level, timesteps=t))
+        variants.append(_snn_variant(snns[level], level, schedule or t))
     return variants
 
 
-def _from_qcfs(qnet, ann, timesteps, levels, snn_options) -> list[Variant]:
+def _split_schedules(t_schedules, timesteps: list[int]) -> tuple[list[TSchedule], list[int]]:
+    """The non-constant schedules, and ``timesteps`` with the T of every constant one added (once)."""
+    schedules: list[TSchedule] = []
+    for value in t_schedules or []:
+        try:
+            schedule = TSchedule.coerce(value, "t_schedules")
+        except (TypeError, ValueError) as err:
+            raise VariantError(str(err)) from err
+        constant = schedule.constant_timesteps
+        if constant is not None:
+            timesteps.append(constant)
+        elif str(schedule) not in map(str, schedules):
+            schedules.append(schedule)
+    return schedules, list(dict.fromkeys(timesteps))
+
+
+def _snn_variant(snn, level: int, t: int | TSchedule) -> Variant:
+    if isinstance(t, TSchedule):
+        return Variant(f"SNN T={t}", "snn", snn, levels=level, t_schedule=t)
+    return Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t)
+
+
+def _all_timesteps(timesteps: list[int], schedules: list[TSchedule]) -> list[int]:
+    return sorted(set(timesteps).union(*(schedule.values() for schedule in schedules)))
+
+
+def _from_qcfs(qnet, ann, timesteps, levels, snn_options, schedules=()) -> list[Variant]:
     level = int(qnet.config.levels)
     if levels is not None and levels != level:
         raise VariantError(f"The QCFS model has L = {level}; --levels {levels} cannot change it.")
-    _check_tsm_timesteps(int(qnet.config.get("tsm_steps") or 0), timesteps)
-    snn = convert(qnet, timesteps=max(timesteps), **snn_options)
+    every_t = _all_timesteps(timesteps, list(schedules))
+    _check_tsm_timesteps(int(qnet.config.get("tsm_steps") or 0), every_t)
+    snn = convert(qnet, timesteps=max(every_t), **snn_options)
     variants = [Variant("ANN", "ann", ann), Variant(f"QCFS L={level}", "qcfs", qnet, levels=level)]
-    return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
+    return variants + [_snn_variant(snn, level, t) for t in [*timesteps, *schedules]]
 
 
 def _check_tsm_timesteps(tsm_steps: int, timesteps: list[int]) -> None:
@@ -116,9 +168,9 @@ def _check_tsm_timesteps(tsm_steps: int, timesteps: list[int]) -> None:
         raise VariantError(f"The model's temporal factors (TSM) are for T = {tsm_steps}; pass --timesteps {tsm_steps}.")
 
 
-def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
+def _from_snn(snn, ann, timesteps, levels, neuron, schedules=()) -> list[Variant]:
     config = snn.config
-    _check_tsm_timesteps(int(config.timesteps) if config.tsm else 0, timesteps)
+    _check_tsm_timesteps(int(config.timesteps) if config.tsm else 0, _all_timesteps(timesteps, list(schedules)))
     level = int(config.levels)
     if levels is not None and levels != level:
         raise VariantError(f"The spiking model has L = {level}; --levels {levels} cannot change it.")
@@ -128,7 +180,7 @@ def _from_snn(snn, ann, timesteps, levels, neuron) -> list[Variant]:
     if config.threshold_form == "lambda":
         qnet = snn.to_qcfs()
         variants.append(Variant(f"QCFS L={level}", "qcfs", qnet.eval(), levels=level))
-    return variants + [Variant(f"SNN T={t}", "snn", snn, levels=level, timesteps=t) for t in timesteps]
+    return variants + [_snn_variant(snn, level, t) for t in [*timesteps, *schedules]]
 
 
 def _check_residual_spikes(model: QCFSUNet2DModel | SpikingUNet2DModel, requested: bool | None) -> None:

@@ -1,7 +1,8 @@
-"""Sampling with spiking UNets: the diffusers pipeline and threshold guidance."""
+"""Sampling with spiking UNets: the diffusers pipeline, T schedules and threshold guidance."""
 
 from .schedulers import SCHEDULERS, check_steps, make_scheduler
 from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
+from .t_schedule import SCHEDULE_FORM, TSchedule, TScheduleError
 from .threshold_guidance import (
     GROUPS,
     ThresholdScale,
@@ -14,7 +15,10 @@ from .threshold_guidance import (
 __all__ = [
     "GROUPS",
     "SCHEDULERS",
+    "SCHEDULE_FORM",
     "SpikingDiffusionPipeline",
+    "TSchedule",
+    "TScheduleError",
     "ThresholdScale",
     "check_steps",
     "get_threshold_scales",

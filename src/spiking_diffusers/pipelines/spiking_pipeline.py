@@ -5,7 +5,8 @@ It differs from diffusers' ``DDPMPipeline`` in what a spiking UNet and the full 
 - ``init_noise_sigma`` and ``scale_model_input`` are applied, so Euler-type schedulers work;
 - ``eta`` and ``generator`` reach ``scheduler.step`` only where its signature takes them;
 - ``threshold_scale`` (threshold guidance) and ``snn_timesteps`` are set per call, and the previous
-  thresholds are restored afterwards;
+  thresholds are restored afterwards; ``snn_timesteps`` may be a T schedule, one T per denoising step
+  (:mod:`~spiking_diffusers.pipelines.t_schedule`), and each UNet call gets its step's T;
 - a list of generators, one per image, makes every image independent of how a run is split in batches;
 - a sample that ends non-finite (NaN or Inf) raises :class:`~spiking_diffusers.errors.NonFiniteError`
   instead of becoming an image.
@@ -33,6 +34,7 @@ from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
 from ..validation import check_int
 from .schedulers import check_steps
+from .t_schedule import TSchedule
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -61,7 +63,10 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         """Whether the UNet is a spiking network (which takes ``threshold_scale`` and ``snn_timesteps``)."""
         return isinstance(self.unet, SpikingUNet2DModel)
 
-    def _check_arguments(self, output_type: str, threshold_scale: ThresholdScale | None, snn_timesteps, eta) -> None:
+    def _check_arguments(
+        self, output_type: str, threshold_scale: ThresholdScale | None, snn_timesteps, eta
+    ) -> TSchedule | None:
+        """Refuse bad arguments; returns ``snn_timesteps`` as a schedule (``None``: the model's own T)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
         identity = is_identity(threshold_scale)  # raises on invalid values, whatever the UNet
@@ -71,10 +76,10 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"threshold_scale applies to spiking UNets only; this pipeline holds a {kind}.")
             if snn_timesteps is not None:
                 raise ValueError(f"snn_timesteps applies to spiking UNets only; this pipeline holds a {kind}.")
-        if snn_timesteps is not None:
-            check_int(snn_timesteps, "snn_timesteps", "timesteps")
+        schedule = None if snn_timesteps is None else TSchedule.coerce(snn_timesteps, "snn_timesteps")
         if eta != 0 and not step_accepts(self.scheduler, "eta"):
             raise ValueError(f"eta applies to DDIM-type schedulers; {type(self.scheduler).__name__} has no eta.")
+        return schedule
 
     def _check_batch(self, batch_size, generator, num_inference_steps, latents) -> int:
         """The number of images to make, with ``batch_size``, the generators, the steps and ``latents`` checked
@@ -113,7 +118,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         threshold_scale: ThresholdScale | None = None,
-        snn_timesteps: int | None = None,
+        snn_timesteps: int | str | list[int] | TSchedule | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
@@ -131,13 +136,19 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             threshold_scale: threshold guidance for this call: a float for every neuron or a dict per block
                 group (``{"down": 0.99, "mid": 1.0, "up": 0.995}``; see ``threshold_guidance``).
                 ``None`` keeps the model's current factors.
-            snn_timesteps: simulation steps T per UNet call (default: the model's configured T).
+            snn_timesteps: simulation steps T per UNet call (default: the model's configured T): an int for
+                every denoising step, a list with one int per denoising step, or a T schedule, a
+                :class:`~spiking_diffusers.pipelines.TSchedule` or its text form (``"4,16x3"``: T = 16 for the
+                last 3 steps, 4 for the others). A schedule that does not fit ``num_inference_steps`` is a
+                ``ValueError`` naming the accepted form.
             eta: DDIM-type stochasticity; an error for schedulers whose ``step`` has no ``eta``.
             latents: initial noise of shape ``(B, C, H, W)`` (unscaled; ``init_noise_sigma`` is applied).
             class_labels: labels for class-conditional UNets.
         """
-        self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
+        schedule = self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
         self._check_batch(batch_size, generator, num_inference_steps, latents)
+        if schedule is not None:
+            schedule.per_step(num_inference_steps)  # a schedule that does not fit the steps fails before any work
         device = self._execution_device
         dtype = self.unet.dtype
         if latents is None:
@@ -150,13 +161,18 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         if step_accepts(self.scheduler, "generator"):
             step_kwargs["generator"] = generator
         unet_kwargs = {"class_labels": class_labels.to(device) if class_labels is not None else None}
-        if self.is_spiking:
-            unet_kwargs["snn_timesteps"] = snn_timesteps
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if schedule is None:  # the model's own T (or a plain UNet, which takes no T)
+            per_call = [snn_timesteps] * len(timesteps)
+        else:
+            per_call = schedule.per_call(timesteps.tolist(), num_inference_steps)
         guidance = scaled_thresholds(self.unet, threshold_scale) if self.is_spiking else contextlib.nullcontext()
         with guidance:
-            for t in self.progress_bar(self.scheduler.timesteps):
+            for t, steps in zip(self.progress_bar(timesteps), per_call, strict=True):
+                if self.is_spiking:
+                    unet_kwargs["snn_timesteps"] = steps
                 model_input = self.scheduler.scale_model_input(latents, t)
                 noise_pred = self.unet(model_input, t, **unet_kwargs).sample
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
