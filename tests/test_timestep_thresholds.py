@@ -242,3 +242,37 @@ def test_onnx_graphs_take_the_group_from_the_timestep(tmp_path):
     with torch.no_grad():
         reference = snn(sample, timestep).sample.numpy()
     assert np.abs(np.mean(outputs, axis=0) - reference).max() <= TOLERANCE
+
+
+def test_calibration_with_two_groups_trains_tables_and_reports_them(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
+    from spiking_diffusers.calibration.distill import DistillSettings
+    from spiking_diffusers.calibration.report import PLOT_FILE, REPORT_FILE, write_calibration_report
+
+    config = CalibrationConfig(
+        timesteps=2,
+        threshold_groups=2,
+        num_samples=16,
+        sampler_steps=2,
+        stats_batches=1,
+        distill=DistillSettings(steps=4, batch_size=4),
+        snn=DistillSettings(steps=2, batch_size=4, lr=1e-4),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    result = calibrate(unet, dict(DDPMScheduler(num_train_timesteps=1000).config), config, progress=False)
+    assert result.qnet.config.threshold_groups == 2
+    assert result.report["settings"]["threshold_groups"] == 2
+    site = result.report["sites"]["down_blocks.0.resnets.0.act1"]
+    for stage in ("before", "after"):
+        assert len(site[stage]["threshold"]) == 2 and len(site[stage]["threshold_group_means"]) == 2
+        assert 0 <= site[stage]["clipped_fraction"] <= 1 and site[stage]["quantization_mse"] > 0
+    assert site["before"]["threshold"][0] != site["before"]["threshold"][1]  # initialised per group
+    write_calibration_report(result.report, tmp_path)
+    assert (tmp_path / PLOT_FILE).stat().st_size > 0 and json.loads((tmp_path / REPORT_FILE).read_text())
+    snn = convert(result.qnet, timesteps=2)
+    assert snn.config.threshold_groups == 2
+    with pytest.raises(ValueError, match=r"threshold_groups must be in the range 1<=x<=64, got 0"):
+        CalibrationConfig(threshold_groups=0).validate()
