@@ -209,6 +209,10 @@ def test_bad_threshold_groups_are_errors_naming_the_argument(unet):
     assert convert(qnet, timesteps=2, threshold_groups=2).config.threshold_groups == 2
     with pytest.raises(ValueError, match="threshold_form='unit' needs one threshold per site"):
         convert(qnet, timesteps=2, threshold_form="unit")
+    from spiking_diffusers.evaluation.variants import VariantError, prepare_variants
+
+    with pytest.raises(VariantError, match="threshold_groups=1 does not match the QCFSUNet2DModel"):
+        prepare_variants(qnet, unet, [2], threshold_groups=1)
     with pytest.raises(RuntimeError, match="called without the samples' groups"):
         qnet.unet(inputs(unet), TIMESTEPS)  # the inner UNet alone does not know the groups
 
@@ -276,3 +280,87 @@ def test_calibration_with_two_groups_trains_tables_and_reports_them(tmp_path):
     assert snn.config.threshold_groups == 2
     with pytest.raises(ValueError, match=r"threshold_groups must be in the range 1<=x<=64, got 0"):
         CalibrationConfig(threshold_groups=0).validate()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    """A tiny ANN (google layout), one with an 8-step schedule, and a K = 2 QCFS model of the first."""
+    from diffusers import DDPMScheduler
+
+    root = tmp_path_factory.mktemp("tdt-models")
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    unet.save_pretrained(root / "ann")
+    DDPMScheduler().save_pretrained(root / "ann")
+    short = make_unet(dict(TINY_CONFIGS["attention"], num_train_timesteps=8), dtype=torch.float32)
+    short.save_pretrained(root / "short")
+    DDPMScheduler(num_train_timesteps=8).save_pretrained(root / "short")
+    quantize(unet, levels=2, num_samples=2, threshold_groups=2).save_pretrained(root / "qcfs2")
+    return {"ann": root / "ann", "short": root / "short", "qcfs2": root / "qcfs2", "root": root}
+
+
+def invoke(command, *args):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(command.main, [str(arg) for arg in args])
+
+
+def test_sdm_convert_takes_k_for_an_ann_and_from_a_qcfs_model(saved, tmp_path):
+    from spiking_diffusers.commands import convert as convert_command
+
+    out = tmp_path / "ann-k2"
+    result = invoke(
+        convert_command, "--model", saved["ann"], "--timesteps", 2, "--threshold-groups", 2, "--no-calibrate",
+        "--output", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 timestep threshold groups" in result.output
+    assert json.loads((out / "conversion.json").read_text())["settings"]["threshold_groups"] == 2
+    assert SpikingUNet2DModel.from_pretrained(out / "unet").config.threshold_groups == 2
+    result = invoke(convert_command, "--model", saved["qcfs2"], "--timesteps", 2, "--output", tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    assert SpikingUNet2DModel.from_pretrained(tmp_path / "q" / "unet").config.threshold_groups == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "args", "message"),
+    [
+        ("convert", "ann", ["--threshold-groups", "0"], "'--threshold-groups': 0 is not in the range 1<=x<=64"),
+        ("convert", "ann", ["--threshold-groups", "65"], "'--threshold-groups': 65 is not in the range 1<=x<=64"),
+        ("convert", "ann", ["--threshold-groups", "two"], "'--threshold-groups': 'two' is not a valid integer"),
+        ("convert", "short", ["--threshold-groups", "16"], "--threshold-groups must be at most the 8 diffusion"),
+        ("convert", "qcfs2", ["--threshold-groups", "3"], "pass --threshold-groups 2"),
+        ("convert", "qcfs2", ["--threshold-form", "unit"], "--threshold-form unit needs one threshold per site"),
+        ("calibrate", "ann", ["--threshold-groups", "65"], "'--threshold-groups': 65 is not in the range 1<=x<=64"),
+        (
+            "calibrate",
+            "short",
+            ["--threshold-groups", "9", "--sampler-steps", "2"],
+            "--threshold-groups must be at most the 8 diffusion",
+        ),
+        ("evaluate", "qcfs2", ["--threshold-groups", "1"], "pass --threshold-groups 2"),
+    ],
+)
+def test_a_threshold_group_setting_that_does_not_fit_is_a_usage_error(saved, tmp_path, command, model, args, message):
+    import importlib
+
+    module = importlib.import_module(f"spiking_diffusers.commands.{command}")
+    out = tmp_path / "out"
+    result = invoke(module, "--model", saved[model], *args, "--output", out)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert not out.exists()
+
+
+def test_sdm_calibrate_with_two_groups_writes_a_k2_model(saved, tmp_path):
+    from spiking_diffusers.commands import calibrate as calibrate_command
+
+    out = tmp_path / "cal"
+    result = invoke(
+        calibrate_command, "--model", saved["ann"], "--timesteps", 2, "--threshold-groups", 2, "--num-samples", 8,
+        "--sampler-steps", 2, "--distill-steps", 2, "--batch-size", 4, "--snn-steps", 1, "--snn-batch-size", 4,
+        "--cache-dir", tmp_path / "cache", "--output", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert QCFSUNet2DModel.from_pretrained(out / "unet").config.threshold_groups == 2
+    assert json.loads((out / "calibration_report.json").read_text())["settings"]["threshold_groups"] == 2

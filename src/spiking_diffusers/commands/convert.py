@@ -31,7 +31,9 @@ from ..cli import (
     output_options,
     residual_spikes_option,
     resolve_residual_spikes,
+    resolve_threshold_groups,
     sdm_command,
+    threshold_groups_option,
 )
 from ..converter import QCFSUNet2DModel, convert
 from ..converter.building import unet_config_dict
@@ -75,6 +77,7 @@ Examples:
 )
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
 @residual_spikes_option()
+@threshold_groups_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -96,6 +99,7 @@ def main(
     threshold_form,
     per_channel,
     residual_spikes,
+    threshold_groups,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -110,8 +114,15 @@ def main(
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
+        if threshold_form == "unit" and loaded.kind != "snn" and resolve_threshold_groups(threshold_groups, loaded) > 1:
+            raise CommandError(
+                "--threshold-form unit needs one threshold per site, but the QCFS network has timestep-aware "
+                "thresholds (--threshold-groups > 1), which cannot be folded into static weights; use "
+                "--threshold-form lambda.",
+                2,
+            )
         qnet, ann, calibration_report = _qcfs_network(
-            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes
+            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes, threshold_groups
         )
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
@@ -131,6 +142,7 @@ def main(
                 "nonlinear_mode": nonlinear_mode,
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
+                "threshold_groups": int(qnet.config.threshold_groups),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -159,6 +171,7 @@ def _qcfs_network(
     seed: int,
     calibration: CalibrationConfig | None,
     residual_spikes: bool | None,
+    threshold_groups: int | None = None,
 ):
     """The QCFS network to convert, the ANN reference of the fidelity check (``None``: use ``as_ann``), and
     the report of the calibration run here (empty when none ran)."""
@@ -169,6 +182,7 @@ def _qcfs_network(
             exit_code=2,
         )
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    threshold_groups = resolve_threshold_groups(threshold_groups, loaded)
     if loaded.kind == "qcfs":
         qnet = loaded.unet
         if option_given("levels") and levels != qnet.config.levels:
@@ -185,6 +199,7 @@ def _qcfs_network(
         scheduler_config=dict(loaded.scheduler.config),
         calibration=calibration,
         residual_spikes=residual_spikes,
+        threshold_groups=threshold_groups,
     )
     return result.qnet, loaded.unet, result.report
 
@@ -197,6 +212,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
         + (", residual spikes" if settings.get("residual_spikes") else "")
+        + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
     )
     if report["source_kind"] == "ann" and report["calibrated_here"]:
         click.echo(f"  calibrated here with the sdm-calibrate defaults (report: {REPORT_FILE}, plot: {PLOT_FILE})")

@@ -55,7 +55,9 @@ MIN_FD_SAMPLES = 1000
 @dataclass
 class EvaluationConfig:
     """Every setting of an evaluation run (all of them go into the report). ``residual_spikes`` is how an ANN
-    is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own."""
+    is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own, as it
+    does its ``threshold_groups`` (K timestep-aware thresholds per site; ``None``: as ``calibration`` says,
+    else 1)."""
 
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     levels: int | None = None
@@ -76,6 +78,7 @@ class EvaluationConfig:
     progress: bool = True
     calibration: CalibrationConfig | None = None
     residual_spikes: bool | None = None
+    threshold_groups: int | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ def evaluate(
         scheduler_config,
         config.calibration,
         config.residual_spikes,
+        config.threshold_groups,
     )
     device = next(model.parameters()).device
     extractor = extractor.to(device)
