@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CONFIGS, make_unet, relative_error
+from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from spiking_diffusers.converter.thresholds import collect_group_site_inputs, percentile_threshold
 from spiking_diffusers.converter.timestep_groups import timestep_groups
@@ -107,12 +107,33 @@ def test_groups_split_the_schedule_into_equal_ranges():
     assert timestep_groups(7, 2, 8, 8, torch.device("cpu")).tolist() == [7, 7]
 
 
-def test_batched_equals_stepwise_with_groups(unet):
-    snn = convert(quantize(unet, levels=4, per_channel=True, num_samples=8, threshold_groups=2), timesteps=4)
-    sample = inputs(unet)
-    batched = run(snn, sample, TIMESTEPS)
+@pytest.mark.parametrize("name", ["attention", "scale_shift", "skip_fourier"])
+def test_batched_equals_stepwise_with_groups(name):
+    """scale_shift keeps its time-embedding sites analog QCFS units inside the SNN: they see T x B samples too."""
+    unet = make_unet(TINY_CONFIGS[name])
+    snn = convert(quantize(unet, levels=4, per_channel=True, num_samples=8, threshold_groups=3), timesteps=4)
+    sample, _, kwargs = make_inputs(unet, batch=4)
+    batched = run(snn, sample, TIMESTEPS, **kwargs)
     snn.set_execution("stepwise")
-    assert torch.allclose(run(snn, sample, TIMESTEPS), batched, rtol=0, atol=1e-10)
+    assert torch.allclose(run(snn, sample, TIMESTEPS, **kwargs), batched, rtol=0, atol=1e-10)
+
+
+def test_the_spiking_pipeline_samples_with_groups_and_guidance(unet32):
+    from diffusers import DDIMScheduler
+
+    from spiking_diffusers import SpikingDiffusionPipeline
+
+    snn = convert(quantize(unet32, levels=2, num_samples=4, threshold_groups=4), timesteps=2)
+    pipe = SpikingDiffusionPipeline(unet=snn, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, num_inference_steps=3, generator=generator, output_type="np", **kwargs).images
+
+    default = sample()
+    assert np.isfinite(default).all() and np.array_equal(sample(threshold_scale=1.0), default)
+    assert not np.array_equal(sample(threshold_scale=0.8), default)
 
 
 def test_thresholds_are_initialised_per_group_from_the_inputs_in_its_range(unet):
