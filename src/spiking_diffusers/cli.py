@@ -30,7 +30,9 @@ import torch
 from spiking_diffusers_launcher import EXIT_INTERRUPTED, INTERRUPTED
 
 from . import distributed
+from .converter.building import unet_config_dict
 from .converter.support import UnsupportedModuleError
+from .converter.timestep_groups import check_threshold_groups
 from .errors import SdmError
 from .loading import LoadedModel, ModelLoadError, resolve_device
 from .validation import BOUNDS, Bound
@@ -246,6 +248,41 @@ def resolve_residual_spikes(requested: bool | None, loaded: LoadedModel) -> bool
     return own
 
 
+def threshold_groups_option(default: int | None = None) -> Callable:
+    """``--threshold-groups K`` (timestep-aware thresholds); ``None`` when not given and ``default`` is ``None``
+    (see :func:`resolve_threshold_groups`)."""
+    own = "" if default is not None else " [default: 1 for an ANN; a QCFS or spiking model keeps its own]"
+    return click.option(
+        "--threshold-groups",
+        default=default,
+        show_default=default is not None,
+        type=BoundedInt("threshold_groups"),
+        metavar="K",
+        help="Timestep-aware thresholds: K thresholds per site, one per equal range of the diffusion schedule, "
+        f"chosen by each sample's timestep (1: one threshold per site){own}.",
+    )
+
+
+def resolve_threshold_groups(requested: int | None, loaded: LoadedModel) -> int:
+    """K for ``loaded``: an ANN takes ``requested`` (1 when ``None``), which must fit its schedule; a QCFS or
+    spiking model keeps its own, and asking for another K is a usage error."""
+    if loaded.kind == "ann":
+        value = 1 if requested is None else requested
+        try:
+            return check_threshold_groups(value, unet_config_dict(loaded.unet), name="--threshold-groups")
+        except ValueError as err:
+            raise CommandError(str(err), 2) from err
+    own = int(loaded.unet.config.threshold_groups)
+    if requested is not None and requested != own:
+        kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
+        raise CommandError(
+            f"--threshold-groups {requested}: {loaded.source} is a {kind} model with {own} timestep threshold "
+            f"group(s); it keeps them (leave the option out, or pass --threshold-groups {own}).",
+            2,
+        )
+    return own
+
+
 def calibration_config(
     calibrate: bool,
     calibration_samples: int,
@@ -253,6 +290,7 @@ def calibration_config(
     snn_steps: int,
     neuron: str | None = None,
     residual_spikes: bool | None = None,
+    threshold_groups: int | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -264,6 +302,7 @@ def calibration_config(
     config = CalibrationConfig(num_samples=calibration_samples)
     config.neuron = neuron or config.neuron
     config.residual_spikes = bool(residual_spikes)
+    config.threshold_groups = threshold_groups or config.threshold_groups
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config
@@ -277,12 +316,15 @@ def conversion_source(
     per_channel: bool | None = None,
     residual_spikes: bool | None = None,
     seed: int = 0,
+    threshold_groups: int | None = None,
 ) -> QCFSSource:
     """The QCFS network a command converts from what it loaded (one path for every command: see
     :func:`spiking_diffusers.calibration.policy.qcfs_network`), with a conflict between an option and the
     model's own setting as a usage error. Prints what is converted."""
     from .calibration.policy import ConversionSourceError, qcfs_network
 
+    if loaded.kind == "ann" and threshold_groups is not None:
+        threshold_groups = resolve_threshold_groups(threshold_groups, loaded)  # K must fit the schedule
     try:
         source = qcfs_network(
             loaded.unet,
@@ -294,6 +336,7 @@ def conversion_source(
             calibration=calibration,
             residual_spikes=residual_spikes,
             progress=distributed.is_main_process(),
+            threshold_groups=threshold_groups,
         )
     except ConversionSourceError as err:
         raise CommandError(f"{loaded.source}: {err} Leave the option out to use the model's own.", 2) from err

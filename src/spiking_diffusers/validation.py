@@ -32,6 +32,7 @@ MAX_TIMESTEPS = 1024
 MAX_LEVELS = 1024
 MAX_IMAGES = 100_000
 MAX_SEED = 2**63 - 1
+MAX_THRESHOLD_GROUPS = 64
 
 BOUNDS: dict[str, Bound] = {
     "timesteps": Bound(
@@ -50,6 +51,12 @@ BOUNDS: dict[str, Bound] = {
         "image i) stays a 64-bit seed",
     ),
     "eta": Bound(0, 1, "eta interpolates between deterministic DDIM (0) and DDPM-like noise (1)"),
+    "threshold_groups": Bound(
+        1,
+        MAX_THRESHOLD_GROUPS,
+        "each site keeps one threshold per group of diffusion timesteps, and each group needs calibration inputs "
+        "of its own",
+    ),
 }
 """Name -> bound, for the settings whose useful range the type alone does not say.
 

@@ -13,7 +13,13 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
-from ..converter.thresholds import collect_site_inputs, init_thresholds, quantization_error
+from ..converter.thresholds import (
+    collect_group_site_inputs,
+    collect_site_inputs,
+    init_thresholds,
+    quantization_error,
+)
+from ..validation import check_int
 from .checkpoint import CalibrationCheckpoints
 from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
 from .distill import DistillHistory, DistillSettings, distill
@@ -23,7 +29,9 @@ from .distill import DistillHistory, DistillSettings, distill
 class CalibrationConfig:
     """Every knob of a calibration run (all of them go into the report). ``residual_spikes`` quantizes with
     signed input encoders on the residual-reading convolutions and the attention projections (see ``quantize``),
-    calibrated with the rest."""
+    calibrated with the rest. ``threshold_groups`` K > 1 gives every site a table of K thresholds, one per equal
+    range of the diffusion schedule (timestep-aware thresholds), each initialised from the calibration inputs in
+    its range and then trained with the rest."""
 
     timesteps: int = 4
     levels: int | None = None
@@ -32,6 +40,7 @@ class CalibrationConfig:
     neuron: str = "if"
     tsm: bool = False
     residual_spikes: bool = False
+    threshold_groups: int = 1
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -54,6 +63,7 @@ class CalibrationConfig:
             raise ValueError("timesteps and levels must be at least 1.")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1.")
+        check_int(self.threshold_groups, "threshold_groups", "threshold_groups")
         for phase in (self.distill, self.snn):
             if phase.steps < 0 or phase.batch_size < 1 or phase.lr <= 0:
                 raise ValueError("steps must be >= 0, batch size >= 1 and learning rate > 0.")
@@ -114,13 +124,17 @@ def calibrate(
         per_channel=config.per_channel,
         init=None,
         residual_spikes=config.residual_spikes,
+        threshold_groups=config.threshold_groups,
     )
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
     ]
     inputs_before = collect_site_inputs(qnet, stats_batches, seed=config.seed)
-    init_thresholds(qnet, inputs_before, method=config.threshold_init, percentile=config.percentile)
-    before = _site_report(qnet, inputs_before)
+    groups_before = _group_inputs(qnet, stats_batches, config.seed)
+    init_thresholds(
+        qnet, inputs_before, method=config.threshold_init, percentile=config.percentile, group_inputs=groups_before
+    )
+    before = _site_report(qnet, inputs_before, groups_before)
 
     histories: dict[str, DistillHistory] = dict(saved.finished) if saved else {}
 
@@ -143,7 +157,11 @@ def calibrate(
             qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
 
-    after = _site_report(qnet, collect_site_inputs(qnet, stats_batches, seed=config.seed))
+    after = _site_report(
+        qnet,
+        collect_site_inputs(qnet, stats_batches, seed=config.seed),
+        _group_inputs(qnet, stats_batches, config.seed),
+    )
     report = {
         "settings": _settings(config),
         "calibration_samples": {"count": len(x0), "source": config.image_dir or "model samples (DDIM)"},
@@ -159,6 +177,8 @@ def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: Calibrati
     """What a calibration's result depends on: the model, its noise schedule and every setting but the cache."""
     settings = _settings(config)
     settings.pop("cache_dir")
+    if settings["threshold_groups"] == 1:  # as before the setting existed: checkpoints of then still resume
+        settings.pop("threshold_groups")
     return {"model": model_fingerprint(unet), "noise_schedule": dict(scheduler_config), "settings": settings}
 
 
@@ -167,20 +187,48 @@ def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -
     qnet.unet.load_state_dict(snn.qcfs_state_dict())
 
 
-def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def _group_inputs(qnet: QCFSUNet2DModel, batches: list, seed: int) -> list[dict[str, torch.Tensor]] | None:
+    """The site inputs per timestep group of a model with threshold tables (``None`` for K = 1)."""
+    return collect_group_site_inputs(qnet, batches, seed=seed) if qnet.config.threshold_groups > 1 else None
+
+
+def _site_report(
+    qnet: QCFSUNet2DModel,
+    site_inputs: dict[str, torch.Tensor],
+    group_inputs: list[dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per site: the threshold(s), their mean, the fraction of inputs above the threshold and the quantization
+    error. With K threshold groups, ``threshold`` is the ``K x C`` table (``threshold_group_means`` its row
+    means) and the fraction and error are over every group's inputs, each at its group's thresholds."""
     report = {}
     for name, unit in qnet.sites().items():
-        values = site_inputs[name]
         lam = unit.threshold.detach().float()
-        magnitude = values.abs() if isinstance(unit, SignedQCFS) else values
-        above = magnitude > (lam.reshape(-1, 1) if unit.per_channel else lam)
+        if lam.dim() == 2:
+            parts = [(group, part[name]) for group, part in enumerate(group_inputs or []) if name in part]
+            count = sum(values.shape[1] for _, values in parts)
+            clipped = sum(_clipped(values, lam[group], unit).sum().item() for group, values in parts)
+            report[name] = {
+                "threshold": lam.tolist(),
+                "threshold_mean": lam.mean().item(),
+                "threshold_group_means": lam.mean(1).tolist(),
+                "clipped_fraction": clipped / max(1, sum(values.numel() for _, values in parts)),
+                "quantization_mse": sum(quantization_error(v, unit, g) * v.shape[1] for g, v in parts) / max(1, count),
+            }
+            continue
+        values = site_inputs[name]
         report[name] = {
             "threshold": lam.tolist() if lam.numel() > 1 else lam.item(),
             "threshold_mean": lam.mean().item(),
-            "clipped_fraction": above.float().mean().item(),
+            "clipped_fraction": _clipped(values, lam, unit).float().mean().item(),
             "quantization_mse": quantization_error(values, unit),
         }
     return report
+
+
+def _clipped(values: torch.Tensor, lam: torch.Tensor, unit: torch.nn.Module) -> torch.Tensor:
+    """Where the site's inputs ``(C, n)`` (their magnitudes, for an encoder) exceed the threshold ``lam``."""
+    magnitude = values.abs() if isinstance(unit, SignedQCFS) else values
+    return magnitude > (lam.reshape(-1, 1) if unit.per_channel else lam)
 
 
 def _settings(config: CalibrationConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ def calibrate_or_quantize(
     calibration: CalibrationConfig | None = None,
     progress: bool = True,
     residual_spikes: bool | None = None,
+    threshold_groups: int | None = None,
 ) -> CalibrationResult:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN, with the
     calibration report (``{}`` when only the percentile init ran).
@@ -35,13 +36,22 @@ def calibrate_or_quantize(
     overridden by the arguments here), the full calibration of ``sdm-calibrate`` runs; without it,
     thresholds are the 99.9th percentile of each site's input on noised probes: quick, and a poor network
     (see the calibration benchmark). ``residual_spikes`` puts signed input encoders on the residual-reading
-    convolutions and attention projections (``None``: as ``calibration`` says, else no).
+    convolutions and attention projections (``None``: as ``calibration`` says, else no). ``threshold_groups``
+    is K, the timestep-aware thresholds per site (``None``: as ``calibration`` says, else 1).
     """
     if residual_spikes is None:
         residual_spikes = calibration.residual_spikes if calibration else False
+    if threshold_groups is None:
+        threshold_groups = calibration.threshold_groups if calibration else 1
     if calibration is None:
         qnet = quantize(
-            unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed, residual_spikes=residual_spikes
+            unet,
+            levels=levels,
+            per_channel=per_channel,
+            init="percentile",
+            seed=seed,
+            residual_spikes=residual_spikes,
+            threshold_groups=threshold_groups,
         )
         return CalibrationResult(qnet, {})
     config = dataclasses.replace(
@@ -51,6 +61,7 @@ def calibrate_or_quantize(
         per_channel=per_channel,
         seed=seed,
         residual_spikes=residual_spikes,
+        threshold_groups=threshold_groups,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress)
@@ -85,6 +96,7 @@ def qcfs_network(
     calibration: CalibrationConfig | None = None,
     residual_spikes: bool | None = None,
     progress: bool = True,
+    threshold_groups: int | None = None,
 ) -> QCFSSource:
     """The one path from a loaded UNet to the QCFS network that every command converts.
 
@@ -93,9 +105,10 @@ def qcfs_network(
     - a ``QCFSUNet2DModel`` (calibrated or not) is taken as it is;
     - a ``SpikingUNet2DModel`` (lambda form) maps back onto the QCFS network it was converted from.
 
-    ``levels``, ``per_channel`` and ``residual_spikes`` that conflict with a QCFS or spiking model's own
-    raise :class:`ConversionSourceError`; ``None`` means "as the model has it" (for an ANN: L = T,
-    per-layer thresholds unless ``calibration`` says per channel, no residual spikes).
+    ``levels``, ``per_channel``, ``residual_spikes`` and ``threshold_groups`` that conflict with a QCFS or
+    spiking model's own raise :class:`ConversionSourceError`; ``None`` means "as the model has it" (for an
+    ANN: L = T, per-layer thresholds unless ``calibration`` says per channel, no residual spikes, K as
+    ``calibration`` says or 1).
     """
     if isinstance(unet, SpikingUNet2DModel | QCFSUNet2DModel):
         qnet = unet.to_qcfs() if isinstance(unet, SpikingUNet2DModel) else unet
@@ -104,6 +117,7 @@ def qcfs_network(
             ("levels", levels, own.levels),
             ("per_channel", per_channel, own.per_channel),
             ("residual_spikes", residual_spikes, bool(own.residual_spikes)),
+            ("threshold_groups", threshold_groups, int(own.get("threshold_groups") or 1)),
         ):
             if requested is not None and requested != value:
                 raise ConversionSourceError(f"{name}={requested} conflicts with the model's own {name}={value}.")
@@ -121,6 +135,7 @@ def qcfs_network(
         calibration=calibration,
         progress=progress,
         residual_spikes=residual_spikes,
+        threshold_groups=threshold_groups,
     )
     level = result.qnet.config.levels
     if calibration is None:

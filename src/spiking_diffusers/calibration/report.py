@@ -7,6 +7,8 @@ from pathlib import Path
 
 REPORT_FILE = "calibration_report.json"
 PLOT_FILE = "calibration.png"
+MAX_GROUP_LINES = 8
+"""Timestep groups up to which the plot draws each group's mean threshold per site as a line of its own."""
 
 
 def write_calibration_report(report: dict, directory: str | Path) -> None:
@@ -17,7 +19,9 @@ def write_calibration_report(report: dict, directory: str | Path) -> None:
 
 
 def plot_calibration(report: dict, path: str | Path) -> None:
-    """Thresholds per site (mean with per-channel range, before and after) and the loss curves."""
+    """Thresholds per site (mean with per-channel range, before and after) and the loss curves. With
+    timestep-aware thresholds the range spans every group's and channel's, and each group's mean after
+    calibration is a line of its own (up to :data:`MAX_GROUP_LINES` groups)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,13 +32,25 @@ def plot_calibration(report: dict, path: str | Path) -> None:
     for stage, color in (("before", "tab:gray"), ("after", "tab:blue")):
         means = [report["sites"][n][stage]["threshold_mean"] for n in names]
         ax_sites.plot(range(len(names)), means, "o-", color=color, label=f"lambda {stage}", markersize=3)
-        values = [report["sites"][n][stage]["threshold"] for n in names]
-        if isinstance(values[0], list):
+        values = [_flat(report["sites"][n][stage]["threshold"]) for n in names]
+        if len(values[0]) > 1:
             ax_sites.fill_between(
                 range(len(names)), [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15
             )
+    group_means = [report["sites"][n]["after"].get("threshold_group_means") for n in names]
+    if group_means[0] and len(group_means[0]) <= MAX_GROUP_LINES:
+        colors = plt.get_cmap("viridis")
+        for group in range(len(group_means[0])):
+            ax_sites.plot(
+                range(len(names)),
+                [means[group] for means in group_means],
+                "-",
+                color=colors(group / max(1, len(group_means[0]) - 1)),
+                linewidth=0.7,
+                label=f"lambda after, timestep group {group}",
+            )
     ax_sites.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax_sites.set_ylabel("threshold lambda\n(per-channel range shaded)")
+    ax_sites.set_ylabel("threshold lambda\n(per-channel / per-group range shaded)")
     ax_sites.set_yscale("log")
     ax_sites.legend()
     offset = 0
@@ -47,3 +63,10 @@ def plot_calibration(report: dict, path: str | Path) -> None:
     ax_loss.legend()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _flat(threshold: float | list) -> list[float]:
+    """A site's threshold(s) as a flat list: one value, a vector per channel, or a table per group and channel."""
+    if not isinstance(threshold, list):
+        return [threshold]
+    return [value for item in threshold for value in _flat(item)]

@@ -21,7 +21,9 @@ from ..cli import (
     model_option,
     output_options,
     residual_spikes_option,
+    resolve_threshold_groups,
     sdm_command,
+    threshold_groups_option,
 )
 from ..converter import QCFSUNet2DModel
 from ..converter.encoders import SignedQCFS
@@ -59,6 +61,7 @@ Examples:
     "--neuron", type=click.Choice(NEURON_TYPES), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
 )
 @residual_spikes_option()
+@threshold_groups_option(DEFAULTS.threshold_groups)
 @click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
 @click.option(
     "--percentile",
@@ -137,6 +140,7 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         raise CommandError("--snn-train tsm needs --tsm.", 2)
     if loaded.kind != "ann":
         raise CommandError(f"{loaded.source} is already a {loaded.kind.upper()} model; calibrate the original.", 2)
+    resolve_threshold_groups(config.threshold_groups, loaded)  # K must fit the model's schedule
     checkpoints = CalibrationCheckpoints(checkpoint_dir(output), checkpoint_every, resume)
     if resume and not checkpoints.exists():
         click.echo(f"No checkpoint in {checkpoints.directory}; starting from the beginning.", err=True)
@@ -161,7 +165,8 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
 
 
 def build_config(
-    timesteps, levels, per_channel, neuron, residual_spikes, threshold_init, percentile, num_samples, sampler_steps,
+    timesteps, levels, per_channel, neuron, residual_spikes, threshold_groups, threshold_init, percentile, num_samples,
+    sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir,
 ) -> CalibrationConfig:  # fmt: skip
@@ -172,6 +177,7 @@ def build_config(
         per_channel=per_channel,
         neuron=neuron,
         residual_spikes=bool(residual_spikes),
+        threshold_groups=threshold_groups,
         threshold_init=threshold_init,
         percentile=percentile,
         num_samples=num_samples,

@@ -29,7 +29,9 @@ from ..cli import (
     option_given,
     output_options,
     residual_spikes_option,
+    resolve_threshold_groups,
     sdm_command,
+    threshold_groups_option,
 )
 from ..converter import QCFSUNet2DModel, convert
 from ..converter.building import unet_config_dict
@@ -73,6 +75,7 @@ Examples:
 )
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
 @residual_spikes_option()
+@threshold_groups_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -94,6 +97,7 @@ def main(
     threshold_form,
     per_channel,
     residual_spikes,
+    threshold_groups,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -108,6 +112,13 @@ def main(
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
+        if threshold_form == "unit" and loaded.kind != "snn" and resolve_threshold_groups(threshold_groups, loaded) > 1:
+            raise CommandError(
+                "--threshold-form unit needs one threshold per site, but the QCFS network has timestep-aware "
+                "thresholds (--threshold-groups > 1), which cannot be folded into static weights; use "
+                "--threshold-form lambda.",
+                2,
+            )
         source = conversion_source(
             loaded,
             timesteps,
@@ -115,6 +126,7 @@ def main(
             levels=levels,
             per_channel=per_channel if option_given("per_channel") or loaded.kind == "ann" else None,
             residual_spikes=residual_spikes,
+            threshold_groups=threshold_groups,
             seed=seed,
         )
         qnet, ann, calibration_report = source.qnet, source.ann, source.calibration_report
@@ -137,6 +149,7 @@ def main(
                 "nonlinear_mode": nonlinear_mode,
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
+                "threshold_groups": int(qnet.config.threshold_groups),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -164,6 +177,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
         + (", residual spikes" if settings.get("residual_spikes") else "")
+        + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
     )
     if report["calibrated_here"]:
         click.echo(f"  calibration report: {REPORT_FILE}, plot: {PLOT_FILE}")

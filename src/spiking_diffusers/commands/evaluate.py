@@ -19,7 +19,9 @@ from ..cli import (
     model_option,
     output_options,
     residual_spikes_option,
+    resolve_threshold_groups,
     sdm_command,
+    threshold_groups_option,
 )
 from ..converter.neurons import NEURON_TYPES
 from ..converter.temporal import EXECUTION_MODES
@@ -121,6 +123,7 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @residual_spikes_option()
+@threshold_groups_option()
 @calibration_options
 @device_option()
 def main(
@@ -147,11 +150,18 @@ def main(
     if options["execution"] == "auto":
         options["execution"] = "stepwise" if torch_device.type == "cpu" else "batched"
     calibration = calibration_config(
-        calibrate, calibration_samples, calibration_steps, snn_steps, options["neuron"], options["residual_spikes"]
+        calibrate,
+        calibration_samples,
+        calibration_steps,
+        snn_steps,
+        options["neuron"],
+        options["residual_spikes"],
+        options["threshold_groups"],
     )
     options["progress"] = options["progress"] and is_main_process()
     config = EvaluationConfig(**options, calibration=calibration)
     loaded = load_model(model, torch_device)
+    resolve_threshold_groups(options["threshold_groups"], loaded)  # fits an ANN's schedule, or is the model's own
     check_scheduler_steps(make_scheduler(options["scheduler"], loaded.scheduler.config), options["steps"], "--steps")
     reference = None
     if loaded.kind != "ann":

@@ -33,6 +33,7 @@ from ..cli import (
     sdm_command,
 )
 from ..converter import convert
+from ..converter.timestep_groups import schedule_length
 from ..export import OPSET, ExportCheck, export_qcfs, export_snn, export_step
 from ..export.onnx_export import step_io_names
 from ..export.stepping import SpikingStep
@@ -119,7 +120,7 @@ def main(
             np.savez(staging / "snn_step_initial_state.npz", **initial)
             inputs, outputs = step_io_names(SpikingStep(snn))
             manifest["graphs"]["step"] = _entry(check, inputs, outputs)
-            manifest["graphs"]["step"]["initial_state"] = "snn_step_initial_state.npz (batch 1; repeat along axis 0)"
+            manifest["graphs"]["step"]["initial_state"] = _initial_state_note(snn)
         for check in checks:  # paths as they will be after the rename into place
             manifest["graphs"][check.name]["file"] = check.path.name
         (staging / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -166,6 +167,18 @@ def _networks(
         loaded, timesteps, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed
     )
     return source.qnet, convert(source.qnet, timesteps=timesteps)
+
+
+def _initial_state_note(snn) -> str:
+    """How a runtime takes the initial state of the step graph from the ``.npz``."""
+    groups = int(snn.config.threshold_groups)
+    if groups == 1:
+        return "snn_step_initial_state.npz (batch 1; repeat along axis 0)"
+    length = schedule_length(snn.config.unet_config)
+    return (
+        f"snn_step_initial_state.npz ({groups} rows, one per timestep-aware threshold group: give each sample row "
+        f"g = min(floor(timestep * {groups} / {length}), {groups - 1}))"
+    )
 
 
 def _entry(check: ExportCheck, inputs: list[str], outputs: list[str]) -> dict:

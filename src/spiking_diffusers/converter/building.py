@@ -17,6 +17,7 @@ from .residual_spikes import install_encoder_neurons, install_input_encoders
 from .sites import SiteSpec, install_units, iter_site_specs, replace_site_unit, site_name, site_unit
 from .support import check_structure
 from .temporal import TemporalOp
+from .timestep_groups import copy_threshold, make_threshold_tables, table_groups
 
 TIME_EMBEDDING_MODES = ("auto", "spiking", "analog")
 
@@ -45,10 +46,12 @@ def build_qcfs_unet(
     per_channel: bool,
     tsm_steps: int = 0,
     residual_spikes: bool = False,
+    threshold_groups: int = 1,
 ) -> UNet2DModel:
     """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
     (with temporal factors for ``tsm_steps`` spiking steps when that is not 0), and with ``residual_spikes``
-    a signed QCFS encoder in front of every residual-reading convolution and attention projection."""
+    a signed QCFS encoder in front of every residual-reading convolution and attention projection. With
+    ``threshold_groups`` K > 1 every unit holds a table of K thresholds (see :mod:`.timestep_groups`)."""
     unet = UNet2DModel.from_config(dict(unet_config))
     check_structure(unet)
 
@@ -58,6 +61,8 @@ def build_qcfs_unet(
     install_units(unet, make_unit)
     if residual_spikes:
         install_input_encoders(unet, levels, phi, per_channel)
+    if threshold_groups > 1:
+        make_threshold_tables(unet, threshold_groups)
     return unet
 
 
@@ -127,8 +132,16 @@ def install_neurons(
         unit = site_unit(parent, spec)
         factors = unit.temporal_factors
         tsm_steps = 0 if factors is None else factors.numel()
-        neuron_module = IFNeuron(unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps, burst=burst)
-        neuron_module.threshold.data.copy_(unit.threshold.data)
+        neuron_module = IFNeuron(
+            unit.channels,
+            unit.per_channel,
+            unit.phi,
+            neuron,
+            tsm_steps=tsm_steps,
+            burst=burst,
+            groups=table_groups(unit),
+        )
+        copy_threshold(neuron_module, unit)
         if factors is not None:
             neuron_module.temporal_factors.data.copy_(factors.data)
         replace_site_unit(parent, spec, neuron_module)

@@ -35,7 +35,8 @@ from .residual_spikes import input_encoders
 from .sites import site_units
 from .support import check_functional_activations, check_structure
 from .temporal import EXECUTION_MODES, NONLINEAR_MODES, TemporalModule, TemporalOp
-from .thresholds import collect_site_inputs, init_thresholds
+from .thresholds import collect_group_site_inputs, collect_site_inputs, init_thresholds
+from .timestep_groups import check_threshold_groups, grouped_sites, schedule_length, selected_groups, timestep_groups
 from .unit_threshold import fold_unit_thresholds
 
 THRESHOLD_FORMS = ("lambda", "unit")
@@ -52,8 +53,21 @@ class _SiteModelMixin:
         return site_units(self.unet) | input_encoders(self.unet)
 
     def thresholds(self) -> dict[str, torch.Tensor]:
-        """Each site's threshold lambda (a copy), for reports and plots."""
+        """Each site's threshold lambda (a copy), for reports and plots: ``(C,)`` (``(1,)`` per site), or the
+        ``(K, C)`` table of a model with K timestep-aware threshold groups."""
         return {name: unit.threshold.detach().clone() for name, unit in self.sites().items()}
+
+    def _timestep_groups(
+        self, sample: torch.Tensor, timestep: Any, repeat: int = 1
+    ) -> contextlib.AbstractContextManager:
+        """With K > 1 threshold groups: every site's ``group_index`` set from ``timestep`` for the block (repeated
+        ``repeat`` times, for a time-folded batch); nothing to do for K = 1."""
+        groups = int(self.config.threshold_groups)
+        if groups == 1:
+            return contextlib.nullcontext()
+        length = schedule_length(self.config.unet_config)
+        index = timestep_groups(timestep, sample.shape[0], groups, length, sample.device)
+        return selected_groups(grouped_sites(self.unet), index.repeat(repeat) if repeat > 1 else index)
 
     def _check_inputs(self, sample: Any, timestep: Any, class_labels: Any) -> None:
         """Refuse inputs the UNet cannot take with a message about them (torch's would be about T x B)."""
@@ -106,10 +120,14 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         out_channels: int = 3,
         tsm_steps: int = 0,
         residual_spikes: bool = False,
+        threshold_groups: int = 1,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes)
+        check_threshold_groups(threshold_groups, unet_config)
+        self.unet = build_qcfs_unet(
+            unet_config, levels, phi, per_channel, tsm_steps, residual_spikes, threshold_groups=int(threshold_groups)
+        )
 
     @classmethod
     def from_unet(
@@ -123,6 +141,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         num_samples: int = 16,
         seed: int = 0,
         residual_spikes: bool = False,
+        threshold_groups: int = 1,
     ) -> QCFSUNet2DModel:
         """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
 
@@ -131,8 +150,10 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         ``init=None`` to leave them at 1 (e.g. before a full calibration). ``residual_spikes=True`` also puts
         a signed QCFS encoder (its own threshold, initialised the same way) in front of every convolution
         that reads the residual stream and of the attention projections, so that the spiking network feeds
-        those layers spikes too. Raises :class:`~.registry.UnsupportedModuleError` naming any module that
-        cannot be converted.
+        those layers spikes too. ``threshold_groups`` K > 1 gives every site a table of K thresholds, one per
+        equal range of the diffusion schedule (timestep-aware thresholds), each initialised from the probes in
+        its range (the probes of all ranges where it has none). Raises
+        :class:`~.registry.UnsupportedModuleError` naming any module that cannot be converted.
         """
         if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
             raise TypeError(
@@ -150,6 +171,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         check_bool(residual_spikes, "residual_spikes")
         check_structure(unet)
         config = unet_config_dict(unet)
+        threshold_groups = check_threshold_groups(threshold_groups, config)
         qnet = cls(
             unet_config=config,
             levels=int(levels),
@@ -159,6 +181,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             in_channels=config["in_channels"],
             out_channels=config["out_channels"],
             residual_spikes=residual_spikes,
+            threshold_groups=threshold_groups,
         )
         move_like(qnet, unet)
         missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)
@@ -178,7 +201,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             probes = to_device(
                 noised_probe_batches(config, num_samples=num_samples, seed=seed), param.device, param.dtype
             )
-            init_thresholds(qnet, collect_site_inputs(qnet, probes, seed=seed), method=init, percentile=percentile)
+            by_group = collect_group_site_inputs(qnet, probes, seed=seed) if threshold_groups > 1 else None
+            inputs = collect_site_inputs(qnet, probes, seed=seed)
+            init_thresholds(qnet, inputs, method=init, percentile=percentile, group_inputs=by_group)
         return qnet
 
     def enable_tsm(self, steps: int) -> None:
@@ -194,7 +219,8 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
         self._check_inputs(sample, timestep, class_labels)
-        return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+        with self._timestep_groups(sample, timestep):
+            return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
 
     @contextlib.contextmanager
     def as_ann(self) -> Iterator[QCFSUNet2DModel]:
@@ -249,6 +275,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         residual_spikes: bool = False,
         analog_sites: list[str] | None = None,
         burst: int = 1,
+        threshold_groups: int = 1,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -257,6 +284,13 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
         _check_settings(unet_config, levels, phi)
         check_int(timesteps, "timesteps", "timesteps")
+        threshold_groups = check_threshold_groups(threshold_groups, unet_config)
+        if threshold_form == "unit" and threshold_groups > 1:
+            raise ValueError(
+                f"threshold_form='unit' needs one threshold per site, but this model has threshold_groups="
+                f"{threshold_groups} (timestep-aware thresholds): a lambda that changes with the timestep cannot be "
+                "folded into static weights. Use threshold_form='lambda'."
+            )
         self.unet = build_qcfs_unet(
             unet_config,
             levels,
@@ -264,6 +298,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             per_channel,
             tsm_steps=int(timesteps) if tsm else 0,
             residual_spikes=residual_spikes,
+            threshold_groups=threshold_groups,
         )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
@@ -281,6 +316,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         tsm: bool | None = None,
         filter_fn: Callable[[Site], bool] | None = None,
         burst: int = 1,
+        threshold_groups: int | None = None,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
@@ -294,10 +330,18 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         neuron emitting up to B spikes per step (B * T levels in T steps: match it with a QCFS network of
         ``levels = B * T``). ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
         signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
-        with their calibrated thresholds.
+        with their calibrated thresholds. So do timestep-aware thresholds: the neurons take ``qnet``'s tables
+        of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K = 1).
         """
         _check_conversion_arguments(qnet, timesteps, tsm)
         config = dict(qnet.config)
+        groups = int(config.get("threshold_groups") or 1)
+        if threshold_groups is not None and check_int(threshold_groups, "threshold_groups") != groups:
+            raise ValueError(
+                f"threshold_groups={threshold_groups} does not match the QCFS model, which has threshold_groups="
+                f"{groups} (K threshold groups are set when quantizing or calibrating); leave it out, or pass "
+                f"threshold_groups={groups}."
+            )
         analog = analog_site_names(qnet.unet, filter_fn) or None
         calibrated_steps = int(config.get("tsm_steps") or 0)
         tsm = bool(calibrated_steps) if tsm is None else bool(tsm)
@@ -324,6 +368,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes=config.get("residual_spikes", False),
             analog_sites=analog,
             burst=burst,
+            threshold_groups=groups,
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
@@ -357,6 +402,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             out_channels=config.out_channels,
             residual_spikes=config.residual_spikes,
             tsm_steps=config.timesteps if config.tsm else 0,
+            threshold_groups=config.threshold_groups,
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
@@ -402,10 +448,11 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         for module in self.temporal_modules:
             module.begin(num_steps, execution)
         try:
-            if execution == "batched":
-                out = self._forward_batched(sample, timestep, class_labels, num_steps)
-            else:
-                out = self._forward_stepwise(sample, timestep, class_labels, num_steps)
+            with self._timestep_groups(sample, timestep, num_steps if execution == "batched" else 1):
+                if execution == "batched":
+                    out = self._forward_batched(sample, timestep, class_labels, num_steps)
+                else:
+                    out = self._forward_stepwise(sample, timestep, class_labels, num_steps)
         finally:
             for module in self.temporal_modules:
                 module.reset_state()

@@ -27,6 +27,7 @@ from torch import nn
 
 from .qcfs import MIN_THRESHOLD, broadcast_channels
 from .temporal import TemporalModule
+from .timestep_groups import group_thresholds
 
 NEURON_TYPES = ("if", "signed_if")
 
@@ -40,14 +41,18 @@ class SpikingNeuron(TemporalModule):
     all T steps; the step-wise mode, which does not know the future, judges each step's input).
     """
 
-    def __init__(self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False):
+    def __init__(
+        self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False, groups: int = 1
+    ):
         super().__init__()
         size = channels if per_channel else 1
         self.channels = channels
         self.per_channel = bool(per_channel)
         self.phi = float(phi)
         self.channels_last = bool(channels_last)
-        self.threshold = nn.Parameter(torch.ones(size))
+        # Timestep-aware thresholds: a (K, C) table, and each sample's row set around every call (.timestep_groups).
+        self.threshold = nn.Parameter(torch.ones(groups, size) if groups > 1 else torch.ones(size))
+        self.group_index: torch.Tensor | None = None
         self.spikes_per_step = 1
         # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
         self.register_buffer("input_gain", torch.ones(size))
@@ -72,8 +77,9 @@ class SpikingNeuron(TemporalModule):
 
     def amplitude(self, like: torch.Tensor) -> torch.Tensor:
         """One spike's amplitude, lambda / ``spikes_per_step`` (1 in the unit-threshold form), shaped to
-        broadcast against ``like``."""
-        lam = broadcast_channels(self.threshold.clamp_min(MIN_THRESHOLD), like, self.channels_last)
+        broadcast against ``like`` (with timestep-aware thresholds, one row per sample of ``like``)."""
+        lam = group_thresholds(self.threshold, self.group_index).clamp_min(MIN_THRESHOLD)
+        lam = broadcast_channels(lam, like, self.channels_last)
         return lam if self.spikes_per_step == 1 else lam / self.spikes_per_step
 
     def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
@@ -112,6 +118,8 @@ class SpikingNeuron(TemporalModule):
         current = current * broadcast_channels(self.input_gain, current, self.channels_last)
         if self.execution == "batched":
             steps = self.modulate(self.split_time(current), None)
+            if self.threshold.dim() == 2:  # per-sample rows (T, B, ...); a sample keeps its group at every step
+                amplitude, firing = self.split_time(amplitude), self.split_time(firing)[0]
             out = self.simulate(steps, firing) * amplitude
             if torch.is_grad_enabled():
                 out = out + self._surrogate(steps, steps.mean(0, keepdim=True), amplitude)
@@ -158,12 +166,13 @@ class IFNeuron(SpikingNeuron):
         neuron: str = "if",
         tsm_steps: int = 0,
         burst: int = 1,
+        groups: int = 1,
     ):
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
         if int(burst) < 1 or (int(burst) > 1 and neuron != "if"):
             raise ValueError(f"burst must be a whole number >= 1, and > 1 only with neuron='if'; got {burst}.")
-        super().__init__(channels, per_channel, phi)
+        super().__init__(channels, per_channel, phi, groups=groups)
         self.neuron = neuron
         self.spikes_per_step = int(burst)
         if neuron == "signed_if":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .timestep_groups import group_thresholds
+
 MIN_THRESHOLD = 1e-4
 """The smallest threshold lambda any unit or neuron uses: thresholds are clamped to it where they are used,
 and calibration clamps the parameters themselves to it after every step, so a threshold never reaches 0."""
@@ -37,7 +39,12 @@ def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5
 
 def broadcast_channels(values: torch.Tensor, like: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """A per-channel vector (or a single value) shaped, in ``like``'s dtype, to broadcast against ``like`` on
-    its channel dim: dim 1, or the last dim with ``channels_last`` (token-major ``(B, N, C)`` inputs)."""
+    its channel dim: dim 1, or the last dim with ``channels_last`` (token-major ``(B, N, C)`` inputs). A 2-d
+    ``values`` holds one row per sample of ``like`` (timestep-aware thresholds: ``(B, C)`` or ``(B, 1)``)."""
+    if values.dim() == 2:
+        rows = values.to(like.dtype)
+        ones = [1] * (like.dim() - 2)
+        return rows.reshape(rows.shape[0], *ones, rows.shape[1]) if channels_last else rows.reshape(*rows.shape, *ones)
     if values.numel() == 1:
         return values.reshape(()).to(like.dtype)
     if channels_last:
@@ -49,6 +56,8 @@ class QuantizerUnit(nn.Module):
     """What a QCFS unit and a signed QCFS encoder share: a trainable threshold (one, or one per channel),
     ``levels`` and ``phi``, the ``original`` function (``mode = "ann"`` runs it instead of the quantizer),
     and ``observers``, called with every input (activation statistics). Subclasses define :meth:`quantize`.
+    A model with timestep-aware thresholds makes ``threshold`` a ``(K, C)`` table and sets ``group_index``
+    (each sample's row) around every call (see :mod:`.timestep_groups`).
     """
 
     def __init__(self, original: nn.Module, channels: int, levels: int, phi: float, per_channel: bool):
@@ -63,6 +72,7 @@ class QuantizerUnit(nn.Module):
         self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.mode = "qcfs"
         self.observers: list = []
+        self.group_index: torch.Tensor | None = None
 
     def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """The unit's quantizer at ``threshold`` (already clamped to :data:`MIN_THRESHOLD`)."""
@@ -73,7 +83,7 @@ class QuantizerUnit(nn.Module):
             observer(self, z)
         if self.mode == "ann":
             return self.original(z)
-        return self.quantize(z, self.threshold.clamp_min(MIN_THRESHOLD))
+        return self.quantize(z, group_thresholds(self.threshold, self.group_index).clamp_min(MIN_THRESHOLD))
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, phi={self.phi}, channels={self.channels}, per_channel={self.per_channel}"

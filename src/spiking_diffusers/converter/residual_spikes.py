@@ -28,6 +28,7 @@ from .encoded_attention import encode_attention, fold_attention_thresholds, is_e
 from .encoders import SignedQCFS
 from .neurons import TernaryIFEncoder
 from .registry import handler_for
+from .timestep_groups import copy_threshold
 
 
 class EncodedConv2d(nn.Conv2d):
@@ -95,7 +96,7 @@ def install_encoder_neurons(model: nn.Module) -> None:
         for name, unit in list(parent.named_children()):
             if isinstance(unit, SignedQCFS):
                 neuron = TernaryIFEncoder(unit.channels, unit.per_channel, unit.phi, unit.channels_last)
-                neuron.threshold.data.copy_(unit.threshold.data)
+                copy_threshold(neuron, unit)
                 setattr(parent, name, neuron)
 
 

@@ -4,7 +4,9 @@ The QCFS network runs as the original ANN (``as_ann``) while observers on its un
 random subsample of every site's input; thresholds are then set per site (or per channel) by a
 percentile of the positive inputs or by the value that minimises the site's quantization error. The
 signed input encoders of residual spikes are sites here too: their percentile is of the input's
-magnitude, and their quantization error is measured against the identity.
+magnitude, and their quantization error is measured against the identity. With timestep-aware thresholds
+(a ``(K, C)`` table per site, see :mod:`.timestep_groups`) each group's row is set from the inputs of the
+samples in its range of the schedule (:func:`collect_group_site_inputs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .encoders import SignedQCFS, signed_qcfs
 from .qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
+from .timestep_groups import table_groups
 
 if TYPE_CHECKING:  # the model imports this module for its threshold initialisation
     from .models import QCFSUNet2DModel
@@ -40,8 +43,10 @@ class SiteObserver:
         self.chunks.append(values[:, index])
         self.count += values.shape[1]
 
-    def values(self) -> torch.Tensor:
-        """The kept inputs, ``(C, n)`` with ``n`` at most ``max_values``."""
+    def values(self) -> torch.Tensor | None:
+        """The kept inputs, ``(C, n)`` with ``n`` at most ``max_values`` (``None`` if it saw none)."""
+        if not self.chunks:
+            return None
         values = torch.cat(self.chunks, dim=1)
         if values.shape[1] > self.max_values:
             index = torch.randperm(values.shape[1], generator=self.generator)[: self.max_values]
@@ -49,17 +54,28 @@ class SiteObserver:
         return values
 
 
+class GroupedSiteObserver:
+    """A :class:`SiteObserver` per timestep group of a site with a threshold table: each sample's input goes to
+    the observer of its group (the unit's ``group_index``)."""
+
+    def __init__(self, groups: int, max_values: int, generator: torch.Generator):
+        self.groups = [SiteObserver(max_values, generator) for _ in range(groups)]
+
+    def __call__(self, unit: QuantizerUnit, z: torch.Tensor) -> None:
+        index = unit.group_index
+        if index is None or index.shape[0] != z.shape[0]:
+            raise RuntimeError("A site with timestep-aware thresholds was called without one group per sample.")
+        for group, observer in enumerate(self.groups):
+            mask = index == group
+            if bool(mask.any()):
+                observer(unit, z[mask])
+
+
 @torch.no_grad()
-def collect_site_inputs(
-    qnet: QCFSUNet2DModel,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]],
-    max_values: int = 4096,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
-    generator = torch.Generator().manual_seed(seed)
+def _observe(qnet: QCFSUNet2DModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], make_observer) -> dict:
+    """Run the original network on the batches with ``make_observer(unit)`` watching every QCFS unit."""
     units = {name: unit for name, unit in qnet.sites().items() if isinstance(unit, QuantizerUnit)}
-    observers = {name: SiteObserver(max_values, generator) for name in units}
+    observers = {name: make_observer(unit) for name, unit in units.items()}
     for name, unit in units.items():
         unit.observers.append(observers[name])
     try:
@@ -69,7 +85,41 @@ def collect_site_inputs(
     finally:
         for unit in units.values():
             unit.observers.clear()
+    return observers
+
+
+def collect_site_inputs(
+    qnet: QCFSUNet2DModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]],
+    max_values: int = 4096,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Run the original network on ``(sample, timestep, kwargs)`` batches; return each site's inputs as ``(C, n)``."""
+    generator = torch.Generator().manual_seed(seed)
+    observers = _observe(qnet, batches, lambda unit: SiteObserver(max_values, generator))
     return {name: observer.values() for name, observer in observers.items()}
+
+
+def collect_group_site_inputs(
+    qnet: QCFSUNet2DModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]],
+    max_values: int = 4096,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """As :func:`collect_site_inputs`, per timestep group of a model with threshold tables: element g maps each
+    site to the inputs of the samples in group g (``(C, n_g)``; sites without a table, and groups no batch
+    reached, are left out)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = int(qnet.config.threshold_groups)
+
+    observers = _observe(qnet, batches, lambda unit: GroupedSiteObserver(table_groups(unit), max_values, generator))
+    by_group: list[dict[str, torch.Tensor]] = [{} for _ in range(groups)]
+    for name, observer in observers.items():
+        for group, part in enumerate(observer.groups):
+            values = part.values()
+            if values is not None:
+                by_group[group][name] = values
+    return by_group
 
 
 def percentile_threshold(
@@ -114,9 +164,14 @@ def mse_threshold(
     return best.clamp_min(MIN_THRESHOLD)
 
 
-def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS) -> float:
-    """Mean squared difference between the site's QCFS output and its original activation."""
+def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS, group: int | None = None) -> float:
+    """Mean squared difference between the site's QCFS output and its original activation (with a threshold
+    table: at the thresholds of ``group``)."""
     lam = unit.threshold.detach().float().clamp_min(MIN_THRESHOLD)
+    if lam.dim() == 2:
+        if group is None:
+            raise ValueError("This site has timestep-aware thresholds; pass the group its inputs belong to.")
+        lam = lam[group]
     z = values.t()  # (n, C): channels on dim 1, as the unit expects
     quantizer = signed_qcfs if isinstance(unit, SignedQCFS) else qcfs
     return float((quantizer(z, lam, unit.levels, unit.phi) - unit.original(z)).pow(2).mean())
@@ -124,23 +179,52 @@ def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS) 
 
 @torch.no_grad()
 def init_thresholds(
-    qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor], method: str = "percentile", percentile: float = 99.9
+    qnet: QCFSUNet2DModel,
+    site_inputs: dict[str, torch.Tensor],
+    method: str = "percentile",
+    percentile: float = 99.9,
+    group_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse)."""
+    """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse).
+
+    A site with a table of K timestep-aware thresholds sets row g from ``group_inputs[g]`` (see
+    :func:`collect_group_site_inputs`); a group without inputs, and a channel without a positive one in it,
+    takes the threshold from all of ``site_inputs``.
+    """
     if method not in THRESHOLD_INITS:
         raise ValueError(f"Unknown threshold init {method!r}; choose one of {THRESHOLD_INITS}.")
     for name, unit in qnet.sites().items():
         if name not in site_inputs:
             continue
-        values = site_inputs[name]
-        lam = _site_threshold(values, unit, method, percentile, unit.per_channel)
-        if unit.per_channel:
-            # A channel that never sees a positive input (any non-zero one, for a signed encoder) has no
-            # scale of its own: it takes the site's.
-            dead = (values.abs() if isinstance(unit, SignedQCFS) else values).amax(dim=1) <= 0
-            if dead.any():
-                lam = torch.where(dead, _site_threshold(values, unit, method, percentile, False), lam)
+        lam = _unit_threshold(site_inputs[name], unit, method, percentile)
+        if unit.threshold.dim() == 2:
+            rows = [
+                _unit_threshold(part[name], unit, method, percentile, fallback=lam)
+                if group_inputs and name in part
+                else lam
+                for part in (group_inputs or [{}] * table_groups(unit))
+            ]
+            lam = torch.stack(rows)
         unit.threshold.copy_(lam.to(unit.threshold))
+
+
+def _unit_threshold(
+    values: torch.Tensor,
+    unit: QCFSActivation | SignedQCFS,
+    method: str,
+    percentile: float,
+    fallback: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The unit's threshold from ``values``. A channel that never sees a positive input (any non-zero one, for a
+    signed encoder) has no scale of its own: it takes ``fallback`` if given, else the site's."""
+    dead = (values.abs() if isinstance(unit, SignedQCFS) else values).amax(dim=1) <= 0
+    if fallback is not None and bool(dead.all()):
+        return fallback
+    lam = _site_threshold(values, unit, method, percentile, unit.per_channel)
+    if unit.per_channel and dead.any():
+        other = fallback if fallback is not None else _site_threshold(values, unit, method, percentile, False)
+        lam = torch.where(dead, other, lam)
+    return lam
 
 
 def _site_threshold(

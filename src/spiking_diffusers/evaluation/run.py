@@ -58,7 +58,9 @@ MIN_FD_SAMPLES = 1000
 @dataclass
 class EvaluationConfig:
     """Every setting of an evaluation run (all of them go into the report). ``residual_spikes`` is how an ANN
-    is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own."""
+    is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own, as it
+    does its ``threshold_groups`` (K timestep-aware thresholds per site; ``None``: as ``calibration`` says,
+    else 1)."""
 
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     t_schedules: list[TSchedule | str] = field(default_factory=list)
@@ -80,6 +82,7 @@ class EvaluationConfig:
     progress: bool = True
     calibration: CalibrationConfig | None = None
     residual_spikes: bool | None = None
+    threshold_groups: int | None = None
 
 
 @dataclass
@@ -115,6 +118,7 @@ def evaluate(
         config.calibration,
         config.residual_spikes,
         config.t_schedules,
+        config.threshold_groups,
     )
     device = next(model.parameters()).device
     extractor = extractor.to(device)

@@ -78,6 +78,7 @@ def prepare_variants(
     calibration: CalibrationConfig | None = None,
     residual_spikes: bool | None = None,
     t_schedules: list[TSchedule | str] | None = None,
+    threshold_groups: int | None = None,
 ) -> list[Variant]:
     """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T;
     then an SNN for each of ``t_schedules`` (non-constant T schedules; a constant one joins ``timesteps``).
@@ -89,7 +90,8 @@ def prepare_variants(
     CPUs). ``scheduler_config`` is the model's noise schedule, for the QCFS preparation, and ``calibration``
     the recipe it calibrates an ANN with at each L (``None``: percentile thresholds only). ``residual_spikes``
     is how an ANN is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking ``model``
-    keeps its own, and asking for the other setting is a :class:`VariantError`. A QCFS network shared by
+    keeps its own, and asking for the other setting is a :class:`VariantError`; so is ``threshold_groups`` (K
+    timestep-aware thresholds per site; ``None``: as ``calibration`` says, else 1). A QCFS network shared by
     several T appears once.
     """
     schedules, timesteps = _split_schedules(t_schedules, list(timesteps or []))
@@ -97,6 +99,7 @@ def prepare_variants(
         raise VariantError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps}.")
     if isinstance(model, (SpikingUNet2DModel, QCFSUNet2DModel)):
         _check_residual_spikes(model, residual_spikes)
+        _check_threshold_groups(model, threshold_groups)
     if isinstance(model, SpikingUNet2DModel):
         model.set_execution(execution)
         return _from_snn(model, _checked_reference(model, reference), timesteps, levels, neuron, schedules)
@@ -118,6 +121,7 @@ def prepare_variants(
                 levels=level,
                 calibration=calibration,
                 residual_spikes=residual_spikes,
+                threshold_groups=threshold_groups,
             ).qnet
             snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
@@ -189,6 +193,15 @@ def _check_residual_spikes(model: QCFSUNet2DModel | SpikingUNet2DModel, requeste
         has = "has" if own else "has no"
         raise VariantError(
             f"The {type(model).__name__} {has} residual spikes; residual_spikes={requested} cannot change that."
+        )
+
+
+def _check_threshold_groups(model: QCFSUNet2DModel | SpikingUNet2DModel, requested: int | None) -> None:
+    own = int(model.config.threshold_groups)
+    if requested is not None and requested != own:
+        raise VariantError(
+            f"threshold_groups={requested} does not match the {type(model).__name__}, which has threshold_groups="
+            f"{own} (timestep-aware thresholds are set when quantizing or calibrating); leave it out."
         )
 
 

@@ -9,8 +9,10 @@ All graphs take ``sample`` ``(B, C, H, W)`` float32 and ``timestep`` ``(B,)`` in
 timestep, as DDPM / DDIM schedulers give it), with a dynamic batch size B. Exported with the TorchScript-based exporter
 (``torch.onnx.export(dynamo=False)``) at opset :data:`OPSET`: the dynamo exporter produces the same
 graphs but took 25x longer on a tiny UNet at T = 4 (51 s against 2 s), most of it decomposing the T
-unrolled neuron loops. Limits: unconditional UNets only (no ``class_labels`` input); float32; threshold
-guidance is baked in at export time; the batched graph's memory grows with T like the PyTorch model's.
+unrolled neuron loops. Timestep-aware thresholds (K > 1) are in every graph: each picks every sample's row
+of the threshold tables from ``timestep``. Limits: unconditional UNets only (no ``class_labels`` input);
+float32; threshold guidance is baked in at export time; the batched graph's memory grows with T like the
+PyTorch model's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from ..converter.timestep_groups import schedule_length
 from ..errors import check_finite
 from .stepping import SpikingStep
 
@@ -200,7 +203,9 @@ def export_step(snn: SpikingUNet2DModel, path: Path, seed: int = 0) -> tuple[Exp
     """Export one time step with explicit state; returns the check and the initial state for batch 1.
 
     The check runs at batch 3 from the state PyTorch reaches after T // 2 steps on the check inputs, so
-    the membranes and sums are those of a real simulation, not arbitrary numbers.
+    the membranes and sums are those of a real simulation, not arbitrary numbers. With K > 1 timestep-aware
+    threshold groups a membrane starts at phi times its group's threshold, so the initial state has one row
+    per group instead (row g for a sample whose timestep is in group g; see :func:`group_timesteps`).
     """
     step = SpikingStep(_float32_cpu(snn)).eval()
     input_names, output_names = step_io_names(step)
@@ -215,6 +220,16 @@ def export_step(snn: SpikingUNet2DModel, path: Path, seed: int = 0) -> tuple[Exp
         state = step(sample, timestep, *state)[1:]
     errors = _compare(path, step, (sample, timestep, *state), input_names)
     check = ExportCheck("step", path, *errors, TOLERANCE, 2, 3, seconds)
+    groups = int(snn.config.threshold_groups)
     one = random_inputs(snn, 1, seed)
+    if groups > 1:
+        one = (random_inputs(snn, groups, seed)[0], group_timesteps(groups, schedule_length(snn.config.unet_config)))
     initial = dict(zip(input_names[2:], (value.numpy() for value in step.initial_state(*one)), strict=True))
     return check, initial
+
+
+def group_timesteps(groups: int, length: int) -> torch.Tensor:
+    """One diffusion timestep inside each of the ``groups`` ranges of a schedule of ``length`` timesteps (the
+    middle of group g's whole timesteps ``ceil(g N / K) ... ceil((g + 1) N / K) - 1``), as int64."""
+    bounds = [-(-g * length // groups) for g in range(groups + 1)]
+    return torch.tensor([(bounds[g] + bounds[g + 1] - 1) // 2 for g in range(groups)], dtype=torch.int64)

@@ -24,6 +24,7 @@ start at ``phi`` times the firing threshold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -34,6 +35,7 @@ from ..converter.neurons import IFNeuron, SpikingNeuron
 from ..converter.residual_spikes import input_encoders
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalModule, TemporalOp
+from ..converter.timestep_groups import grouped_sites, schedule_length, selected_groups, timestep_groups
 
 
 class CompensatedStep(nn.Module):
@@ -83,6 +85,16 @@ class SpikingStep(nn.Module):
         for module in self.unet.modules():
             if isinstance(module, TemporalModule):
                 module.begin(1, "stepwise")
+        # Timestep-aware thresholds: the graph picks each sample's row of every threshold table from `timestep`.
+        self.threshold_groups = int(snn.config.threshold_groups)
+        self.schedule_length = schedule_length(snn.config.unet_config)
+        self.grouped = grouped_sites(self.unet)
+
+    def _timestep_groups(self, sample: torch.Tensor, timestep: torch.Tensor) -> contextlib.AbstractContextManager:
+        if self.threshold_groups == 1:
+            return contextlib.nullcontext()
+        index = timestep_groups(timestep, sample.shape[0], self.threshold_groups, self.schedule_length, sample.device)
+        return selected_groups(self.grouped, index)
 
     def state_names(self) -> list[str]:
         """Names of the state tensors, in the order ``forward`` takes and returns them."""
@@ -100,7 +112,8 @@ class SpikingStep(nn.Module):
         for op in self.ops.values():
             op.input_sum, op.output_sum, op.step = next(values), next(values), step
         try:
-            out = self.unet(sample, timestep).sample
+            with self._timestep_groups(sample, timestep):
+                out = self.unet(sample, timestep).sample
             return (out, step + 1, *self._state())
         finally:
             self._forget_state()
@@ -131,7 +144,8 @@ class SpikingStep(nn.Module):
         hooks += [op.register_forward_pre_hook(start_op) for op in self.ops.values()]
         hooks += [op.register_forward_hook(record_op) for op in self.ops.values()]
         try:
-            self.unet(sample, timestep)
+            with self._timestep_groups(sample, timestep):
+                self.unet(sample, timestep)
         finally:
             for hook in hooks:
                 hook.remove()
