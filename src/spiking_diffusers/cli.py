@@ -323,8 +323,8 @@ def conversion_source(
     model's own setting as a usage error. Prints what is converted."""
     from .calibration.policy import ConversionSourceError, qcfs_network
 
-    if loaded.kind == "ann" and threshold_groups is not None:
-        threshold_groups = resolve_threshold_groups(threshold_groups, loaded)  # K must fit the schedule
+    if threshold_groups is not None:  # K must fit an ANN's schedule; a QCFS or spiking model keeps its own
+        threshold_groups = resolve_threshold_groups(threshold_groups, loaded)
     try:
         source = qcfs_network(
             loaded.unet,
