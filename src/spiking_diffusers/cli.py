@@ -209,6 +209,31 @@ def resolve_residual_spikes(requested: bool | None, loaded: LoadedModel) -> bool
     return own
 
 
+def offsets_option() -> Callable:
+    """``--offsets/--no-offsets``; ``None`` when not given (see :func:`resolve_offsets`)."""
+    return click.option(
+        "--offsets/--no-offsets",
+        default=None,
+        help="Quantize an ANN with a learned input shift and output offset per activation unit, "
+        "qcfs(z - shift) + offset, so that units reach below 0 like SiLU; free in the SNN (a bias current and "
+        "a bias map of the next layer) [default: off for an ANN; a QCFS or spiking model keeps its own].",
+    )
+
+
+def resolve_offsets(requested: bool | None, loaded: LoadedModel) -> bool:
+    """The offsets setting for ``loaded``: an ANN takes ``requested`` (off when ``None``); a QCFS or spiking
+    model keeps its own, and asking for the other setting is a usage error."""
+    if loaded.kind == "ann":
+        return bool(requested)
+    own = bool(loaded.unet.config.get("offsets", False))
+    if requested is not None and requested != own:
+        flag = "--offsets" if requested else "--no-offsets"
+        kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
+        state = "with" if own else "without"
+        raise CommandError(f"{flag}: {loaded.source} is a {kind} model {state} offsets; it keeps them so.", 2)
+    return own
+
+
 def calibration_config(
     calibrate: bool,
     calibration_samples: int,

@@ -23,7 +23,8 @@ from .distill import DistillHistory, DistillSettings, distill
 class CalibrationConfig:
     """Every knob of a calibration run (all of them go into the report). ``residual_spikes`` quantizes with
     signed input encoders on the residual-reading convolutions and the attention projections (see ``quantize``),
-    calibrated with the rest."""
+    calibrated with the rest. ``offsets`` gives every activation unit an input shift and an output offset,
+    initialised with its threshold and trained with the thresholds."""
 
     timesteps: int = 4
     levels: int | None = None
@@ -32,6 +33,7 @@ class CalibrationConfig:
     neuron: str = "if"
     tsm: bool = False
     residual_spikes: bool = False
+    offsets: bool = False
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -114,6 +116,7 @@ def calibrate(
         per_channel=config.per_channel,
         init=None,
         residual_spikes=config.residual_spikes,
+        offsets=config.offsets,
     )
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
@@ -173,6 +176,8 @@ def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) ->
         values = site_inputs[name]
         lam = unit.threshold.detach().float()
         magnitude = values.abs() if isinstance(unit, SignedQCFS) else values
+        if getattr(unit, "input_shift", None) is not None:  # the unit clips z - shift
+            magnitude = values - unit.input_shift.detach().float().reshape(-1, 1)
         above = magnitude > (lam.reshape(-1, 1) if unit.per_channel else lam)
         report[name] = {
             "threshold": lam.tolist() if lam.numel() > 1 else lam.item(),

@@ -25,6 +25,7 @@ def calibrate_or_quantize(
     calibration: CalibrationConfig | None = None,
     progress: bool = True,
     residual_spikes: bool | None = None,
+    offsets: bool | None = None,
 ) -> CalibrationResult:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN, with the
     calibration report (``{}`` when only the percentile init ran).
@@ -33,13 +34,22 @@ def calibrate_or_quantize(
     overridden by the arguments here), the full calibration of ``sdm-calibrate`` runs; without it,
     thresholds are the 99.9th percentile of each site's input on noised probes: quick, and a poor network
     (see the calibration benchmark). ``residual_spikes`` puts signed input encoders on the residual-reading
-    convolutions and attention projections (``None``: as ``calibration`` says, else no).
+    convolutions and attention projections (``None``: as ``calibration`` says, else no); ``offsets`` gives the
+    activation units an input shift and an output offset (the same).
     """
     if residual_spikes is None:
         residual_spikes = calibration.residual_spikes if calibration else False
+    if offsets is None:
+        offsets = calibration.offsets if calibration else False
     if calibration is None:
         qnet = quantize(
-            unet, levels=levels, per_channel=per_channel, init="percentile", seed=seed, residual_spikes=residual_spikes
+            unet,
+            levels=levels,
+            per_channel=per_channel,
+            init="percentile",
+            seed=seed,
+            residual_spikes=residual_spikes,
+            offsets=offsets,
         )
         return CalibrationResult(qnet, {})
     config = dataclasses.replace(
@@ -49,6 +59,7 @@ def calibrate_or_quantize(
         per_channel=per_channel,
         seed=seed,
         residual_spikes=residual_spikes,
+        offsets=offsets,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress)

@@ -27,9 +27,11 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    offsets_option,
     option_given,
     output_options,
     residual_spikes_option,
+    resolve_offsets,
     resolve_residual_spikes,
     sdm_command,
 )
@@ -75,6 +77,7 @@ Examples:
 )
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
 @residual_spikes_option()
+@offsets_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -96,6 +99,7 @@ def main(
     threshold_form,
     per_channel,
     residual_spikes,
+    offsets,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -111,7 +115,7 @@ def main(
         loaded = load_model(model, device)
         calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
         qnet, ann, calibration_report = _qcfs_network(
-            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes
+            loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes, offsets
         )
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
@@ -131,6 +135,7 @@ def main(
                 "nonlinear_mode": nonlinear_mode,
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
+                "offsets": bool(qnet.config.offsets),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -159,6 +164,7 @@ def _qcfs_network(
     seed: int,
     calibration: CalibrationConfig | None,
     residual_spikes: bool | None,
+    offsets: bool | None = None,
 ):
     """The QCFS network to convert, the ANN reference of the fidelity check (``None``: use ``as_ann``), and
     the report of the calibration run here (empty when none ran)."""
@@ -169,6 +175,7 @@ def _qcfs_network(
             exit_code=2,
         )
     residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    offsets = resolve_offsets(offsets, loaded)
     if loaded.kind == "qcfs":
         qnet = loaded.unet
         if option_given("levels") and levels != qnet.config.levels:
@@ -185,6 +192,7 @@ def _qcfs_network(
         scheduler_config=dict(loaded.scheduler.config),
         calibration=calibration,
         residual_spikes=residual_spikes,
+        offsets=offsets,
     )
     return result.qnet, loaded.unet, result.report
 
@@ -197,6 +205,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"  T = {settings['timesteps']}, L = {settings['levels']}, neuron {settings['neuron']}, "
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
         + (", residual spikes" if settings.get("residual_spikes") else "")
+        + (", offsets" if settings.get("offsets") else "")
     )
     if report["source_kind"] == "ann" and report["calibrated_here"]:
         click.echo(f"  calibrated here with the sdm-calibrate defaults (report: {REPORT_FILE}, plot: {PLOT_FILE})")
@@ -210,6 +219,12 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"Thresholds lambda ({lam['count']} values, {per}): "
         f"min {lam['min']:.4g}, median {lam['median']:.4g}, max {lam['max']:.4g}"
     )
+    if "offsets" in summary:
+        off = summary["offsets"]
+        click.echo(
+            f"Output offsets: min {off['offset_min']:.4g}, max {off['offset_max']:.4g}; "
+            f"input shifts: min {off['shift_min']:.4g}, max {off['shift_max']:.4g}"
+        )
     ops = ", ".join(f"{count} {name}" for name, count in summary["nonlinear_ops"].items()) or "none"
     click.echo(f"Real-valued non-linear ops ({summary['nonlinear_mode']}): {ops}")
     tsm = summary["tsm"]

@@ -89,7 +89,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     activations instead, giving the unquantized network from the same weights. With ``residual_spikes``
     every convolution that reads the residual stream, and every attention projection, quantizes its input
     with a signed QCFS unit, so that the spiking network feeds it spikes (see
-    :mod:`~spiking_diffusers.converter.residual_spikes`).
+    :mod:`~spiking_diffusers.converter.residual_spikes`). With ``offsets`` every activation unit also learns
+    an input shift and an output offset, ``qcfs(z - shift) + offset`` (see
+    :mod:`~spiking_diffusers.converter.offsets`).
     """
 
     config_name = "config.json"
@@ -106,10 +108,11 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         out_channels: int = 3,
         tsm_steps: int = 0,
         residual_spikes: bool = False,
+        offsets: bool = False,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
-        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes)
+        self.unet = build_qcfs_unet(unet_config, levels, phi, per_channel, tsm_steps, residual_spikes, offsets)
 
     @classmethod
     def from_unet(
@@ -123,6 +126,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         num_samples: int = 16,
         seed: int = 0,
         residual_spikes: bool = False,
+        offsets: bool = False,
     ) -> QCFSUNet2DModel:
         """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
 
@@ -131,8 +135,10 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         ``init=None`` to leave them at 1 (e.g. before a full calibration). ``residual_spikes=True`` also puts
         a signed QCFS encoder (its own threshold, initialised the same way) in front of every convolution
         that reads the residual stream and of the attention projections, so that the spiking network feeds
-        those layers spikes too. Raises :class:`~.registry.UnsupportedModuleError` naming any module that
-        cannot be converted.
+        those layers spikes too. ``offsets=True`` gives every activation unit an input shift and an output
+        offset, ``qcfs(z - shift) + offset``, initialised with the thresholds (offset = shift, fitted with
+        lambda; see :func:`~.thresholds.init_thresholds`; 0 with ``init=None``). Raises
+        :class:`~.registry.UnsupportedModuleError` naming any module that cannot be converted.
         """
         if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
             raise TypeError(
@@ -148,6 +154,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         check_int(num_samples, "num_samples", "num_samples")
         check_int(seed, "seed", "seed")
         check_bool(residual_spikes, "residual_spikes")
+        check_bool(offsets, "offsets")
         check_structure(unet)
         config = unet_config_dict(unet)
         qnet = cls(
@@ -159,10 +166,11 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             in_channels=config["in_channels"],
             out_channels=config["out_channels"],
             residual_spikes=residual_spikes,
+            offsets=offsets,
         )
         move_like(qnet, unet)
         missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)
-        if unexpected or any(not key.endswith(".threshold") for key in missing):
+        if unexpected or any(not key.endswith((".threshold", ".input_shift", ".output_offset")) for key in missing):
             raise RuntimeError(
                 f"Weights did not map onto the QCFS network: missing {missing}, unexpected {unexpected}."
             )
@@ -225,6 +233,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     scales its input current at step t by a learnable factor p_t (SDM's temporal-wise spiking mechanism);
     all factors 1 give exactly the network without it. With ``residual_spikes`` the convolutions that read
     the residual stream and the attention projections are fed by ternary IF encoders (spikes +-lambda).
+    With ``offsets`` (from the QCFS network) each neuron subtracts its input shift from its input current and
+    the layer it feeds adds the output offset's constant bias map, still reading spikes.
     """
 
     config_name = "config.json"
@@ -249,6 +259,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         residual_spikes: bool = False,
         analog_sites: list[str] | None = None,
         burst: int = 1,
+        offsets: bool = False,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -264,6 +275,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             per_channel,
             tsm_steps=int(timesteps) if tsm else 0,
             residual_spikes=residual_spikes,
+            offsets=offsets,
         )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
@@ -324,6 +336,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes=config.get("residual_spikes", False),
             analog_sites=analog,
             burst=burst,
+            offsets=config.get("offsets", False),
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
@@ -357,6 +370,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             out_channels=config.out_channels,
             residual_spikes=config.residual_spikes,
             tsm_steps=config.timesteps if config.tsm else 0,
+            offsets=config.offsets,
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
