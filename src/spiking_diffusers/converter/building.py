@@ -137,6 +137,7 @@ def install_neurons(
         neuron_module = IFNeuron(
             unit.channels, unit.per_channel, unit.phi, neuron, tsm_steps=tsm_steps, burst=burst, offsets=offsets
         )
+        neuron_module.to(unit.threshold)  # the unit's dtype: a float64 model's values must not pass through float32
         neuron_module.threshold.data.copy_(unit.threshold.data)
         if offsets:
             neuron_module.input_shift.data.copy_(unit.input_shift.data)
