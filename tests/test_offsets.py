@@ -271,6 +271,8 @@ def test_tiny_calibration_learns_non_zero_offsets(tmp_path):
         progress=False,
     )
     assert trained.qnet.config.offsets and trained.report["settings"]["offsets"]
+    site = trained.report["sites"]["down_blocks.0.resnets.0.act1"]
+    assert {"offset", "shift"} <= set(site["after"]) and site["before"]["offset"] != site["after"]["offset"]
     before, after = init_only.qnet.sites(), trained.qnet.sites()
     for name in before:
         assert (after[name].output_offset != 0).any()

@@ -185,6 +185,10 @@ def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) ->
             "clipped_fraction": above.float().mean().item(),
             "quantization_mse": quantization_error(values, unit),
         }
+        if getattr(unit, "output_offset", None) is not None:
+            for key, param in (("offset", unit.output_offset), ("shift", unit.input_shift)):
+                value = param.detach().float()
+                report[name][key] = value.tolist() if value.numel() > 1 else value.item()
     return report
 
 
