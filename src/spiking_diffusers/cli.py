@@ -280,6 +280,30 @@ def resolve_threshold_groups(requested: int | None, loaded: LoadedModel) -> int:
             f"group(s); it keeps them (leave the option out, or pass --threshold-groups {own}).",
             2,
         )
+
+
+def offsets_option() -> Callable:
+    """``--offsets/--no-offsets``; ``None`` when not given (see :func:`resolve_offsets`)."""
+    return click.option(
+        "--offsets/--no-offsets",
+        default=None,
+        help="Quantize an ANN with a learned input shift and output offset per activation unit, "
+        "qcfs(z - shift) + offset, so that units reach below 0 like SiLU; free in the SNN (a bias current and "
+        "a bias map of the next layer) [default: off for an ANN; a QCFS or spiking model keeps its own].",
+    )
+
+
+def resolve_offsets(requested: bool | None, loaded: LoadedModel) -> bool:
+    """The offsets setting for ``loaded``: an ANN takes ``requested`` (off when ``None``); a QCFS or spiking
+    model keeps its own, and asking for the other setting is a usage error."""
+    if loaded.kind == "ann":
+        return bool(requested)
+    own = bool(loaded.unet.config.get("offsets", False))
+    if requested is not None and requested != own:
+        flag = "--offsets" if requested else "--no-offsets"
+        kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
+        state = "with" if own else "without"
+        raise CommandError(f"{flag}: {loaded.source} is a {kind} model {state} offsets; it keeps them so.", 2)
     return own
 
 
@@ -317,6 +341,7 @@ def conversion_source(
     residual_spikes: bool | None = None,
     seed: int = 0,
     threshold_groups: int | None = None,
+    offsets: bool | None = None,
 ) -> QCFSSource:
     """The QCFS network a command converts from what it loaded (one path for every command: see
     :func:`spiking_diffusers.calibration.policy.qcfs_network`), with a conflict between an option and the
@@ -325,6 +350,8 @@ def conversion_source(
 
     if threshold_groups is not None:  # K must fit an ANN's schedule; a QCFS or spiking model keeps its own
         threshold_groups = resolve_threshold_groups(threshold_groups, loaded)
+    if offsets is not None:  # a QCFS or spiking model keeps its own
+        offsets = resolve_offsets(offsets, loaded)
     try:
         source = qcfs_network(
             loaded.unet,
@@ -337,6 +364,7 @@ def conversion_source(
             residual_spikes=residual_spikes,
             progress=distributed.is_main_process(),
             threshold_groups=threshold_groups,
+            offsets=offsets,
         )
     except ConversionSourceError as err:
         raise CommandError(f"{loaded.source}: {err} Leave the option out to use the model's own.", 2) from err

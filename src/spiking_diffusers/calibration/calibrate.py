@@ -31,7 +31,8 @@ class CalibrationConfig:
     signed input encoders on the residual-reading convolutions and the attention projections (see ``quantize``),
     calibrated with the rest. ``threshold_groups`` K > 1 gives every site a table of K thresholds, one per equal
     range of the diffusion schedule (timestep-aware thresholds), each initialised from the calibration inputs in
-    its range and then trained with the rest."""
+    its range and then trained with the rest. ``offsets`` gives every activation unit an input shift and an
+    output offset, initialised with its threshold and trained with the thresholds."""
 
     timesteps: int = 4
     levels: int | None = None
@@ -41,6 +42,7 @@ class CalibrationConfig:
     tsm: bool = False
     residual_spikes: bool = False
     threshold_groups: int = 1
+    offsets: bool = False
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -125,6 +127,7 @@ def calibrate(
         init=None,
         residual_spikes=config.residual_spikes,
         threshold_groups=config.threshold_groups,
+        offsets=config.offsets,
     )
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
@@ -222,12 +225,18 @@ def _site_report(
             "clipped_fraction": _clipped(values, lam, unit).float().mean().item(),
             "quantization_mse": quantization_error(values, unit),
         }
+        if getattr(unit, "output_offset", None) is not None:
+            for key, param in (("offset", unit.output_offset), ("shift", unit.input_shift)):
+                value = param.detach().float()
+                report[name][key] = value.tolist() if value.numel() > 1 else value.item()
     return report
 
 
 def _clipped(values: torch.Tensor, lam: torch.Tensor, unit: torch.nn.Module) -> torch.Tensor:
     """Where the site's inputs ``(C, n)`` (their magnitudes, for an encoder) exceed the threshold ``lam``."""
     magnitude = values.abs() if isinstance(unit, SignedQCFS) else values
+    if getattr(unit, "input_shift", None) is not None:  # the unit clips z - shift
+        magnitude = values - unit.input_shift.detach().float().reshape(-1, 1)
     return magnitude > (lam.reshape(-1, 1) if unit.per_channel else lam)
 
 

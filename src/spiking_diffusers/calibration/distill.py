@@ -32,6 +32,8 @@ TRAIN_OPTIONS = ("weights", "thresholds", "tsm")
 class DistillSettings:
     """One distillation phase. ``train``: "weights" (everything), "thresholds", or "tsm" (only the temporal
     factors of a spiking student); temporal factors, where the student has them, always train at ``tsm_lr``.
+    Input shifts and output offsets (``offsets``), where the student has them, train with the thresholds, at
+    their learning rate, but are not clamped.
     """
 
     steps: int = 400
@@ -109,10 +111,12 @@ def _maybe_record(unet: nn.Module, enabled: bool):
 
 def _trainable_groups(student: nn.Module, settings: DistillSettings) -> list[dict]:
     """Parameter groups with their own learning rates; thresholds come first (they are clamped after steps)."""
-    thresholds, factors, weights = [], [], []
+    thresholds, offsets, factors, weights = [], [], [], []
     for name, param in student.named_parameters():
         if name.endswith("threshold"):
             thresholds.append(param)
+        elif name.endswith((".input_shift", ".output_offset")):
+            offsets.append(param)
         elif name.endswith("temporal_factors"):
             factors.append(param)
         else:
@@ -120,6 +124,8 @@ def _trainable_groups(student: nn.Module, settings: DistillSettings) -> list[dic
     if settings.train not in TRAIN_OPTIONS:
         raise ValueError(f"Unknown train option {settings.train!r}; choose one of {', '.join(TRAIN_OPTIONS)}.")
     groups = [{"params": [] if settings.train == "tsm" else thresholds, "lr": settings.threshold_lr or settings.lr}]
+    if offsets and settings.train != "tsm":
+        groups.append({"params": offsets, "lr": settings.threshold_lr or settings.lr})
     if factors:
         groups.append({"params": factors, "lr": settings.tsm_lr})
     if settings.train == "weights":

@@ -28,6 +28,7 @@ def calibrate_or_quantize(
     progress: bool = True,
     residual_spikes: bool | None = None,
     threshold_groups: int | None = None,
+    offsets: bool | None = None,
 ) -> CalibrationResult:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN, with the
     calibration report (``{}`` when only the percentile init ran).
@@ -37,12 +38,15 @@ def calibrate_or_quantize(
     thresholds are the 99.9th percentile of each site's input on noised probes: quick, and a poor network
     (see the calibration benchmark). ``residual_spikes`` puts signed input encoders on the residual-reading
     convolutions and attention projections (``None``: as ``calibration`` says, else no). ``threshold_groups``
-    is K, the timestep-aware thresholds per site (``None``: as ``calibration`` says, else 1).
+    is K, the timestep-aware thresholds per site (``None``: as ``calibration`` says, else 1); ``offsets`` gives
+    the activation units an input shift and an output offset (``None``: as ``calibration`` says, else no).
     """
     if residual_spikes is None:
         residual_spikes = calibration.residual_spikes if calibration else False
     if threshold_groups is None:
         threshold_groups = calibration.threshold_groups if calibration else 1
+    if offsets is None:
+        offsets = calibration.offsets if calibration else False
     if calibration is None:
         qnet = quantize(
             unet,
@@ -52,6 +56,7 @@ def calibrate_or_quantize(
             seed=seed,
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
+            offsets=offsets,
         )
         return CalibrationResult(qnet, {})
     config = dataclasses.replace(
@@ -62,6 +67,7 @@ def calibrate_or_quantize(
         seed=seed,
         residual_spikes=residual_spikes,
         threshold_groups=threshold_groups,
+        offsets=offsets,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress)
@@ -97,6 +103,7 @@ def qcfs_network(
     residual_spikes: bool | None = None,
     progress: bool = True,
     threshold_groups: int | None = None,
+    offsets: bool | None = None,
 ) -> QCFSSource:
     """The one path from a loaded UNet to the QCFS network that every command converts.
 
@@ -105,7 +112,7 @@ def qcfs_network(
     - a ``QCFSUNet2DModel`` (calibrated or not) is taken as it is;
     - a ``SpikingUNet2DModel`` (lambda form) maps back onto the QCFS network it was converted from.
 
-    ``levels``, ``per_channel``, ``residual_spikes`` and ``threshold_groups`` that conflict with a QCFS or
+    ``levels``, ``per_channel``, ``residual_spikes``, ``threshold_groups`` and ``offsets`` that conflict with a QCFS or
     spiking model's own raise :class:`ConversionSourceError`; ``None`` means "as the model has it" (for an
     ANN: L = T, per-layer thresholds unless ``calibration`` says per channel, no residual spikes, K as
     ``calibration`` says or 1).
@@ -118,6 +125,7 @@ def qcfs_network(
             ("per_channel", per_channel, own.per_channel),
             ("residual_spikes", residual_spikes, bool(own.residual_spikes)),
             ("threshold_groups", threshold_groups, int(own.get("threshold_groups") or 1)),
+            ("offsets", offsets, bool(own.get("offsets", False))),
         ):
             if requested is not None and requested != value:
                 raise ConversionSourceError(f"{name}={requested} conflicts with the model's own {name}={value}.")
@@ -136,6 +144,7 @@ def qcfs_network(
         progress=progress,
         residual_spikes=residual_spikes,
         threshold_groups=threshold_groups,
+        offsets=offsets,
     )
     level = result.qnet.config.levels
     if calibration is None:

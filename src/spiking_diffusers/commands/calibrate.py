@@ -62,6 +62,12 @@ Examples:
 )
 @residual_spikes_option()
 @threshold_groups_option(DEFAULTS.threshold_groups)
+@click.option(
+    "--offsets/--no-offsets",
+    default=DEFAULTS.offsets,
+    help="Learn an input shift and an output offset per activation unit, qcfs(z - shift) + offset, so that "
+    "units reach below 0 like SiLU (free in the SNN: a bias current and a bias map of the next layer).",
+)
 @click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
 @click.option(
     "--percentile",
@@ -168,7 +174,7 @@ def build_config(
     timesteps, levels, per_channel, neuron, residual_spikes, threshold_groups, threshold_init, percentile, num_samples,
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
-    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir,
+    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -178,6 +184,7 @@ def build_config(
         neuron=neuron,
         residual_spikes=bool(residual_spikes),
         threshold_groups=threshold_groups,
+        offsets=bool(offsets),
         threshold_init=threshold_init,
         percentile=percentile,
         num_samples=num_samples,

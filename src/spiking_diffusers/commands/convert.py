@@ -26,6 +26,7 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    offsets_option,
     option_given,
     output_options,
     residual_spikes_option,
@@ -76,6 +77,7 @@ Examples:
 @click.option("--per-channel/--per-layer", default=True, help="One threshold per channel, or one per site (ANN only).")
 @residual_spikes_option()
 @threshold_groups_option()
+@offsets_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -98,6 +100,7 @@ def main(
     per_channel,
     residual_spikes,
     threshold_groups,
+    offsets,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -127,6 +130,7 @@ def main(
             per_channel=per_channel if option_given("per_channel") or loaded.kind == "ann" else None,
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
+            offsets=offsets,
             seed=seed,
         )
         qnet, ann, calibration_report = source.qnet, source.ann, source.calibration_report
@@ -150,6 +154,7 @@ def main(
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
                 "threshold_groups": int(qnet.config.threshold_groups),
+                "offsets": bool(qnet.config.offsets),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -178,6 +183,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"{settings['threshold_form']}-form thresholds, GroupNorm/attention {settings['nonlinear_mode']}"
         + (", residual spikes" if settings.get("residual_spikes") else "")
         + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
+        + (", offsets" if settings.get("offsets") else "")
     )
     if report["calibrated_here"]:
         click.echo(f"  calibration report: {REPORT_FILE}, plot: {PLOT_FILE}")
@@ -191,6 +197,12 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         f"Thresholds lambda ({lam['count']} values, {per}): "
         f"min {lam['min']:.4g}, median {lam['median']:.4g}, max {lam['max']:.4g}"
     )
+    if "offsets" in summary:
+        off = summary["offsets"]
+        click.echo(
+            f"Output offsets: min {off['offset_min']:.4g}, max {off['offset_max']:.4g}; "
+            f"input shifts: min {off['shift_min']:.4g}, max {off['shift_max']:.4g}"
+        )
     ops = ", ".join(f"{count} {name}" for name, count in summary["nonlinear_ops"].items()) or "none"
     click.echo(f"Real-valued non-linear ops ({summary['nonlinear_mode']}): {ops}")
     tsm = summary["tsm"]

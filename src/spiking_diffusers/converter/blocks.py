@@ -42,7 +42,9 @@ register_block(UNet2DModel, "model", sites=_unet_sites)
 
 
 def _resnet_sites(block: ResnetBlock2D) -> list[SiteSpec]:
-    sites = [SiteSpec("act1", "nonlinearity", "conv1", "norm1", "spatial")]
+    # An up/down ResNet block resamples act1's output before conv1 reads it.
+    resample = "upsample" if block.upsample is not None else "downsample" if block.downsample is not None else None
+    sites = [SiteSpec("act1", "nonlinearity", "conv1", "norm1", "spatial", resample)]
     if block.time_emb_proj is not None and not block.skip_time_act:
         sites.append(SiteSpec("temb_act", "nonlinearity", "time_emb_proj", None, "temb"))
     # With "scale_shift" the time embedding modulates norm2's output, so act2's input is not norm2's alone.

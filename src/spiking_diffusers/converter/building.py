@@ -11,6 +11,7 @@ from torch import nn
 
 from .encoded_attention import is_encoded
 from .neurons import IFNeuron
+from .offsets import install_consumer_offsets
 from .qcfs import QCFSActivation
 from .registry import Site, has_role
 from .residual_spikes import install_encoder_neurons, install_input_encoders
@@ -47,16 +48,20 @@ def build_qcfs_unet(
     tsm_steps: int = 0,
     residual_spikes: bool = False,
     threshold_groups: int = 1,
+    offsets: bool = False,
 ) -> UNet2DModel:
     """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
-    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0), and with ``residual_spikes``
-    a signed QCFS encoder in front of every residual-reading convolution and attention projection. With
-    ``threshold_groups`` K > 1 every unit holds a table of K thresholds (see :mod:`.timestep_groups`)."""
+    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0; with an input shift and an
+    output offset with ``offsets``), and with ``residual_spikes`` a signed QCFS encoder in front of every
+    residual-reading convolution and attention projection. With ``threshold_groups`` K > 1 every unit holds a
+    table of K thresholds (see :mod:`.timestep_groups`)."""
     unet = UNet2DModel.from_config(dict(unet_config))
     check_structure(unet)
 
     def make_unit(name: str, spec: SiteSpec, original: nn.Module, channels: int) -> QCFSActivation:
-        return QCFSActivation(original, channels, levels=levels, phi=phi, per_channel=per_channel, tsm_steps=tsm_steps)
+        return QCFSActivation(
+            original, channels, levels=levels, phi=phi, per_channel=per_channel, tsm_steps=tsm_steps, offsets=offsets
+        )
 
     install_units(unet, make_unit)
     if residual_spikes:
@@ -123,7 +128,8 @@ def install_neurons(
 ) -> None:
     """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
     except ``analog_sites``, signed input encoders ternary IF neurons, and every GroupNorm and attention
-    module outside attention (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`."""
+    module outside attention (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`.
+    A unit's input shift and output offset go to its neuron; the offset is added by the consumer layer."""
     spiking = spike_sites(unet, time_embedding, analog_sites)
     for parent_name, parent, spec in list(iter_site_specs(unet)):
         name = site_name(parent_name, spec)
@@ -132,6 +138,7 @@ def install_neurons(
         unit = site_unit(parent, spec)
         factors = unit.temporal_factors
         tsm_steps = 0 if factors is None else factors.numel()
+        offsets = unit.input_shift is not None
         neuron_module = IFNeuron(
             unit.channels,
             unit.per_channel,
@@ -140,12 +147,18 @@ def install_neurons(
             tsm_steps=tsm_steps,
             burst=burst,
             groups=table_groups(unit),
+            offsets=offsets,
         )
+        neuron_module.to(unit.threshold)  # the unit's dtype: a float64 model's values must not pass through float32
         copy_threshold(neuron_module, unit)
+        if offsets:
+            neuron_module.input_shift.data.copy_(unit.input_shift.data)
+            neuron_module.output_offset.data.copy_(unit.output_offset.data)
         if factors is not None:
             neuron_module.temporal_factors.data.copy_(factors.data)
         replace_site_unit(parent, spec, neuron_module)
     install_encoder_neurons(unet)
+    install_consumer_offsets(unet)
     _wrap_nonlinear_ops(unet, nonlinear_mode)
 
 

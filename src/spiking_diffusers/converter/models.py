@@ -103,7 +103,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     activations instead, giving the unquantized network from the same weights. With ``residual_spikes``
     every convolution that reads the residual stream, and every attention projection, quantizes its input
     with a signed QCFS unit, so that the spiking network feeds it spikes (see
-    :mod:`~spiking_diffusers.converter.residual_spikes`).
+    :mod:`~spiking_diffusers.converter.residual_spikes`). With ``offsets`` every activation unit also learns
+    an input shift and an output offset, ``qcfs(z - shift) + offset`` (see
+    :mod:`~spiking_diffusers.converter.offsets`).
     """
 
     config_name = "config.json"
@@ -121,12 +123,21 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         tsm_steps: int = 0,
         residual_spikes: bool = False,
         threshold_groups: int = 1,
+        offsets: bool = False,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
         check_threshold_groups(threshold_groups, unet_config)
+        _check_offsets_with_groups(offsets, threshold_groups)
         self.unet = build_qcfs_unet(
-            unet_config, levels, phi, per_channel, tsm_steps, residual_spikes, threshold_groups=int(threshold_groups)
+            unet_config,
+            levels,
+            phi,
+            per_channel,
+            tsm_steps,
+            residual_spikes,
+            threshold_groups=int(threshold_groups),
+            offsets=offsets,
         )
 
     @classmethod
@@ -142,6 +153,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         seed: int = 0,
         residual_spikes: bool = False,
         threshold_groups: int = 1,
+        offsets: bool = False,
     ) -> QCFSUNet2DModel:
         """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
 
@@ -153,6 +165,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         those layers spikes too. ``threshold_groups`` K > 1 gives every site a table of K thresholds, one per
         equal range of the diffusion schedule (timestep-aware thresholds), each initialised from the probes in
         its range (the probes of all ranges where it has none). Raises
+        those layers spikes too. ``offsets=True`` gives every activation unit an input shift and an output
+        offset, ``qcfs(z - shift) + offset``, initialised with the thresholds (offset = shift, fitted with
+        lambda; see :func:`~.thresholds.init_thresholds`; 0 with ``init=None``). Raises
         :class:`~.registry.UnsupportedModuleError` naming any module that cannot be converted.
         """
         if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
@@ -169,6 +184,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         check_int(num_samples, "num_samples", "num_samples")
         check_int(seed, "seed", "seed")
         check_bool(residual_spikes, "residual_spikes")
+        check_bool(offsets, "offsets")
         check_structure(unet)
         config = unet_config_dict(unet)
         threshold_groups = check_threshold_groups(threshold_groups, config)
@@ -182,10 +198,11 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             out_channels=config["out_channels"],
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
+            offsets=offsets,
         )
         move_like(qnet, unet)
         missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)
-        if unexpected or any(not key.endswith(".threshold") for key in missing):
+        if unexpected or any(not key.endswith((".threshold", ".input_shift", ".output_offset")) for key in missing):
             raise RuntimeError(
                 f"Weights did not map onto the QCFS network: missing {missing}, unexpected {unexpected}."
             )
@@ -251,6 +268,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     scales its input current at step t by a learnable factor p_t (SDM's temporal-wise spiking mechanism);
     all factors 1 give exactly the network without it. With ``residual_spikes`` the convolutions that read
     the residual stream and the attention projections are fed by ternary IF encoders (spikes +-lambda).
+    With ``offsets`` (from the QCFS network) each neuron subtracts its input shift from its input current and
+    the layer it feeds adds the output offset's constant bias map, still reading spikes.
     """
 
     config_name = "config.json"
@@ -276,6 +295,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         analog_sites: list[str] | None = None,
         burst: int = 1,
         threshold_groups: int = 1,
+        offsets: bool = False,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -299,6 +319,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             tsm_steps=int(timesteps) if tsm else 0,
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
+            offsets=offsets,
         )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
@@ -369,6 +390,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             analog_sites=analog,
             burst=burst,
             threshold_groups=groups,
+            offsets=config.get("offsets", False),
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
@@ -403,6 +425,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes=config.residual_spikes,
             tsm_steps=config.timesteps if config.tsm else 0,
             threshold_groups=config.threshold_groups,
+            offsets=config.offsets,
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
@@ -502,6 +525,15 @@ def _check_conversion_arguments(qnet: Any, timesteps: Any, tsm: Any) -> None:
     check_int(timesteps, "timesteps", "timesteps")
     if tsm is not None:
         check_bool(tsm, "tsm")
+
+
+def _check_offsets_with_groups(offsets: bool, threshold_groups: int) -> None:
+    """Offsets are initialised with one threshold per site; with timestep-aware thresholds they are refused."""
+    if offsets and int(threshold_groups) > 1:
+        raise ValueError(
+            f"offsets=True needs threshold_groups=1 (got {threshold_groups}): the offset initialisation fits one "
+            "threshold per site; use one of the two options."
+        )
 
 
 def _check_settings(unet_config: Any, levels: Any, phi: Any) -> None:

@@ -56,6 +56,10 @@ class SpikingNeuron(TemporalModule):
         self.spikes_per_step = 1
         # 1 / lambda in the unit-threshold form where no private layer before the neuron could absorb it.
         self.register_buffer("input_gain", torch.ones(size))
+        # Offsets (an IF neuron's option): a constant current subtracted from the input, and the constant the
+        # consumer layer adds for the unit's output offset (see converter/offsets.py); None without them.
+        self.input_shift: nn.Parameter | None = None
+        self.output_offset: nn.Parameter | None = None
         self.register_memory("membrane")
 
     # --- what a neuron type defines ---------------------------------------------------------------------
@@ -116,6 +120,8 @@ class SpikingNeuron(TemporalModule):
         amplitude = self.amplitude(current)
         firing = self.firing_threshold(current).detach()
         current = current * broadcast_channels(self.input_gain, current, self.channels_last)
+        if self.input_shift is not None:  # a constant bias current
+            current = current - broadcast_channels(self.input_shift, current, self.channels_last)
         if self.execution == "batched":
             steps = self.modulate(self.split_time(current), None)
             if self.threshold.dim() == 2:  # per-sample rows (T, B, ...); a sample keeps its group at every step
@@ -156,6 +162,9 @@ class IFNeuron(SpikingNeuron):
     ``k = clip(floor(m / theta), 0, B)`` spikes of amplitude ``lambda / B`` (theta = lambda / B) and subtracts
     ``k * theta``, so T steps carry ``B * T`` levels: for a constant input it reproduces the QCFS unit of
     ``L = B * T`` levels exactly, for any phi. Each spike is one accumulate for the next layer.
+    ``offsets`` carries a QCFS unit's input shift (subtracted from the input current, a bias current) and
+    output offset (not added here: the consumer layer adds its constant contribution, so that the layer
+    still reads spikes; see :mod:`~spiking_diffusers.converter.offsets`).
     """
 
     def __init__(
@@ -167,6 +176,7 @@ class IFNeuron(SpikingNeuron):
         tsm_steps: int = 0,
         burst: int = 1,
         groups: int = 1,
+        offsets: bool = False,
     ):
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
@@ -179,6 +189,9 @@ class IFNeuron(SpikingNeuron):
             self.register_memory("spike_count")
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
         self.threshold_scale = 1.0
+        if offsets:
+            self.input_shift = nn.Parameter(torch.zeros(self.threshold.numel()))
+            self.output_offset = nn.Parameter(torch.zeros(self.threshold.numel()))
 
     def firing_threshold(self, like: torch.Tensor) -> torch.Tensor:
         """The threshold the membrane is compared with: lambda times the threshold-guidance scale."""
@@ -218,7 +231,8 @@ class IFNeuron(SpikingNeuron):
     def extra_repr(self) -> str:
         tsm = f", tsm_steps={self.temporal_factors.numel()}" if self.temporal_factors is not None else ""
         burst = f", burst={self.spikes_per_step}" if self.spikes_per_step > 1 else ""
-        return f"neuron={self.neuron!r}, {super().extra_repr()}{tsm}{burst}"
+        offsets = ", offsets=True" if self.input_shift is not None else ""
+        return f"neuron={self.neuron!r}, {super().extra_repr()}{tsm}{burst}{offsets}"
 
 
 class TernaryIFEncoder(SpikingNeuron):

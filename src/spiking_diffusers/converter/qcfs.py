@@ -94,6 +94,12 @@ class QCFSActivation(QuantizerUnit):
 
     The original activation is kept (it has no parameters) so that the same network can run as the
     original ANN (``mode = "ann"``), which calibration uses as its teacher and for statistics.
+
+    With ``offsets`` the unit also learns an input shift and an output offset (one per site, or per channel
+    with ``per_channel``), so that its range can reach below 0 like SiLU's negative lobe:
+    ``a(z) = qcfs(z - input_shift) + output_offset``. Both start at 0 (the unit without them); in the
+    spiking network the shift is a constant bias current of the neuron and the offset a constant bias map
+    of the consumer layer (see :mod:`~spiking_diffusers.converter.offsets`).
     """
 
     def __init__(
@@ -104,18 +110,26 @@ class QCFSActivation(QuantizerUnit):
         phi: float = 0.5,
         per_channel: bool = False,
         tsm_steps: int = 0,
+        offsets: bool = False,
     ):
         super().__init__(original, channels, levels, phi, per_channel)
         # Temporal factors (TSM) the spiking network was fine-tuned with; unused by the QCFS function itself,
         # kept here so a calibrated QCFS model converts back into the same spiking network.
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
+        size = channels if per_channel else 1
+        self.input_shift = nn.Parameter(torch.zeros(size)) if offsets else None
+        self.output_offset = nn.Parameter(torch.zeros(size)) if offsets else None
 
     def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """:func:`qcfs` at ``threshold``."""
-        return qcfs(z, threshold, self.levels, self.phi)
+        """:func:`qcfs` at ``threshold`` (of ``z - input_shift``, plus ``output_offset``, with offsets)."""
+        if self.input_shift is None:
+            return qcfs(z, threshold, self.levels, self.phi)
+        shifted = z - broadcast_channels(self.input_shift, z)
+        return qcfs(shifted, threshold, self.levels, self.phi) + broadcast_channels(self.output_offset, z)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, original={type(self.original).__name__}"
+        offsets = ", offsets=True" if self.input_shift is not None else ""
+        return f"{super().extra_repr()}, original={type(self.original).__name__}{offsets}"
 
 
 def set_tsm_steps(model: nn.Module, steps: int) -> None:

@@ -38,6 +38,9 @@ class SiteSpec:
     weight layer its output feeds (it absorbs the threshold in the unit-threshold form), ``source`` a
     layer private to the site whose output is the site's only input (``None`` when the input is shared
     or mixed), and ``kind`` is ``"spatial"`` for feature maps or ``"temb"`` for the time embedding.
+    ``resample``, where set, names the parent's linear resampling (an attribute holding a callable) that the
+    site's output passes before the consumer reads it (a ResNet block's up- or down-sampling); the output
+    offsets need it to know what the consumer receives of a constant.
     """
 
     name: str
@@ -45,6 +48,7 @@ class SiteSpec:
     consumer: str
     source: str | None
     kind: str
+    resample: str | None = None
 
     @property
     def ndim(self) -> int:

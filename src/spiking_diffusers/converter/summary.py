@@ -20,7 +20,8 @@ SITE_KINDS = ("spatial IF", "time-embedding IF", "analog QCFS", "ternary IF enco
 def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[str, Any]:
     """What the conversion did: sites by kind, the range of the thresholds lambda, and the real-valued ops.
 
-    Residual input encoders, where there are any, are counted as ``"ternary IF encoder"`` sites."""
+    Residual input encoders, where there are any, are counted as ``"ternary IF encoder"`` sites. A model with
+    offsets also gets ``"offsets"``: the range of its output offsets and input shifts."""
     wiring = site_wiring(snn.unet)
     kinds = Counter()
     for name, unit in snn.sites().items():
@@ -32,7 +33,7 @@ def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[s
             kinds["analog QCFS"] += 1
     lambdas = torch.cat([value.flatten().float().cpu() for value in qnet.thresholds().values()]).tolist()
     ops = Counter(type(module.op).__name__ for module in snn.unet.modules() if isinstance(module, TemporalOp))
-    return {
+    summary = {
         "sites": {kind: kinds[kind] for kind in SITE_KINDS if kind in kinds or kind in SITE_KINDS[:3]},
         "thresholds": {
             "min": min(lambdas),
@@ -45,6 +46,19 @@ def conversion_summary(qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel) -> dict[s
         "nonlinear_mode": snn.config.nonlinear_mode,
         "tsm": _tsm_summary(snn),
     }
+    if qnet.config.get("offsets", False):
+        summary["offsets"] = _offsets_summary(qnet)
+    return summary
+
+
+def _offsets_summary(qnet: QCFSUNet2DModel) -> dict[str, Any]:
+    """The range of the output offsets and input shifts of a QCFS model with offsets."""
+    units = [unit for unit in qnet.sites().values() if getattr(unit, "output_offset", None) is not None]
+    summary = {}
+    for key, attr in (("offset", "output_offset"), ("shift", "input_shift")):
+        values = torch.cat([getattr(unit, attr).detach().flatten().float().cpu() for unit in units])
+        summary[f"{key}_min"], summary[f"{key}_max"] = values.min().item(), values.max().item()
+    return summary
 
 
 def _tsm_summary(snn: SpikingUNet2DModel) -> dict[str, Any]:

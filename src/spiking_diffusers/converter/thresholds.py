@@ -7,6 +7,13 @@ signed input encoders of residual spikes are sites here too: their percentile is
 magnitude, and their quantization error is measured against the identity. With timestep-aware thresholds
 (a ``(K, C)`` table per site, see :mod:`.timestep_groups`) each group's row is set from the inputs of the
 samples in its range of the schedule (:func:`collect_group_site_inputs`).
+
+A unit with offsets (``a(z) = qcfs(z - shift) + offset``) gets its threshold and offset together, with
+shift = offset so that the unit still follows the identity above 0: the percentile init takes the lowest
+value of the activation over the site's inputs (SiLU: down to -0.278) as the offset and the percentile of
+the shifted inputs as lambda; the MSE init tries fractions :data:`OFFSET_FRACTIONS` of that lowest value
+(0: the unit without offset) and keeps, per channel, the pair (offset, MSE-optimal lambda) with the lowest
+quantization error, so that it is never worse than the unit without offset.
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from .encoders import SignedQCFS, signed_qcfs
-from .qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, qcfs
+from .qcfs import MIN_THRESHOLD, QCFSActivation, QuantizerUnit, broadcast_channels, qcfs
 from .timestep_groups import table_groups
 
 if TYPE_CHECKING:  # the model imports this module for its threshold initialisation
     from .models import QCFSUNet2DModel
 
 THRESHOLD_INITS = ("percentile", "mse")
+
+OFFSET_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Candidate offsets of the MSE init, as fractions of the activation's lowest value over the site's inputs."""
 
 
 class SiteObserver:
@@ -173,6 +183,9 @@ def quantization_error(values: torch.Tensor, unit: QCFSActivation | SignedQCFS, 
             raise ValueError("This site has timestep-aware thresholds; pass the group its inputs belong to.")
         lam = lam[group]
     z = values.t()  # (n, C): channels on dim 1, as the unit expects
+    if getattr(unit, "output_offset", None) is not None:
+        shift, offset = (broadcast_channels(p.detach(), z) for p in (unit.input_shift, unit.output_offset))
+        return float((qcfs(z - shift, lam, unit.levels, unit.phi) + offset - unit.original(z)).pow(2).mean())
     quantizer = signed_qcfs if isinstance(unit, SignedQCFS) else qcfs
     return float((quantizer(z, lam, unit.levels, unit.phi) - unit.original(z)).pow(2).mean())
 
@@ -185,7 +198,8 @@ def init_thresholds(
     percentile: float = 99.9,
     group_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse).
+    """Set every QCFS unit's threshold from its collected inputs (``method``: percentile or mse), and with
+    its input shift and output offset where it has them.
 
     A site with a table of K timestep-aware thresholds sets row g from ``group_inputs[g]`` (see
     :func:`collect_group_site_inputs`); a group without inputs, and a channel without a positive one in it,
@@ -195,6 +209,9 @@ def init_thresholds(
         raise ValueError(f"Unknown threshold init {method!r}; choose one of {THRESHOLD_INITS}.")
     for name, unit in qnet.sites().items():
         if name not in site_inputs:
+            continue
+        if getattr(unit, "output_offset", None) is not None:  # one threshold table row: refused with K > 1
+            _init_with_offset(unit, site_inputs[name], method, percentile)
             continue
         lam = _unit_threshold(site_inputs[name], unit, method, percentile)
         if unit.threshold.dim() == 2:
@@ -234,3 +251,52 @@ def _site_threshold(
     if method == "percentile":
         return percentile_threshold(values, percentile, per_channel, signed)
     return mse_threshold(values, unit.original, unit.levels, unit.phi, per_channel, signed=signed)
+
+
+def lowest_activation(values: torch.Tensor, activation: torch.nn.Module, per_channel: bool = False) -> torch.Tensor:
+    """The lowest value of ``activation`` over a site's inputs ``(C, n)``, at most 0, per channel (``(C,)``)
+    or for the whole site (``(1,)``): the offset that lets a unit reach the activation's negative lobe."""
+    outputs = activation(values)
+    lowest = outputs.amin(dim=1) if per_channel else outputs.amin().reshape(1)
+    return lowest.clamp_max(0)
+
+
+def offset_fit(
+    values: torch.Tensor, unit: QCFSActivation, method: str, percentile: float, per_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda, offset)`` of a unit with offsets (shift = offset), per channel or for the whole site."""
+    lowest = lowest_activation(values, unit.original, per_channel)
+    best_lam = best_offset = best_error = None
+    for fraction in OFFSET_FRACTIONS if method == "mse" else (1.0,):
+        offset = lowest * fraction
+        shifted = values - offset.reshape(-1, 1)  # (C, n) minus one value per channel, or one for the site
+        if method == "percentile":
+            return percentile_threshold(shifted, percentile, per_channel), offset
+
+        def target(data: torch.Tensor, offset: torch.Tensor = offset) -> torch.Tensor:
+            return unit.original(data + offset) - offset  # what qcfs(z - offset) must approximate
+
+        lam = mse_threshold(shifted, target, unit.levels, unit.phi, per_channel)
+        data = shifted.t() if per_channel else shifted.reshape(-1, 1)
+        error = (qcfs(data, lam, unit.levels, unit.phi) - target(data)).pow(2).mean(dim=0)
+        if best_error is None:
+            best_lam, best_offset, best_error = lam, offset, error
+            continue
+        better = error < best_error
+        best_lam = torch.where(better, lam, best_lam)
+        best_offset = torch.where(better, offset, best_offset)
+        best_error = torch.where(better, error, best_error)
+    return best_lam, best_offset
+
+
+def _init_with_offset(unit: QCFSActivation, values: torch.Tensor, method: str, percentile: float) -> None:
+    lam, offset = offset_fit(values, unit, method, percentile, unit.per_channel)
+    if unit.per_channel:
+        # A channel whose shifted input is never positive has no scale of its own: it takes the site's.
+        dead = (values - offset.reshape(-1, 1)).amax(dim=1) <= 0
+        if dead.any():
+            site_lam, site_offset = offset_fit(values, unit, method, percentile, False)
+            lam, offset = torch.where(dead, site_lam, lam), torch.where(dead, site_offset, offset)
+    unit.threshold.copy_(lam.to(unit.threshold))
+    unit.input_shift.copy_(offset.to(unit.input_shift))
+    unit.output_offset.copy_(offset.to(unit.output_offset))

@@ -4,8 +4,10 @@ Every neuron gets threshold 1 and emits binary spikes; its calibrated lambda mov
 the consumer layer's input columns are multiplied by lambda, and 1 / lambda is folded into the private
 layer feeding the neuron (its GroupNorm affine or linear layer). Where the input is shared (the time
 embedding feeds every ResNet block) or mixed (scale-shift modulation), 1 / lambda stays as the neuron's
-input gain, as it does for the input encoders of residual spikes, whose input is shared or mixed. The
-outputs are those of the lambda form up to float rounding.
+input gain, as it does for the input encoders of residual spikes, whose input is shared or mixed. A
+neuron's input shift and output offset (``offsets``) are divided by lambda too: the shift is subtracted
+from the scaled current, and the consumer, whose weights now carry lambda, adds the same bias map as
+before. The outputs are those of the lambda form up to float rounding.
 """
 
 from __future__ import annotations
@@ -37,5 +39,8 @@ def fold_unit_thresholds(unet: nn.Module) -> None:
         handler = handler_for(source) if source is not None else None
         if not (handler and handler.absorb_threshold and handler.absorb_threshold(source, lam)):
             neuron.input_gain.div_(lam)
+        if neuron.output_offset is not None:
+            neuron.input_shift.div_(lam)
+            neuron.output_offset.div_(lam)
         neuron.threshold.fill_(1.0)
     fold_encoder_thresholds(unet)

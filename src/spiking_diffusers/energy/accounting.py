@@ -24,7 +24,11 @@ Counting rules:
   MAC-equivalents per element: GroupNorm ``GROUPNORM_OPS``, softmax ``SOFTMAX_OPS``, and the expectation
   compensation of a ``TemporalOp`` ``COMPENSATION_OPS`` per input element.
 - Not counted, in the SNN and the ANN alike: biases, residual additions, activation functions (ANN) and
-  membrane updates (SNN), the sinusoidal time embedding, nearest / average resampling.
+  membrane updates (SNN), the sinusoidal time embedding, nearest / average resampling. The output offsets
+  of a model with ``offsets`` are bias maps of the consumer layers (model constants, computed once per input
+  shape inside ``constant_work``, which is not counted): left out like biases, one addition per output
+  element; the consumer still reads spikes and costs ACs. Their input shifts are bias currents of the
+  neurons, part of the membrane update.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..converter.encoded_attention import AttentionCore
 from ..converter.neurons import IFNeuron, TernaryIFEncoder
+from ..converter.offsets import computing_constants
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalOp
 
@@ -242,7 +247,7 @@ class OperationCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         handler = self._handlers.get(func)
-        if handler is not None:
+        if handler is not None and not computing_constants():
             handler(args, kwargs, out)
         return out
 
