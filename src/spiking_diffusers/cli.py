@@ -280,6 +280,7 @@ def resolve_threshold_groups(requested: int | None, loaded: LoadedModel) -> int:
             f"group(s); it keeps them (leave the option out, or pass --threshold-groups {own}).",
             2,
         )
+    return own
 
 
 def offsets_option() -> Callable:
