@@ -4,26 +4,47 @@ for the default calibration that ``sdm-convert`` runs on an uncalibrated model."
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
 from ..converter.thresholds import collect_site_inputs, init_thresholds, quantization_error
+from ..metrics.noise_prediction import predict_noise
 from .checkpoint import CalibrationCheckpoints
-from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
+from .cost import CalibrationProgress, apply_plan, describe_estimate, fit_to_budget, measure_unit_costs, plan_phases
+from .data import (
+    CalibrationSet,
+    NoisedBatches,
+    load_image_folder,
+    model_fingerprint,
+    sample_cache_path,
+    sample_model_images,
+)
 from .distill import DistillHistory, DistillSettings, distill
+from .sweep import error_sweep, sweep_inputs
 
 
 @dataclass
 class CalibrationConfig:
     """Every knob of a calibration run (all of them go into the report). ``residual_spikes`` quantizes with
     signed input encoders on the residual-reading convolutions and the attention projections (see ``quantize``),
-    calibrated with the rest."""
+    calibrated with the rest.
+
+    Distillation trains on a fixed calibration set of ``set_size`` noised inputs, labelled once by the
+    original model. Its timesteps follow ``small_t_fraction`` / ``small_t_range``: that share of them lies in
+    the first ``small_t_range`` of the schedule, the rest is uniform over all of it (see
+    :func:`~spiking_diffusers.calibration.data.small_t_timesteps`). ``sweep_images`` images go into the
+    report's noise-prediction error sweep (0: none). ``budget_minutes`` scales the recipe down to an
+    estimated run time (see :func:`~spiking_diffusers.calibration.cost.fit_to_budget`).
+    """
 
     timesteps: int = 4
     levels: int | None = None
@@ -38,7 +59,12 @@ class CalibrationConfig:
     sampler_steps: int = 20
     image_dir: str | None = None
     stats_batches: int = 4
-    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=2000, batch_size=32, lr=1e-3))
+    set_size: int = 4096
+    small_t_fraction: float = 0.5
+    small_t_range: float = 0.1
+    sweep_images: int = 8
+    budget_minutes: float | None = None
+    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=1000, batch_size=32, lr=1e-3))
     snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=1e-4))
     seed: int = 0
     cache_dir: str | None = None
@@ -54,6 +80,12 @@ class CalibrationConfig:
             raise ValueError("timesteps and levels must be at least 1.")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1.")
+        if self.set_size < 1 or self.sweep_images < 0:
+            raise ValueError("set_size must be at least 1 and sweep_images at least 0.")
+        if not 0 <= self.small_t_fraction <= 1 or not 0 < self.small_t_range <= 1:
+            raise ValueError("small_t_fraction must be in [0, 1] and small_t_range in (0, 1].")
+        if self.budget_minutes is not None and not (math.isfinite(self.budget_minutes) and self.budget_minutes > 0):
+            raise ValueError(f"budget_minutes must be a finite number > 0, got {self.budget_minutes}.")
         for phase in (self.distill, self.snn):
             if phase.steps < 0 or phase.batch_size < 1 or phase.lr <= 0:
                 raise ValueError("steps must be >= 0, batch size >= 1 and learning rate > 0.")
@@ -68,7 +100,7 @@ class CalibrationResult:
 
 
 def calibration_data(
-    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool
+    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool, on_batch=None
 ) -> torch.Tensor:
     """The x0 pool: the model's own DDIM samples (cached), or the images of ``config.image_dir``."""
     if config.image_dir:
@@ -81,7 +113,18 @@ def calibration_data(
         seed=config.seed,
         cache_dir=config.cache_dir,
         progress=progress,
+        on_batch=on_batch,
     )
+
+
+def samples_cached(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig) -> bool:
+    """Whether the calibration images are at hand without sampling (in the cache, or an image folder)."""
+    if config.image_dir:
+        return True
+    path = sample_cache_path(
+        unet, scheduler_config, config.num_samples, config.sampler_steps, config.seed, config.cache_dir
+    )
+    return path.is_file()
 
 
 def calibrate(
@@ -96,16 +139,74 @@ def calibrate(
     With ``checkpoints``, each phase saves its state there and a run with ``checkpoints.resume`` continues
     from the last one, to the same result as a run never stopped.
     """
+    bars: list[CalibrationProgress] = []
+    try:
+        return _calibrate(unet, scheduler_config, config, progress, checkpoints, bars)
+    finally:  # an interrupted run's bar goes before its error message, not after it
+        for bar in bars:
+            bar.close()
+
+
+def _calibrate(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig | None,
+    progress: bool,
+    checkpoints: CalibrationCheckpoints | None,
+    bars: list[CalibrationProgress],
+) -> CalibrationResult:
     config = config or CalibrationConfig()
     config.validate()
+    requested = config
     saved = checkpoints.start(run_fingerprint(unet, scheduler_config, config)) if checkpoints else None
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     teacher = unet.eval()
     device = next(unet.parameters()).device
-    x0 = calibration_data(unet, scheduler_config, config, progress)
+
+    # What the run will cost: timed here, scaled to the budget, shown as one progress bar with an ETA.
+    cached = samples_cached(unet, scheduler_config, config)
+    costs = measure_unit_costs(teacher, config) if progress or config.budget_minutes else None
+    budget = None
+    if config.budget_minutes:
+        if saved is not None and saved.plan is not None:  # a resumed run keeps the sizes it started with
+            config = apply_plan(config, {key: used for key, (_, used) in saved.plan.items()})
+            budget = {"minutes": config.budget_minutes, "changes": saved.plan, "resumed": True}
+        else:
+            fit = fit_to_budget(config, costs, cached)
+            config = fit.config
+            message = fit.message(config.budget_minutes)
+            budget = {
+                "minutes": config.budget_minutes,
+                "changes": fit.changes,
+                "estimate_s": fit.estimate_s,
+                "requested_estimate_s": fit.requested_estimate_s,
+                "fits": fit.fits,
+                "message": message,
+            }
+            _say(message, progress)
+        if checkpoints:
+            checkpoints.plan = budget["changes"]
+    done = _done_units(saved, config)
+    phases = plan_phases(config, costs, cached, done) if costs else None
+    if phases and progress:
+        _say(describe_estimate(phases, costs), progress)
+    bar = CalibrationProgress(phases, progress)
+    bars.append(bar)
+    wall: dict[str, float] = {}
+
+    def timed(name: str, since: float) -> float:
+        now = time.perf_counter()
+        wall[name] = now - since
+        bar.finish(name)
+        return now
+
+    tick = time.perf_counter()
+    x0 = calibration_data(unet, scheduler_config, config, False, bar.counter("samples"))
+    tick = timed("samples", tick)
     generator = torch.Generator().manual_seed(config.seed)
-    data = NoisedBatches(x0, DDPMScheduler.from_config(scheduler_config), generator)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    data = NoisedBatches(x0, noise_scheduler, generator)
 
     qnet = quantize(
         unet,
@@ -121,37 +222,72 @@ def calibrate(
     inputs_before = collect_site_inputs(qnet, stats_batches, seed=config.seed)
     init_thresholds(qnet, inputs_before, method=config.threshold_init, percentile=config.percentile)
     before = _site_report(qnet, inputs_before)
+    tick = timed("statistics", tick)
+
+    calibration_set = CalibrationSet.draw(
+        x0, noise_scheduler, config.set_size, generator, config.small_t_fraction, config.small_t_range
+    )
+    if config.distill.steps or config.snn.steps:
+        calibration_set.label(teacher, on_batch=bar.counter("labels"))
+    tick = timed("labels", tick)
+    sweep = _Sweep(config, teacher, x0, noise_scheduler)
+    sweep.measure("before", qnet)
+    bar.advance("sweep", 1, "noise-prediction error sweep (before)")
+    sweep_s = time.perf_counter() - tick
 
     histories: dict[str, DistillHistory] = dict(saved.finished) if saved else {}
 
     def phase(name: str) -> dict:
-        """The checkpoint and resume arguments of phase ``name``'s :func:`distill`."""
+        """The checkpoint, resume and progress arguments of phase ``name``'s :func:`distill`."""
+        steps = config.distill.steps if name == "distill" else config.snn.steps
         return {
             "checkpoint": checkpoints.phase(name, dict(histories)) if checkpoints else None,
             "resume": saved.state if saved and saved.phase == name else None,
+            "on_step": bar.stepper(name, steps) if phases else None,
         }
 
+    snn = None
+    tick = time.perf_counter()
     if config.distill.steps and "distill" not in histories:  # a checkpoint of the snn phase: distill is done
         histories["distill"] = distill(
-            qnet, teacher, data, config.distill, "distill QCFS", progress, **phase("distill")
+            qnet, teacher, calibration_set, config.distill, "distill QCFS", progress, **phase("distill")
         )
+    tick = timed("distill", tick)
     if config.snn.steps:
         snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
         description = f"fine-tune SNN (T={config.timesteps})"
-        histories["snn"] = distill(snn, teacher, data, config.snn, description, progress, **phase("snn"))
+        histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
             qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
+    tick = timed("snn", tick)
 
     after = _site_report(qnet, collect_site_inputs(qnet, stats_batches, seed=config.seed))
+    wall["statistics"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    sweep.measure("after", qnet, snn)
+    timed("sweep", tick)
+    wall["sweep"] += sweep_s
+    bar.close()
     report = {
         "settings": _settings(config),
         "calibration_samples": {"count": len(x0), "source": config.image_dir or "model samples (DDIM)"},
+        "calibration_set": _set_report(calibration_set, config, noise_scheduler),
         "sites": {name: {"before": before[name], "after": after[name]} for name in before},
         "loss_curves": {phase: h.output_loss for phase, h in histories.items()},
-        "phase_wall_time_s": {phase: h.wall_time_s for phase, h in histories.items()},
+        "noise_prediction_sweep": sweep.report,
+        "phase_wall_time_s": {**wall, **{phase: h.wall_time_s for phase, h in histories.items()}},
         "wall_time_s": time.perf_counter() - start,
     }
+    if costs is not None:
+        report["estimate"] = {
+            "unit_costs": asdict(costs),
+            "phases_s": {p.name: p.seconds for p in phases},
+            "total_s": sum(p.seconds for p in phases),
+        }
+    if budget is not None:
+        report["budget"] = budget
+        report["requested_settings"] = _settings(requested)
     return CalibrationResult(qnet.eval(), report)
 
 
@@ -165,6 +301,57 @@ def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: Calibrati
 def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:
     """Copy a (lambda-form) spiking model's weights and thresholds back into the QCFS network they came from."""
     qnet.unet.load_state_dict(snn.qcfs_state_dict())
+
+
+def _say(message: str, progress: bool) -> None:
+    """A line on stderr that does not break the progress bar (only when progress is shown)."""
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _done_units(saved, config: CalibrationConfig) -> dict[str, int]:
+    """Steps a resumed run has already done, per phase."""
+    if saved is None:
+        return {}
+    if saved.phase == "snn":
+        return {"distill": config.distill.steps, "snn": saved.state.step}
+    return {"distill": saved.state.step}
+
+
+class _Sweep:
+    """The report's noise-prediction error sweep: the QCFS network and its SNN at ``config.timesteps``, before
+    and after calibration, against the original model on the same noised calibration images."""
+
+    def __init__(self, config: CalibrationConfig, teacher: UNet2DModel, x0: torch.Tensor, noise_scheduler):
+        self.config = config
+        self.report: dict[str, Any] = {}
+        if not config.sweep_images:
+            return
+        self.inputs = sweep_inputs(x0, noise_scheduler, min(config.sweep_images, len(x0)), config.seed)
+        self.reference = predict_noise(teacher, self.inputs)
+        self.report = {"timesteps": self.inputs.timesteps.tolist(), "images": self.inputs.samples.shape[1]}
+
+    def measure(self, stage: str, qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel | None = None) -> None:
+        """Record the errors at ``stage`` ("before" or "after"); ``snn``: the fine-tuned SNN, if there is one."""
+        if not self.config.sweep_images:
+            return
+        config = self.config
+        snn = snn or convert(qnet, timesteps=config.timesteps, neuron=config.neuron)
+        self.report[stage] = error_sweep({"qcfs": qnet, "snn": snn}, self.reference, self.inputs)
+
+
+def _set_report(calibration_set: CalibrationSet, config: CalibrationConfig, noise_scheduler) -> dict[str, Any]:
+    """Size, timestep mixture and memory of the calibration set."""
+    steps = noise_scheduler.config.num_train_timesteps
+    small = (calibration_set.timesteps < config.small_t_range * steps).float().mean().item()
+    return {
+        "size": len(calibration_set),
+        "small_t_fraction": config.small_t_fraction,
+        "small_t_range": config.small_t_range,
+        "share_in_small_t_range": small,
+        "labelled_once": calibration_set.targets is not None,
+        "memory_mib": calibration_set.nbytes / 2**20,
+    }
 
 
 def _site_report(qnet: QCFSUNet2DModel, site_inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -100,6 +100,7 @@ def main(
     calibration_samples,
     calibration_steps,
     snn_steps,
+    calibration_budget,
     reference,
     seed,
     device,
@@ -109,7 +110,9 @@ def main(
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
-        calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
+        calibration = calibration_config(
+            calibrate, calibration_samples, calibration_steps, snn_steps, neuron, budget_minutes=calibration_budget
+        )
         qnet, ann, calibration_report = _qcfs_network(
             loaded, timesteps, levels, per_channel, seed, calibration, residual_spikes
         )
