@@ -179,8 +179,8 @@ def _calibrate(
             budget = {
                 "minutes": config.budget_minutes,
                 "changes": fit.changes,
-                "estimate_s": fit.estimate_s,
-                "requested_estimate_s": fit.requested_estimate_s,
+                "estimated_seconds": fit.estimate_s,
+                "requested_estimated_seconds": fit.requested_estimate_s,
                 "fits": fit.fits,
                 "message": message,
             }
@@ -280,10 +280,11 @@ def _calibrate(
         "wall_time_s": time.perf_counter() - start,
     }
     if costs is not None:
-        report["estimate"] = {
+        # machine-dependent, like the wall times: "seconds" in the key marks it so (tests/test_determinism.py)
+        report["estimated_seconds"] = {
             "unit_costs": asdict(costs),
-            "phases_s": {p.name: p.seconds for p in phases},
-            "total_s": sum(p.seconds for p in phases),
+            "phases": {p.name: p.seconds for p in phases},
+            "total": sum(p.seconds for p in phases),
         }
     if budget is not None:
         report["budget"] = budget
