@@ -14,12 +14,21 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
 from ..converter.thresholds import collect_site_inputs, init_thresholds, quantization_error
 from ..metrics.noise_prediction import predict_noise
 from .checkpoint import CalibrationCheckpoints
-from .cost import CalibrationProgress, apply_plan, describe_estimate, fit_to_budget, measure_unit_costs, plan_phases
+from .cost import (
+    CalibrationProgress,
+    UnitCosts,
+    apply_plan,
+    describe_estimate,
+    fit_to_budget,
+    measure_unit_costs,
+    plan_phases,
+)
 from .data import (
     CalibrationSet,
     NoisedBatches,
@@ -166,7 +175,7 @@ def _calibrate(
 
     # What the run will cost: timed here, scaled to the budget, shown as one progress bar with an ETA.
     cached = samples_cached(unet, scheduler_config, config)
-    costs = measure_unit_costs(teacher, config) if progress or config.budget_minutes else None
+    costs = _unit_costs(teacher, config, progress)
     budget = None
     if config.budget_minutes:
         if saved is not None and saved.plan is not None:  # a resumed run keeps the sizes it started with
@@ -308,6 +317,27 @@ def _say(message: str, progress: bool) -> None:
     """A line on stderr that does not break the progress bar (only when progress is shown)."""
     if progress:
         tqdm.write(message, file=sys.stderr)
+
+
+def _unit_costs(teacher: UNet2DModel, config: CalibrationConfig, progress: bool) -> UnitCosts | None:
+    """The unit costs for the estimate (shown with progress) and the budget; ``None`` when neither needs them.
+
+    With a budget under ``accelerate launch`` every process takes the main process's timings, so that all of
+    them scale the recipe alike (their training steps meet in every all-reduce).
+    """
+    if not config.budget_minutes:
+        return measure_unit_costs(teacher, config) if progress else None
+    if distributed.world_size() == 1:
+        return measure_unit_costs(teacher, config)
+    device = next(teacher.parameters()).device
+    shared = torch.zeros(4, dtype=torch.float64, device=device)
+    if distributed.is_main_process():
+        costs = measure_unit_costs(teacher, config)
+        values = [costs.teacher_s, costs.student_step_s, costs.snn_step_s, costs.channels]
+        shared = torch.tensor(values, dtype=torch.float64, device=device)
+    distributed.all_reduce_sum([shared])  # the main process's values; the others add zeros
+    teacher_s, student_step_s, snn_step_s, channels = shared.tolist()
+    return UnitCosts(teacher_s, student_step_s, snn_step_s, round(channels), torch.get_num_threads(), str(device))
 
 
 def _done_units(saved, config: CalibrationConfig) -> dict[str, int]:
