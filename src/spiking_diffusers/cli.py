@@ -193,9 +193,9 @@ def calibration_budget_option() -> Callable:
         default=None,
         type=FiniteFloat(min=0, min_open=True),
         metavar="MINUTES",
-        help="Scale the calibration down (steps first, then images and calibration set) so that its estimate, "
-        "timed on this machine at the start, fits MINUTES; prints and records what it scaled [default: the full "
-        "recipe].",
+        help="Scale the calibration down so that its estimate, timed on this machine at the start, fits MINUTES "
+        "(the training steps; the images and calibration set too where they would take over a third of it); "
+        "prints and records what it scaled [default: the full recipe].",
     )
 
 
