@@ -146,7 +146,9 @@ def calibrate(
     """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it.
 
     With ``checkpoints``, each phase saves its state there and a run with ``checkpoints.resume`` continues
-    from the last one, to the same result as a run never stopped.
+    from the last one, to the same result as a run never stopped. With ``progress``, the run is timed and
+    estimated first (a line on stderr) and one bar with the ETA follows all phases; ``config.budget_minutes``
+    scales the recipe to fit (see :mod:`spiking_diffusers.calibration.cost`), and the report records both.
     """
     bars: list[CalibrationProgress] = []
     try:

@@ -3,7 +3,7 @@ recipe per phase, the recipe scaled down to a time budget, and the one progress 
 whole run) that every phase advances.
 
 The estimate times the original UNet's forward and one distillation step of a copy of the student on random
-inputs (a second or two on the shipped model, a minute on ddpm-cifar10-32: a small share of either run) and
+inputs (a second or two on the shipped model, a minute or two on ddpm-cifar10-32: a small share of either run) and
 extrapolates the rest from them with the constants below. It is a forecast: the progress bar's ETA comes
 from the rate actually achieved, so it corrects itself as the run goes.
 """
@@ -164,7 +164,7 @@ def plan_phases(
     phases = [
         Phase("samples", config.num_samples if draw_images else 0, costs.teacher_s * config.sampler_steps),
         Phase("statistics", 1, stats_s),
-        Phase("labels", config.set_size, costs.teacher_s),
+        Phase("labels", config.set_size if config.distill.steps or config.snn.steps else 0, costs.teacher_s),
         Phase("distill", config.distill.steps, distill_s),
         Phase("snn", config.snn.steps, snn_s),
         Phase("sweep", 2 if config.sweep_images else 0, sweep_s / 2),  # before and after
