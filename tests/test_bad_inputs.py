@@ -253,6 +253,9 @@ CASES += [
     ("calibrate", "NaN learning rate", ["--lr", "nan"], 2, "'nan' is not a finite number"),
     ("calibrate", "NaN percentile", ["--percentile", "nan"], 2, "'nan' is not a finite number"),
     ("calibrate", "Inf loss weight", ["--block-loss-weight", "inf"], 2, "'inf' is not a finite number"),
+    ("calibrate", "zero calibration budget", ["--calibration-budget", "0"], 2, "0.0 is not in the range x>0"),
+    ("convert", "negative calibration budget", ["--calibration-budget", "-3"], 2, "-3.0 is not in the range x>0"),
+    ("eval", "NaN calibration budget", ["--calibration-budget", "nan"], 2, "'nan' is not a finite number"),
     ("energy", "Inf energy per MAC", ["--mac-pj", "inf"], 2, "'inf' is not a finite number"),
     ("eval", "T list beyond the bound", ["-T", "2,5000"], 2, "expected integers in the range 1<=x<=1024"),
 ]  # fmt: skip

@@ -1,20 +1,29 @@
-"""Calibration: threshold initialisation, distillation, determinism, and the saved result."""
+"""Calibration: threshold initialisation, distillation, determinism, the saved result, the calibration set
+with its teacher outputs computed once, small-t sampling, the cost estimate and the time budget."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
 from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import QCFSUNet2DModel, convert, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate, load_snn_weights_into_qcfs
-from spiking_diffusers.calibration.data import NoisedBatches, sample_model_images
+from spiking_diffusers.calibration.checkpoint import CalibrationCheckpoints
+from spiking_diffusers.calibration.cost import UnitCosts, fit_to_budget, plan_phases
+from spiking_diffusers.calibration.data import CalibrationSet, NoisedBatches, sample_model_images, small_t_timesteps
 from spiking_diffusers.calibration.distill import DistillSettings, distill
+from spiking_diffusers.calibration.report import PLOT_FILE, write_calibration_report
+from spiking_diffusers.commands import calibrate as calibrate_command
 from spiking_diffusers.converter.thresholds import mse_threshold, percentile_threshold
 
+calibrate_module = importlib.import_module("spiking_diffusers.calibration.calibrate")  # the package exports
+# a function of the same name
 SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000).config)
 
 
@@ -24,11 +33,18 @@ def tiny_config(**overrides) -> CalibrationConfig:
         num_samples=16,
         sampler_steps=2,
         stats_batches=1,
+        set_size=64,
+        sweep_images=2,
         distill=DistillSettings(steps=6, batch_size=4),
         snn=DistillSettings(steps=3, batch_size=4, lr=1e-4),
     )
     settings.update(overrides)
     return CalibrationConfig(**settings)
+
+
+FIXED_COSTS = UnitCosts(
+    teacher_s=0.01, student_step_s=0.5, snn_step_s=1.0, channels=100, threads=1, device="cpu"
+)  # a slow machine, made up: budgets and estimates below do not depend on this one's speed
 
 
 def test_percentile_threshold_matches_the_known_quantile():
@@ -137,3 +153,178 @@ def test_image_folder_calibration(tmp_path):
     result = calibrate(unet, SCHEDULER_CONFIG, tiny_config(image_dir=str(tmp_path)), progress=False)
     assert result.report["calibration_samples"]["count"] == 3
     assert isinstance(result.qnet, QCFSUNet2DModel)
+
+
+def test_teacher_outputs_computed_once_train_like_the_teacher_run_at_every_step(single_thread):
+    """The labelled set's targets are the teacher's outputs on the same inputs, so training on them is training
+    against the teacher run at every step, to float rounding: the cached outputs come from batches of 64 in set
+    order, the recomputed ones from each training batch, and a sample's output depends on its batch's other
+    samples in the last bits (about 1e-6 relative in float32). In float32 the QCFS floor turns such differences
+    into different training runs within a few steps, as another thread count does; in float64 (here) they stay
+    at rounding level. The same seed gives the same result on either path."""
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float64)
+    x0 = torch.rand(8, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    sets = [CalibrationSet.draw(x0, DDPMScheduler(), 96, torch.Generator().manual_seed(5), 0.5, 0.1) for _ in range(2)]
+    assert torch.equal(sets[0].x_t, sets[1].x_t) and torch.equal(sets[0].timesteps, sets[1].timesteps)
+    sets[0].label(unet)
+    assert sets[1].targets is None  # unlabelled: distill runs the teacher on every batch
+    settings = DistillSettings(steps=12, batch_size=8, lr=3e-3)
+    students = [quantize(unet, levels=2) for _ in range(2)]
+    calls = []
+    handle = unet.register_forward_hook(lambda *args: calls.append(1))
+    histories = [
+        distill(student, unet, data, settings, progress=False) for student, data in zip(students, sets, strict=True)
+    ]
+    handle.remove()
+    assert len(calls) == 12  # the teacher ran only for the unlabelled set, once per step
+    torch.testing.assert_close(histories[0].output_loss, histories[1].output_loss, rtol=1e-9, atol=0)
+    a, b = (student.state_dict() for student in students)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
+    again = quantize(unet, levels=2)
+    sets[0].generator.manual_seed(5)
+    CalibrationSet.draw(x0, DDPMScheduler(), 96, sets[0].generator, 0.5, 0.1)  # the same generator state
+    assert distill(again, unet, sets[0], settings, progress=False).output_loss == histories[0].output_loss
+
+
+def test_small_t_sampling_puts_the_intended_share_on_the_small_t_end():
+    generator = torch.Generator().manual_seed(0)
+    t = small_t_timesteps(20000, 1000, generator, small_t_fraction=0.5, small_t_range=0.1)
+    assert t.min() >= 0 and t.max() <= 999
+    # the mixture 0.5 U[0, 1000) + 0.5 U[0, 100): 0.55 of the draws below t = 100, each part uniform
+    assert (t < 100).float().mean().item() == pytest.approx(0.55, abs=1e-3)
+    low = torch.bincount(t[t < 100] // 10, minlength=10).float() / len(t)
+    high = torch.bincount(t[t >= 100] // 100, minlength=10)[1:].float() / len(t)
+    assert torch.allclose(low, torch.full((10,), 0.055), atol=2e-3)
+    assert torch.allclose(high, torch.full((9,), 0.05), atol=2e-3)
+    uniform = small_t_timesteps(10, 1000, generator, small_t_fraction=0.0)
+    assert sorted((uniform // 100).tolist()) == list(range(10))  # f = 0: one per tenth, as NoisedBatches draws
+    assert small_t_timesteps(50, 1000, generator, small_t_fraction=1.0, small_t_range=0.02).max() < 20
+    with pytest.raises(ValueError, match="small_t_fraction"):
+        small_t_timesteps(4, 1000, generator, small_t_fraction=1.5)
+
+
+def test_calibration_set_uses_every_image_and_is_deterministic():
+    x0 = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 2, 2)
+    draws = [CalibrationSet.draw(x0, DDPMScheduler(), 10, torch.Generator().manual_seed(1), 0.5) for _ in range(2)]
+    assert torch.equal(draws[0].x_t, draws[1].x_t) and torch.equal(draws[0].timesteps, draws[1].timesteps)
+    assert draws[0].nbytes == 10 * 4 * 4 + 10 * 8
+    batch = [d.sample(6) for d in draws]
+    assert torch.equal(batch[0][0], batch[1][0]) and batch[0][2] is None
+
+
+def test_report_has_the_noise_prediction_sweep_before_and_after(tmp_path):
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    report = calibrate(unet, SCHEDULER_CONFIG, tiny_config(cache_dir=str(tmp_path)), progress=False).report
+    sweep = report["noise_prediction_sweep"]
+    assert sweep["timesteps"] == [1, 10, 50, 100, 250, 500, 750, 999] and sweep["images"] == 2
+    for stage in ("before", "after"):
+        assert set(sweep[stage]) == {"qcfs", "snn"}
+        assert all(len(errors) == 8 and all(e > 0 for e in errors) for errors in sweep[stage].values())
+    assert sweep["after"]["snn"] != sweep["before"]["snn"]
+    assert report["calibration_set"]["size"] == 64 and report["calibration_set"]["labelled_once"]
+    assert set(report["phase_wall_time_s"]) == {"samples", "statistics", "labels", "distill", "snn", "sweep"}
+    write_calibration_report(report, tmp_path)
+    from PIL import Image
+
+    with Image.open(tmp_path / PLOT_FILE) as plot:  # three panels: thresholds, loss curves, the sweep
+        assert plot.height > plot.width * 0.9
+    no_sweep = calibrate(unet, SCHEDULER_CONFIG, tiny_config(cache_dir=str(tmp_path), sweep_images=0), progress=False)
+    assert no_sweep.report["noise_prediction_sweep"] == {}
+
+
+def test_budget_scales_the_steps_first_then_the_data():
+    config = CalibrationConfig()
+    full = sum(p.seconds for p in plan_phases(config, FIXED_COSTS, samples_cached=False))
+    fit = fit_to_budget(dataclasses_replace(config, budget_minutes=full / 60 + 1), FIXED_COSTS, False)
+    assert fit.changes == {} and fit.config.distill.steps == config.distill.steps
+    fit = fit_to_budget(dataclasses_replace(config, budget_minutes=full / 60 * 0.75), FIXED_COSTS, False)
+    assert set(fit.changes) == {"distill_steps", "snn_steps"} and fit.fits  # data within a third of the budget
+    scaled = fit.changes["distill_steps"][1]
+    assert 0 < scaled < config.distill.steps and fit.changes["snn_steps"][1] < config.snn.steps
+    assert fit.config.num_samples == config.num_samples and fit.estimate_s <= full * 0.75 + 1e-6
+    assert f"distillation {config.distill.steps} -> {scaled} steps" in fit.message(full / 60 * 0.75)
+    tight = fit_to_budget(dataclasses_replace(config, budget_minutes=0.5), FIXED_COSTS, False)
+    assert {"num_samples", "set_size", "distill_steps"} <= set(tight.changes)
+    cached = fit_to_budget(dataclasses_replace(config, budget_minutes=0.5), FIXED_COSTS, True)
+    assert "num_samples" not in cached.changes  # images already in the cache cost nothing: kept
+    floor = fit_to_budget(dataclasses_replace(config, budget_minutes=1e-6), FIXED_COSTS, False)
+    assert not floor.fits and floor.config.distill.steps == 1 and "does not fit" in floor.message(1e-6)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_budget_run_is_recorded_in_the_report_and_resumes_with_its_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate_module, "measure_unit_costs", lambda teacher, config: FIXED_COSTS)
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    config = tiny_config(cache_dir=str(tmp_path), distill=DistillSettings(steps=200, batch_size=4))
+    full = sum(p.seconds for p in plan_phases(config, FIXED_COSTS, samples_cached=False))
+    config.budget_minutes = full / 60 / 4
+    result = calibrate(unet, SCHEDULER_CONFIG, config, progress=False)
+    budget = result.report["budget"]
+    before, after = budget["changes"]["distill_steps"]
+    assert before == 200 and 0 < after < 200 and budget["fits"] and budget["minutes"] == config.budget_minutes
+    assert len(result.report["loss_curves"]["distill"]) == after
+    assert result.report["settings"]["distill"]["steps"] == after
+    assert result.report["requested_settings"]["distill"]["steps"] == 200
+    assert result.report["estimated_seconds"]["total"] <= config.budget_minutes * 60
+    assert config.distill.steps == 200  # the caller's config is left as it was
+
+    # Interrupted and resumed on a machine that now times twice as fast: the run keeps the sizes it started with.
+    # (The images are in the cache now, so the budget leaves more steps than the first time.)
+    reference = calibrate(unet, SCHEDULER_CONFIG, config, progress=False)
+    assert reference.report["budget"]["changes"]["distill_steps"][1] > after
+    directory = tmp_path / "checkpoint"
+    original, calls = CalibrationSet.sample, []
+
+    def interrupting(self, batch_size):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, batch_size)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CalibrationSet, "sample", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(unet, SCHEDULER_CONFIG, config, False, CalibrationCheckpoints(directory, every=2))
+    faster = UnitCosts(0.005, 0.25, 0.5, 100, 1, "cpu")
+    monkeypatch.setattr(calibrate_module, "measure_unit_costs", lambda teacher, config: faster)
+    resumed = calibrate(unet, SCHEDULER_CONFIG, config, False, CalibrationCheckpoints(directory, every=2, resume=True))
+    assert resumed.report["budget"]["changes"] == reference.report["budget"]["changes"]
+    assert resumed.report["loss_curves"] == reference.report["loss_curves"]
+    a, b = resumed.qnet.state_dict(), reference.qnet.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_progress_shows_the_estimate_and_one_bar_for_the_whole_run(tmp_path, capsys):
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    quiet = calibrate(unet, SCHEDULER_CONFIG, tiny_config(cache_dir=str(tmp_path)), progress=False)
+    shown = calibrate(unet, SCHEDULER_CONFIG, tiny_config(cache_dir=str(tmp_path)), progress=True)
+    err = capsys.readouterr().err
+    assert "Calibration estimate:" in err and "QCFS distillation 6 x" in err and "calibration: 100%" in err
+    assert "distill QCFS" not in err  # no bar per phase: the one bar names the phase
+    assert set(shown.report["estimated_seconds"]["phases"]) == {
+        "samples",
+        "statistics",
+        "labels",
+        "distill",
+        "snn",
+        "sweep",
+    }
+    a, b = quiet.qnet.state_dict(), shown.qnet.state_dict()  # timing the machine changes nothing
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_budget_option_refuses_values_that_are_not_positive_and_finite(tmp_path, value):
+    args = ["--output", str(tmp_path / "out"), "--calibration-budget", value]
+    result = CliRunner().invoke(calibrate_command.main, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--calibration-budget" in errors[0], result.output
+    with pytest.raises(ValueError, match="budget_minutes"):
+        tiny_config(budget_minutes=float(value)).validate()

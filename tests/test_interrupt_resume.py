@@ -21,7 +21,7 @@ from conftest import TINY_CONFIGS, make_unet
 from spiking_diffusers import QCFSUNet2DModel
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.checkpoint import CHECKPOINT_FILE, CalibrationCheckpoints, checkpoint_dir
-from spiking_diffusers.calibration.data import NoisedBatches
+from spiking_diffusers.calibration.data import CalibrationSet
 from spiking_diffusers.calibration.distill import DistillSettings
 from spiking_diffusers.cli import OUTPUT_MARKER
 from spiking_diffusers.commands import calibrate as calibrate_cmd
@@ -55,8 +55,9 @@ def unet():
 
 
 def interrupt_at_draw(monkeypatch, count: int) -> None:
-    """Raise KeyboardInterrupt on the ``count``-th batch drawn (one for the statistics, then one per step)."""
-    original, calls = NoisedBatches.sample, []
+    """Raise KeyboardInterrupt on the ``count``-th training batch drawn from the calibration set (one per step
+    of distillation, then of SNN fine-tuning)."""
+    original, calls = CalibrationSet.sample, []
 
     def sample(self, batch_size):
         calls.append(batch_size)
@@ -64,7 +65,7 @@ def interrupt_at_draw(monkeypatch, count: int) -> None:
             raise KeyboardInterrupt
         return original(self, batch_size)
 
-    monkeypatch.setattr(NoisedBatches, "sample", sample)
+    monkeypatch.setattr(CalibrationSet, "sample", sample)
 
 
 def assert_same_result(a, b) -> None:
@@ -77,7 +78,7 @@ def assert_same_result(a, b) -> None:
 
 @pytest.mark.parametrize(
     ("draw", "resumes_from"),
-    [(5, ("distill", 2)), (9, ("distill", 6)), (10, ("snn", 2))],
+    [(4, ("distill", 2)), (8, ("distill", 6)), (9, ("snn", 2))],
     ids=["mid-distillation", "snn-phase-before-its-first-checkpoint", "mid-snn-fine-tuning"],
 )
 def test_resumed_calibration_equals_an_uninterrupted_run(unet, tmp_path, monkeypatch, draw, resumes_from):
@@ -99,7 +100,7 @@ def test_resumed_calibration_equals_an_uninterrupted_run(unet, tmp_path, monkeyp
 def test_resume_refuses_a_checkpoint_of_other_settings_or_a_damaged_one(unet, tmp_path, monkeypatch):
     directory = tmp_path / "checkpoint"
     with monkeypatch.context() as patch:
-        interrupt_at_draw(patch, 5)
+        interrupt_at_draw(patch, 4)
         with pytest.raises(KeyboardInterrupt):
             calibrate(unet, SCHEDULER_CONFIG, config(tmp_path), False, CalibrationCheckpoints(directory, every=2))
     other = config(tmp_path, seed=1, distill=DistillSettings(steps=6, batch_size=4, lr=1e-2))

@@ -132,3 +132,17 @@ def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_p
     for phase in ("distill", "snn"):
         assert curves[0][phase] == pytest.approx(curves[1][phase], rel=1e-5)
     assert not (tmp_path / ".two.checkpoint").exists()
+
+
+def test_calibration_budget_gives_every_process_the_same_plan(models, tmp_path):
+    """Under a budget each process would time the machine on its own and could scale the steps differently,
+    then wait forever in a gradient all-reduce the other never reaches; they take the main process's timings."""
+    args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
+            "400", "--snn-steps", "40", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
+            "--cache-dir", models["cache"], "--calibration-budget", "0.05"]  # fmt: skip
+    launched = accelerate_launch("sdm-calibrate", *args, "--output", tmp_path / "two")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "calibration_report.json").read_text())
+    requested, used = report["budget"]["changes"]["distill_steps"]
+    assert requested == 400 and 0 < used < 400 and len(report["loss_curves"]["distill"]) == used
+    assert launched.stderr.count("Budget 0.05 min:") == 1  # said once, by the main process

@@ -200,7 +200,8 @@ def device_option(help_text: str = "Where to run: auto picks CUDA, then MPS, the
 
 
 def calibration_options(command: Callable) -> Callable:
-    """``--calibrate/--no-calibrate`` and the three calibration sizes, for commands that may calibrate an ANN."""
+    """``--calibrate/--no-calibrate``, the three calibration sizes and the time budget, for commands that may
+    calibrate an ANN."""
     from .calibration.calibrate import CalibrationConfig
 
     defaults = CalibrationConfig()
@@ -217,10 +218,24 @@ def calibration_options(command: Callable) -> Callable:
                      help="QCFS distillation steps of the calibration."),
         click.option("--snn-steps", default=defaults.snn.steps, type=click.IntRange(min=0),
                      help="SNN-aware fine-tuning steps of the calibration."),
+        calibration_budget_option(),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def calibration_budget_option() -> Callable:
+    """``--calibration-budget MINUTES``: scale the calibration recipe down to an estimated run time."""
+    return click.option(
+        "--calibration-budget",
+        default=None,
+        type=FiniteFloat(min=0, min_open=True),
+        metavar="MINUTES",
+        help="Scale the calibration down so that its estimate, timed on this machine at the start, fits MINUTES "
+        "(the training steps; the images and calibration set too where they would take over a third of it); "
+        "prints and records what it scaled [default: the full recipe].",
+    )
 
 
 def residual_spikes_option() -> Callable:
@@ -316,6 +331,7 @@ def calibration_config(
     neuron: str | None = None,
     residual_spikes: bool | None = None,
     threshold_groups: int | None = None,
+    budget_minutes: float | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -324,7 +340,7 @@ def calibration_config(
 
     if not calibrate:
         return None
-    config = CalibrationConfig(num_samples=calibration_samples)
+    config = CalibrationConfig(num_samples=calibration_samples, budget_minutes=budget_minutes)
     config.neuron = neuron or config.neuron
     config.residual_spikes = bool(residual_spikes)
     config.threshold_groups = threshold_groups or config.threshold_groups

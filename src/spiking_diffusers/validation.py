@@ -31,6 +31,7 @@ class Bound:
 MAX_TIMESTEPS = 1024
 MAX_LEVELS = 1024
 MAX_IMAGES = 100_000
+MAX_SET_SIZE = 1_000_000
 MAX_SEED = 2**63 - 1
 MAX_THRESHOLD_GROUPS = 64
 
@@ -44,6 +45,9 @@ BOUNDS: dict[str, Bound] = {
     "levels": Bound(1, MAX_LEVELS, "L levels take T >= L time steps to express, and T is at most 1024"),
     "num_images": Bound(1, MAX_IMAGES, "every image is held in memory and tiled into one grid"),
     "num_samples": Bound(1, MAX_IMAGES, "every calibration image is held in memory (and in the cache)"),
+    "set_size": Bound(
+        1, MAX_SET_SIZE, "every input of the calibration set and the original model's output on it are held in memory"
+    ),
     "seed": Bound(
         0,
         MAX_SEED,

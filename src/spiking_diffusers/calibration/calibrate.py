@@ -4,13 +4,17 @@ for the default calibration that ``sdm-convert`` runs on an uncalibrated model."
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
 
+from .. import distributed
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
 from ..converter.thresholds import (
@@ -19,10 +23,28 @@ from ..converter.thresholds import (
     init_thresholds,
     quantization_error,
 )
+from ..metrics.noise_prediction import predict_noise
 from ..validation import check_int
 from .checkpoint import CalibrationCheckpoints
-from .data import NoisedBatches, load_image_folder, model_fingerprint, sample_model_images
+from .cost import (
+    CalibrationProgress,
+    UnitCosts,
+    apply_plan,
+    describe_estimate,
+    fit_to_budget,
+    measure_unit_costs,
+    plan_phases,
+)
+from .data import (
+    CalibrationSet,
+    NoisedBatches,
+    load_image_folder,
+    model_fingerprint,
+    sample_cache_path,
+    sample_model_images,
+)
 from .distill import DistillHistory, DistillSettings, distill
+from .sweep import error_sweep, sweep_inputs
 
 
 @dataclass
@@ -32,7 +54,15 @@ class CalibrationConfig:
     calibrated with the rest. ``threshold_groups`` K > 1 gives every site a table of K thresholds, one per equal
     range of the diffusion schedule (timestep-aware thresholds), each initialised from the calibration inputs in
     its range and then trained with the rest. ``offsets`` gives every activation unit an input shift and an
-    output offset, initialised with its threshold and trained with the thresholds."""
+    output offset, initialised with its threshold and trained with the thresholds.
+
+    Distillation trains on a fixed calibration set of ``set_size`` noised inputs, labelled once by the
+    original model. Its timesteps follow ``small_t_fraction`` / ``small_t_range``: that share of them lies in
+    the first ``small_t_range`` of the schedule, the rest is uniform over all of it (see
+    :func:`~spiking_diffusers.calibration.data.small_t_timesteps`). ``sweep_images`` images go into the
+    report's noise-prediction error sweep (0: none). ``budget_minutes`` scales the recipe down to an
+    estimated run time (see :func:`~spiking_diffusers.calibration.cost.fit_to_budget`).
+    """
 
     timesteps: int = 4
     levels: int | None = None
@@ -49,7 +79,12 @@ class CalibrationConfig:
     sampler_steps: int = 20
     image_dir: str | None = None
     stats_batches: int = 4
-    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=2000, batch_size=32, lr=1e-3))
+    set_size: int = 4096
+    small_t_fraction: float = 0.5
+    small_t_range: float = 0.1
+    sweep_images: int = 8
+    budget_minutes: float | None = None
+    distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=1000, batch_size=32, lr=1e-3))
     snn: DistillSettings = field(default_factory=lambda: DistillSettings(steps=100, batch_size=16, lr=1e-4))
     seed: int = 0
     cache_dir: str | None = None
@@ -66,6 +101,12 @@ class CalibrationConfig:
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1.")
         check_int(self.threshold_groups, "threshold_groups", "threshold_groups")
+        if self.set_size < 1 or self.sweep_images < 0:
+            raise ValueError("set_size must be at least 1 and sweep_images at least 0.")
+        if not 0 <= self.small_t_fraction <= 1 or not 0 < self.small_t_range <= 1:
+            raise ValueError("small_t_fraction must be in [0, 1] and small_t_range in (0, 1].")
+        if self.budget_minutes is not None and not (math.isfinite(self.budget_minutes) and self.budget_minutes > 0):
+            raise ValueError(f"budget_minutes must be a finite number > 0, got {self.budget_minutes}.")
         for phase in (self.distill, self.snn):
             if phase.steps < 0 or phase.batch_size < 1 or phase.lr <= 0:
                 raise ValueError("steps must be >= 0, batch size >= 1 and learning rate > 0.")
@@ -80,7 +121,7 @@ class CalibrationResult:
 
 
 def calibration_data(
-    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool
+    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool, on_batch=None
 ) -> torch.Tensor:
     """The x0 pool: the model's own DDIM samples (cached), or the images of ``config.image_dir``."""
     if config.image_dir:
@@ -93,7 +134,18 @@ def calibration_data(
         seed=config.seed,
         cache_dir=config.cache_dir,
         progress=progress,
+        on_batch=on_batch,
     )
+
+
+def samples_cached(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig) -> bool:
+    """Whether the calibration images are at hand without sampling (in the cache, or an image folder)."""
+    if config.image_dir:
+        return True
+    path = sample_cache_path(
+        unet, scheduler_config, config.num_samples, config.sampler_steps, config.seed, config.cache_dir
+    )
+    return path.is_file()
 
 
 def calibrate(
@@ -106,18 +158,78 @@ def calibrate(
     """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it.
 
     With ``checkpoints``, each phase saves its state there and a run with ``checkpoints.resume`` continues
-    from the last one, to the same result as a run never stopped.
+    from the last one, to the same result as a run never stopped. With ``progress``, the run is timed and
+    estimated first (a line on stderr) and one bar with the ETA follows all phases; ``config.budget_minutes``
+    scales the recipe to fit (see :mod:`spiking_diffusers.calibration.cost`), and the report records both.
     """
+    bars: list[CalibrationProgress] = []
+    try:
+        return _calibrate(unet, scheduler_config, config, progress, checkpoints, bars)
+    finally:  # an interrupted run's bar goes before its error message, not after it
+        for bar in bars:
+            bar.close()
+
+
+def _calibrate(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig | None,
+    progress: bool,
+    checkpoints: CalibrationCheckpoints | None,
+    bars: list[CalibrationProgress],
+) -> CalibrationResult:
     config = config or CalibrationConfig()
     config.validate()
+    requested = config
     saved = checkpoints.start(run_fingerprint(unet, scheduler_config, config)) if checkpoints else None
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     teacher = unet.eval()
     device = next(unet.parameters()).device
-    x0 = calibration_data(unet, scheduler_config, config, progress)
+
+    # What the run will cost: timed here, scaled to the budget, shown as one progress bar with an ETA.
+    cached = samples_cached(unet, scheduler_config, config)
+    costs = _unit_costs(teacher, config, progress)
+    budget = None
+    if config.budget_minutes:
+        if saved is not None and saved.plan is not None:  # a resumed run keeps the sizes it started with
+            config = apply_plan(config, {key: used for key, (_, used) in saved.plan.items()})
+            budget = {"minutes": config.budget_minutes, "changes": saved.plan, "resumed": True}
+        else:
+            fit = fit_to_budget(config, costs, cached)
+            config = fit.config
+            message = fit.message(config.budget_minutes)
+            budget = {
+                "minutes": config.budget_minutes,
+                "changes": fit.changes,
+                "estimated_seconds": fit.estimate_s,
+                "requested_estimated_seconds": fit.requested_estimate_s,
+                "fits": fit.fits,
+                "message": message,
+            }
+            _say(message, progress)
+        if checkpoints:
+            checkpoints.plan = budget["changes"]
+    done = _done_units(saved, config)
+    phases = plan_phases(config, costs, cached, done) if costs else None
+    if phases and progress:
+        _say(describe_estimate(phases, costs), progress)
+    bar = CalibrationProgress(phases, progress)
+    bars.append(bar)
+    wall: dict[str, float] = {}
+
+    def timed(name: str, since: float) -> float:
+        now = time.perf_counter()
+        wall[name] = now - since
+        bar.finish(name)
+        return now
+
+    tick = time.perf_counter()
+    x0 = calibration_data(unet, scheduler_config, config, False, bar.counter("samples"))
+    tick = timed("samples", tick)
     generator = torch.Generator().manual_seed(config.seed)
-    data = NoisedBatches(x0, DDPMScheduler.from_config(scheduler_config), generator)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    data = NoisedBatches(x0, noise_scheduler, generator)
 
     qnet = quantize(
         unet,
@@ -138,41 +250,77 @@ def calibrate(
         qnet, inputs_before, method=config.threshold_init, percentile=config.percentile, group_inputs=groups_before
     )
     before = _site_report(qnet, inputs_before, groups_before)
+    tick = timed("statistics", tick)
+
+    calibration_set = CalibrationSet.draw(
+        x0, noise_scheduler, config.set_size, generator, config.small_t_fraction, config.small_t_range
+    )
+    if config.distill.steps or config.snn.steps:
+        calibration_set.label(teacher, on_batch=bar.counter("labels"))
+    tick = timed("labels", tick)
+    sweep = _Sweep(config, teacher, x0, noise_scheduler)
+    sweep.measure("before", qnet)
+    bar.advance("sweep", 1, "noise-prediction error sweep (before)")
+    sweep_s = time.perf_counter() - tick
 
     histories: dict[str, DistillHistory] = dict(saved.finished) if saved else {}
 
     def phase(name: str) -> dict:
-        """The checkpoint and resume arguments of phase ``name``'s :func:`distill`."""
+        """The checkpoint, resume and progress arguments of phase ``name``'s :func:`distill`."""
+        steps = config.distill.steps if name == "distill" else config.snn.steps
         return {
             "checkpoint": checkpoints.phase(name, dict(histories)) if checkpoints else None,
             "resume": saved.state if saved and saved.phase == name else None,
+            "on_step": bar.stepper(name, steps) if phases else None,
         }
 
+    snn = None
+    tick = time.perf_counter()
     if config.distill.steps and "distill" not in histories:  # a checkpoint of the snn phase: distill is done
         histories["distill"] = distill(
-            qnet, teacher, data, config.distill, "distill QCFS", progress, **phase("distill")
+            qnet, teacher, calibration_set, config.distill, "distill QCFS", progress, **phase("distill")
         )
+    tick = timed("distill", tick)
     if config.snn.steps:
         snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
         description = f"fine-tune SNN (T={config.timesteps})"
-        histories["snn"] = distill(snn, teacher, data, config.snn, description, progress, **phase("snn"))
+        histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
             qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
+    tick = timed("snn", tick)
 
     after = _site_report(
         qnet,
         collect_site_inputs(qnet, stats_batches, seed=config.seed),
         _group_inputs(qnet, stats_batches, config.seed),
     )
+    wall["statistics"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    sweep.measure("after", qnet, snn)
+    timed("sweep", tick)
+    wall["sweep"] += sweep_s
+    bar.close()
     report = {
         "settings": _settings(config),
         "calibration_samples": {"count": len(x0), "source": config.image_dir or "model samples (DDIM)"},
+        "calibration_set": _set_report(calibration_set, config, noise_scheduler),
         "sites": {name: {"before": before[name], "after": after[name]} for name in before},
         "loss_curves": {phase: h.output_loss for phase, h in histories.items()},
-        "phase_wall_time_s": {phase: h.wall_time_s for phase, h in histories.items()},
+        "noise_prediction_sweep": sweep.report,
+        "phase_wall_time_s": {**wall, **{phase: h.wall_time_s for phase, h in histories.items()}},
         "wall_time_s": time.perf_counter() - start,
     }
+    if costs is not None:
+        # machine-dependent, like the wall times: "seconds" in the key marks it so (tests/test_determinism.py)
+        report["estimated_seconds"] = {
+            "unit_costs": asdict(costs),
+            "phases": {p.name: p.seconds for p in phases},
+            "total": sum(p.seconds for p in phases),
+        }
+    if budget is not None:
+        report["budget"] = budget
+        report["requested_settings"] = _settings(requested)
     return CalibrationResult(qnet.eval(), report)
 
 
@@ -188,6 +336,78 @@ def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: Calibrati
 def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:
     """Copy a (lambda-form) spiking model's weights and thresholds back into the QCFS network they came from."""
     qnet.unet.load_state_dict(snn.qcfs_state_dict())
+
+
+def _say(message: str, progress: bool) -> None:
+    """A line on stderr that does not break the progress bar (only when progress is shown)."""
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _unit_costs(teacher: UNet2DModel, config: CalibrationConfig, progress: bool) -> UnitCosts | None:
+    """The unit costs for the estimate (shown with progress) and the budget; ``None`` when neither needs them.
+
+    With a budget under ``accelerate launch`` every process takes the main process's timings, so that all of
+    them scale the recipe alike (their training steps meet in every all-reduce).
+    """
+    if not config.budget_minutes:
+        return measure_unit_costs(teacher, config) if progress else None
+    if distributed.world_size() == 1:
+        return measure_unit_costs(teacher, config)
+    device = next(teacher.parameters()).device
+    shared = torch.zeros(4, dtype=torch.float64, device=device)
+    if distributed.is_main_process():
+        costs = measure_unit_costs(teacher, config)
+        values = [costs.teacher_s, costs.student_step_s, costs.snn_step_s, costs.channels]
+        shared = torch.tensor(values, dtype=torch.float64, device=device)
+    distributed.all_reduce_sum([shared])  # the main process's values; the others add zeros
+    teacher_s, student_step_s, snn_step_s, channels = shared.tolist()
+    return UnitCosts(teacher_s, student_step_s, snn_step_s, round(channels), torch.get_num_threads(), str(device))
+
+
+def _done_units(saved, config: CalibrationConfig) -> dict[str, int]:
+    """Steps a resumed run has already done, per phase."""
+    if saved is None:
+        return {}
+    if saved.phase == "snn":
+        return {"distill": config.distill.steps, "snn": saved.state.step}
+    return {"distill": saved.state.step}
+
+
+class _Sweep:
+    """The report's noise-prediction error sweep: the QCFS network and its SNN at ``config.timesteps``, before
+    and after calibration, against the original model on the same noised calibration images."""
+
+    def __init__(self, config: CalibrationConfig, teacher: UNet2DModel, x0: torch.Tensor, noise_scheduler):
+        self.config = config
+        self.report: dict[str, Any] = {}
+        if not config.sweep_images:
+            return
+        self.inputs = sweep_inputs(x0, noise_scheduler, min(config.sweep_images, len(x0)), config.seed)
+        self.reference = predict_noise(teacher, self.inputs)
+        self.report = {"timesteps": self.inputs.timesteps.tolist(), "images": self.inputs.samples.shape[1]}
+
+    def measure(self, stage: str, qnet: QCFSUNet2DModel, snn: SpikingUNet2DModel | None = None) -> None:
+        """Record the errors at ``stage`` ("before" or "after"); ``snn``: the fine-tuned SNN, if there is one."""
+        if not self.config.sweep_images:
+            return
+        config = self.config
+        snn = snn or convert(qnet, timesteps=config.timesteps, neuron=config.neuron)
+        self.report[stage] = error_sweep({"qcfs": qnet, "snn": snn}, self.reference, self.inputs)
+
+
+def _set_report(calibration_set: CalibrationSet, config: CalibrationConfig, noise_scheduler) -> dict[str, Any]:
+    """Size, timestep mixture and memory of the calibration set."""
+    steps = noise_scheduler.config.num_train_timesteps
+    small = (calibration_set.timesteps < config.small_t_range * steps).float().mean().item()
+    return {
+        "size": len(calibration_set),
+        "small_t_fraction": config.small_t_fraction,
+        "small_t_range": config.small_t_range,
+        "share_in_small_t_range": small,
+        "labelled_once": calibration_set.targets is not None,
+        "memory_mib": calibration_set.nbytes / 2**20,
+    }
 
 
 def _group_inputs(qnet: QCFSUNet2DModel, batches: list, seed: int) -> list[dict[str, torch.Tensor]] | None:

@@ -9,7 +9,8 @@ What: ``checkpoint.pt`` holds the latest state, written atomically (temporary fi
 ``every`` steps of each phase and after its last step: the phase (``distill`` or ``snn``) and its steps
 done, the student's weights, the AdamW state, the state of the calibration data's generator and of torch's
 global generator, the loss history of the phase and of the finished one, and the elapsed time (see
-:class:`~spiking_diffusers.calibration.distill.DistillState`). The learning-rate schedule is a function of
+:class:`~spiking_diffusers.calibration.distill.DistillState`), and the sizes a time budget chose (a resumed
+run keeps them rather than timing the machine again). The learning-rate schedule is a function of
 the step. ``settings.json`` holds the run's fingerprint (a hash of the model's config and weights, the
 noise schedule, every calibration setting): a checkpoint is resumed only by a run with the same one.
 
@@ -50,6 +51,8 @@ class SavedCalibration:
     phase: str
     state: DistillState
     finished: dict[str, DistillHistory]
+    plan: dict[str, list[int]] | None = None
+    """The sizes a budget scaled (setting -> ``[requested, used]``), or ``None`` without a budget."""
 
 
 class CalibrationCheckpoints:
@@ -60,6 +63,8 @@ class CalibrationCheckpoints:
         self.directory = Path(directory)
         self.every = int(every)
         self.resume = resume
+        self.plan: dict[str, list[int]] | None = None
+        """What a budget scaled in this run (saved with every checkpoint)."""
         self._fingerprint: dict[str, Any] = {}
 
     @property
@@ -109,6 +114,7 @@ class CalibrationCheckpoints:
             "rng": state.rng,
             "history": asdict(state.history),
             "finished": {name: asdict(history) for name, history in finished.items()},
+            "plan": self.plan,
         }
         if not self.directory.is_dir():  # created with the first checkpoint: a run that fails before leaves none
             self.directory.mkdir(parents=True)
@@ -143,7 +149,7 @@ class CalibrationCheckpoints:
             DistillHistory(**payload["history"]),
         )
         finished = {name: DistillHistory(**history) for name, history in payload["finished"].items()}
-        return SavedCalibration(payload["phase"], state, finished)
+        return SavedCalibration(payload["phase"], state, finished, payload.get("plan"))
 
 
 class _PhaseCheckpoint:

@@ -1,6 +1,12 @@
 """Output distillation: the QCFS (or spiking) student learns to reproduce the original UNet's noise
 prediction on calibration inputs, optionally matching every block's output on the way.
 
+The inputs come from a :class:`~spiking_diffusers.calibration.data.CalibrationSet` whose teacher outputs were
+computed once: then a step runs only the student (forward and backward), which is most of what it cost before
+(the teacher's forward was about a quarter of a step). Block matching needs the teacher's intermediate outputs
+too, and runs the teacher on each batch for them. A :class:`~spiking_diffusers.calibration.data.NoisedBatches`
+(fresh noise at every step) or an unlabelled set makes the teacher run at every step, as before.
+
 A phase can hand its complete state to a checkpoint every few steps (:class:`DistillState`) and continue
 from one bit for bit, and it trains data-parallel when several processes run it (see
 :mod:`spiking_diffusers.distributed`): each process takes its share of every batch, and the gradients are
@@ -12,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..converter.qcfs import MIN_THRESHOLD
 from ..errors import NonFiniteError
-from .data import NoisedBatches
+from .data import CalibrationSet, NoisedBatches
 
 TRAIN_OPTIONS = ("weights", "thresholds", "tsm")
 
@@ -170,7 +176,7 @@ def _sum_gradients(params: Sequence[nn.Parameter]) -> None:
 
 
 def _restore(
-    state: DistillState, student: nn.Module, optimizer: torch.optim.Optimizer, data: NoisedBatches
+    state: DistillState, student: nn.Module, optimizer: torch.optim.Optimizer, data: CalibrationSet | NoisedBatches
 ) -> DistillHistory:
     """Put the student, optimizer and generators back in ``state``; a copy of its loss history."""
     student.load_state_dict(state.student)
@@ -181,22 +187,36 @@ def _restore(
     return DistillHistory(list(history.output_loss), list(history.total_loss), history.wall_time_s)
 
 
+def _draw(
+    data: CalibrationSet | NoisedBatches, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch ``(x_t, t, target)``; ``target`` is ``None`` where the teacher must compute it."""
+    if isinstance(data, CalibrationSet):
+        return data.sample(batch_size)
+    x_t, timesteps = data.sample(batch_size)
+    return x_t, timesteps, None
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    data: NoisedBatches,
+    data: CalibrationSet | NoisedBatches,
     settings: DistillSettings,
     description: str = "distill",
     progress: bool = True,
     checkpoint: PhaseCheckpoint | None = None,
     resume: DistillState | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> DistillHistory:
     """Train ``student`` (a QCFS or spiking model) to match ``teacher`` (the original UNet) in place.
 
     The loss is the MSE of the noise prediction, plus ``block_loss_weight`` times the mean normalised MSE
     of every block's output. AdamW with warm-up and cosine decay, gradient clipping; thresholds are kept
-    positive after every step. Deterministic for a given state of ``data``'s generator. ``checkpoint``
-    receives the state to continue from (see :class:`PhaseCheckpoint`); ``resume`` continues from one.
+    positive after every step. Deterministic for a given state of ``data``'s generator; a labelled
+    :class:`CalibrationSet` gives the same result as one whose teacher outputs are recomputed at every step
+    (to float rounding: see ``tests/test_calibration.py``). ``checkpoint`` receives the state to continue
+    from (see :class:`PhaseCheckpoint`); ``resume`` continues from one. ``on_step(steps_done, loss)`` is
+    called after every step (the whole calibration's progress bar); with it, this phase shows no bar of its own.
     """
     start = time.perf_counter()
     groups = _trainable_groups(student, settings)
@@ -213,15 +233,23 @@ def distill(
     fraction = (share.stop - share.start) / settings.batch_size  # 1 in one process
     first = resume.step if resume is not None else 0
     bar = tqdm(
-        range(first, settings.steps), desc=description, initial=first, total=settings.steps, disable=not progress
+        range(first, settings.steps),
+        desc=description,
+        initial=first,
+        total=settings.steps,
+        disable=not progress or on_step is not None,
     )
     for step in bar:
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * _lr_factor(step, settings.steps, settings.warmup_fraction)
-        x_t, timesteps = data.sample(settings.batch_size)  # the whole batch, the same in every process
+        x_t, timesteps, target = _draw(data, settings.batch_size)  # the whole batch, the same in every process
         x_t, timesteps = x_t[share].to(device), timesteps[share].to(device)
-        with torch.no_grad(), _maybe_record(teacher, use_blocks) as teacher_blocks:
-            target = teacher(x_t, timesteps).sample
+        if target is not None:
+            target = target[share].to(device)
+        if target is None or use_blocks:  # the teacher runs only for what the set does not hold
+            with torch.no_grad(), _maybe_record(teacher, use_blocks) as teacher_blocks:
+                output = teacher(x_t, timesteps).sample
+            target = output if target is None else target
         with _maybe_record(student.unet, use_blocks) as blocks:
             prediction = student(x_t, timesteps).sample
         # This process's part of the whole batch's loss: the parts (and their gradients) sum to the whole.
@@ -248,6 +276,8 @@ def distill(
         history.output_loss.append(output_value)
         history.total_loss.append(total_value)
         bar.set_postfix(loss=f"{output_value:.4f}")
+        if on_step is not None:
+            on_step(step + 1, output_value)
         if checkpoint is not None and (checkpoint.due(step + 1) or step + 1 == settings.steps):
             history.wall_time_s = elapsed_before + time.perf_counter() - start
             state = DistillState(

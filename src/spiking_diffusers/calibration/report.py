@@ -19,16 +19,20 @@ def write_calibration_report(report: dict, directory: str | Path) -> None:
 
 
 def plot_calibration(report: dict, path: str | Path) -> None:
-    """Thresholds per site (mean with per-channel range, before and after) and the loss curves. With
-    timestep-aware thresholds the range spans every group's and channel's, and each group's mean after
-    calibration is a line of its own (up to :data:`MAX_GROUP_LINES` groups)."""
+    """Thresholds per site (mean with per-channel range, before and after), the loss curves, and the
+    noise-prediction error sweep before and after (when the report has one). With timestep-aware thresholds
+    the range spans every group's and channel's, and each group's mean after calibration is a line of its own
+    (up to :data:`MAX_GROUP_LINES` groups)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["sites"])
-    fig, (ax_sites, ax_loss) = plt.subplots(2, 1, figsize=(max(8, len(names) * 0.22), 8), constrained_layout=True)
+    sweep = report.get("noise_prediction_sweep") or {}
+    rows = 3 if "after" in sweep else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(max(8, len(names) * 0.22), 4 * rows), constrained_layout=True)
+    ax_sites, ax_loss = axes[0], axes[1]
     for stage, color in (("before", "tab:gray"), ("after", "tab:blue")):
         means = [report["sites"][n][stage]["threshold_mean"] for n in names]
         ax_sites.plot(range(len(names)), means, "o-", color=color, label=f"lambda {stage}", markersize=3)
@@ -61,6 +65,17 @@ def plot_calibration(report: dict, path: str | Path) -> None:
     ax_loss.set_ylabel("noise-prediction MSE vs the original")
     ax_loss.set_yscale("log")
     ax_loss.legend()
+    if rows == 3:
+        ax_sweep = axes[2]
+        T = report["settings"]["timesteps"]
+        for stage, style in (("before", "--"), ("after", "-")):
+            for model, color in (("qcfs", "tab:orange"), ("snn", "tab:blue")):
+                label = f"{'QCFS' if model == 'qcfs' else f'SNN T={T}'} {stage}"
+                ax_sweep.plot(sweep["timesteps"], sweep[stage][model], style, color=color, marker="o", label=label)
+        ax_sweep.set_xscale("log")
+        ax_sweep.set_xlabel("diffusion timestep t")
+        ax_sweep.set_ylabel("relative noise-prediction error\n||eps - eps_ann|| / ||eps_ann||")
+        ax_sweep.legend()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -14,6 +14,7 @@ from ..cli import (
     CommandError,
     FiniteFloat,
     atomic_directory,
+    calibration_budget_option,
     check_output,
     check_scheduler_steps,
     device_option,
@@ -86,6 +87,24 @@ Examples:
 )
 @click.option("--image-dir", type=click.Path(exists=True, file_okay=False), help="Use these images instead.")
 @click.option(
+    "--set-size",
+    default=DEFAULTS.set_size,
+    type=BoundedInt("set_size"),
+    help="Noised inputs (x_t, t) in the fixed calibration set, labelled once by the original model.",
+)
+@click.option(
+    "--small-t-fraction",
+    default=DEFAULTS.small_t_fraction,
+    type=FiniteFloat(0, 1),
+    help="Share of the calibration set's timesteps drawn from the small-t end of the schedule (0: uniform).",
+)
+@click.option(
+    "--small-t-range",
+    default=DEFAULTS.small_t_range,
+    type=FiniteFloat(0, 1, min_open=True),
+    help="The small-t end: this fraction of the schedule, from t = 0.",
+)
+@click.option(
     "--distill-steps",
     default=DEFAULTS.distill.steps,
     type=click.IntRange(min=0),
@@ -130,6 +149,7 @@ Examples:
     ".<output>.checkpoint/ beside --output; removed when the output is complete.",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
+@calibration_budget_option()
 @device_option()
 def main(model, output, overwrite, device, checkpoint_every, resume, **options) -> None:
     """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
@@ -174,7 +194,8 @@ def build_config(
     timesteps, levels, per_channel, neuron, residual_spikes, threshold_groups, threshold_init, percentile, num_samples,
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
-    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False,
+    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
+    small_t_fraction=DEFAULTS.small_t_fraction, small_t_range=DEFAULTS.small_t_range, calibration_budget=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -190,6 +211,10 @@ def build_config(
         num_samples=num_samples,
         sampler_steps=sampler_steps,
         image_dir=image_dir,
+        set_size=set_size,
+        small_t_fraction=small_t_fraction,
+        small_t_range=small_t_range,
+        budget_minutes=calibration_budget,
         distill=DistillSettings(
             steps=distill_steps,
             batch_size=batch_size,
@@ -230,4 +255,12 @@ def print_summary(report: dict, output: str, qnet: QCFSUNet2DModel) -> None:
     for phase, losses in report["loss_curves"].items():
         if losses:
             click.echo(f"  {phase}: output MSE {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
+    sweep = report.get("noise_prediction_sweep") or {}
+    if "after" in sweep:
+        T = report["settings"]["timesteps"]
+        click.echo(f"  relative noise-prediction error of the SNN (T={T}), before -> after calibration:")
+        pairs = zip(sweep["timesteps"], sweep["before"]["snn"], sweep["after"]["snn"], strict=True)
+        click.echo("    " + ", ".join(f"t={t}: {a:.3f} -> {b:.3f}" for t, a, b in pairs))
+    if "budget" in report and "message" in report["budget"]:
+        click.echo(f"  {report['budget']['message']}")
     click.echo(f"Wrote {output} (model, {REPORT_FILE}, {PLOT_FILE}); convert it with: sdm-convert --model {output}")

@@ -105,6 +105,7 @@ def main(
     calibration_samples,
     calibration_steps,
     snn_steps,
+    calibration_budget,
     reference,
     seed,
     device,
@@ -114,7 +115,9 @@ def main(
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
-        calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps, neuron)
+        calibration = calibration_config(
+            calibrate, calibration_samples, calibration_steps, snn_steps, neuron, budget_minutes=calibration_budget
+        )
         if threshold_form == "unit" and loaded.kind != "snn" and resolve_threshold_groups(threshold_groups, loaded) > 1:
             raise CommandError(
                 "--threshold-form unit needs one threshold per site, but the QCFS network has timestep-aware "

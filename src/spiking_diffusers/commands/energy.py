@@ -75,7 +75,7 @@ Examples:
 @device_option()
 def main(
     model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
-    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, device,
+    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget, device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
@@ -84,7 +84,9 @@ def main(
     loaded = load_model(model, device)
     sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))
     check_scheduler_steps(sampler, steps, "--steps")
-    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps)
+    calibration = calibration_config(
+        calibrate, calibration_samples, calibration_steps, snn_steps, budget_minutes=calibration_budget
+    )
     snn, ann, snn_timesteps, measured = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     report = measure_energy(
         snn,

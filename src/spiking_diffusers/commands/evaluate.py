@@ -128,7 +128,7 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 @device_option()
 def main(
     model, reference_model, output, overwrite, device, calibrate, calibration_samples, calibration_steps, snn_steps,
-    **options,
+    calibration_budget, **options,
 ) -> None:  # fmt: skip
     """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
     report Fréchet distance, paired PSNR and noise-prediction error."""
@@ -157,6 +157,7 @@ def main(
         options["neuron"],
         options["residual_spikes"],
         options["threshold_groups"],
+        calibration_budget,
     )
     options["progress"] = options["progress"] and is_main_process()
     config = EvaluationConfig(**options, calibration=calibration)

@@ -82,13 +82,15 @@ def parse_which(value: str) -> list[str]:
 )
 def main(
     model, output, overwrite, timesteps, levels, which, seed, residual_spikes, calibrate, calibration_samples,
-    calibration_steps, snn_steps, device,
+    calibration_steps, snn_steps, calibration_budget, device,
 ) -> None:  # fmt: skip
     """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
     check_output(output, overwrite, {"--model": model})
     graphs = parse_which(which)
     loaded = load_model(model, get_device(device))
-    calibration = calibration_config(calibrate, calibration_samples, calibration_steps, snn_steps)
+    calibration = calibration_config(
+        calibrate, calibration_samples, calibration_steps, snn_steps, budget_minutes=calibration_budget
+    )
     qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     if qnet is None:
         if option_given("which") and "qcfs" in graphs:
