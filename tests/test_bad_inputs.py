@@ -504,8 +504,8 @@ def api_models():
     [
         (lambda m: convert(m["unet"]), TypeError, "not a plain UNet2DModel: quantize it first"),
         (lambda m: convert(m["snn"]), TypeError, "already a SpikingUNet2DModel"),
-        (lambda m: convert(m["qnet"], timesteps=2.5), TypeError, "timesteps must be an int, got float"),
-        (lambda m: convert(m["qnet"], timesteps=10**6), ValueError, "timesteps must be in the range 1<=x<=1024"),
+        (lambda m: convert(m["qnet"], timesteps=2.5), TypeError, "spike_steps must be an int, got float"),
+        (lambda m: convert(m["qnet"], timesteps=10**6), ValueError, "spike_steps must be in the range 1<=x<=1024"),
         (lambda m: convert(m["qnet"], neuron="lif"), ValueError, "Unknown neuron 'lif'"),
         (lambda m: quantize(m["qnet"]), TypeError, "already a QCFSUNet2DModel"),
         (lambda m: quantize("google/ddpm-cifar10-32"), TypeError, "takes a diffusers UNet2DModel, got str"),
@@ -555,7 +555,7 @@ def test_a_forward_on_the_wrong_input_names_the_input(api_models, model, sample_
         ({"batch_size": 1, "generator": "many"}, ValueError, "a list of one per image (1), got a list of 2"),
         ({"generator": 7}, TypeError, "generator must be a torch.Generator"),
         ({"latents": torch.randn(2, 3, 8, 8)}, ValueError, "latents must be a tensor of shape (batch, 1, 8, 8)"),
-        ({"snn_timesteps": 0}, ValueError, "snn_timesteps must be in the range 1<=x<=1024"),
+        ({"snn_timesteps": 0}, ValueError, "spike_steps must be in the range 1<=x<=1024"),
     ],
     ids=lambda value: None if isinstance(value, dict | type) else value,
 )

@@ -148,7 +148,7 @@ def test_sample_every_scheduler_on_the_ann(models, tmp_path, name):
         (
             convert,
             ["--model", "{google}", "--timesteps", "0"],
-            "'--timesteps' / '-T': 0 is not in the range 1<=x<=1024",
+            "'--spike-steps' / '--timesteps' / '-T': 0 is not in the range 1<=x<=1024",
         ),
         (convert, ["--model", "{root}"], "is not a diffusers model"),
         (sample, ["--model", "{snn}", "--threshold-scale", "-1"], "every value must be a finite number > 0"),

@@ -166,7 +166,7 @@ def test_snn_timesteps_below_one_is_refused(steps):
     unet = make_unet(TINY_CONFIGS["no_mid"])
     snn = convert(quantize(unet, levels=2), timesteps=2)
     # 0 once fell back to the model's T
-    with pytest.raises(ValueError, match=r"snn_timesteps must be in the range 1<=x<=1024"):
+    with pytest.raises(ValueError, match=r"spike_steps must be in the range 1<=x<=1024"):
         run(snn, unet, snn_timesteps=steps)
 
 

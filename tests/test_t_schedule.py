@@ -42,7 +42,7 @@ def unet_calls(pipe, **kwargs) -> list:
     """The ``snn_timesteps`` every UNet call of one sampling run received."""
     seen = []
     hook = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kw: seen.append(kw.get("snn_timesteps")), with_kwargs=True
+        lambda module, args, kw: seen.append(kw.get("spike_steps")), with_kwargs=True
     )
     try:
         sample(pipe, **kwargs)
@@ -135,10 +135,10 @@ def test_python_forms():
         ([], TScheduleError, "snn_timesteps is an empty list; give one T per denoising step"),
         ([4, 0], TScheduleError, "snn_timesteps[1] must be in the range 1<=x<=1024, got 0"),
         ([4, 2.0], TypeError, "snn_timesteps[1] must be an int, got float 2.0"),
-        (0, TScheduleError, "snn_timesteps must be in the range 1<=x<=1024, got 0"),
-        (4.0, TypeError, "snn_timesteps must be an int T, a list of one int T per denoising step"),
-        (True, TypeError, "snn_timesteps must be an int T, a list of one int T per denoising step"),
-        ({4: 2}, TypeError, "snn_timesteps must be an int T, a list of one int T per denoising step"),
+        (0, TScheduleError, "spike_steps must be in the range 1<=x<=1024, got 0"),
+        (4.0, TypeError, "spike_steps must be an int T, a list of one int T per denoising step"),
+        (True, TypeError, "spike_steps must be an int T, a list of one int T per denoising step"),
+        ({4: 2}, TypeError, "spike_steps must be an int T, a list of one int T per denoising step"),
     ],
 )
 def test_a_python_schedule_that_cannot_work_is_refused_by_name(value, error, message):
@@ -294,7 +294,7 @@ def test_sdm_sample_takes_a_schedule_and_states_its_mean_t(saved, tmp_path):
 @pytest.mark.parametrize(
     ("model", "value", "message"),
     [
-        ("snn", "4x2", "--snn-timesteps 4x2 gives T for 2 denoising steps, but there are 3"),
+        ("snn", "4x2", "--spike-steps 4x2 gives T for 2 denoising steps, but there are 3"),
         ("snn", "4,16x4", "its TxK items take 4 denoising steps, more than the 3 there are"),
         ("snn", "2,", "the T schedule '2,' has an empty item"),
         ("snn", "2,4", "more than one bare T"),

@@ -115,3 +115,16 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
     return value
+
+
+def renamed(new: Any, old: Any, new_name: str, old_name: str) -> Any:
+    """The value of an argument that was renamed from ``old_name`` to ``new_name`` (the old name still works
+    for one release, with a ``FutureWarning``); giving both is a ``TypeError``."""
+    if old is None:
+        return new
+    import warnings
+
+    warnings.warn(f"{old_name} is deprecated; pass {new_name} (the SNN's time steps T).", FutureWarning, stacklevel=3)
+    if new is not None:
+        raise TypeError(f"Pass {new_name} only ({old_name} is its deprecated name).")
+    return old

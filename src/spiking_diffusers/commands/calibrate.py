@@ -50,8 +50,10 @@ Examples:
 @model_option()
 @output_options("Directory for the calibrated model and report.")
 @click.option(
+    "--spike-steps",
     "--timesteps",
     "-T",
+    "timesteps",
     default=DEFAULTS.timesteps,
     type=BoundedInt("timesteps"),
     help="SNN time steps T to calibrate for.",

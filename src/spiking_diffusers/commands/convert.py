@@ -59,7 +59,15 @@ Examples:
 @model_option("Hub id or local directory of a UNet2DModel (either layout) or of a calibrated QCFS model; "
               "default: the digits DDPM shipped in the package.")  # fmt: skip
 @output_options("Directory for the spiking pipeline.")
-@click.option("--timesteps", "-T", default=4, type=BoundedInt("timesteps"), help="SNN time steps T per UNet call.")
+@click.option(
+    "--spike-steps",
+    "--timesteps",
+    "-T",
+    "timesteps",
+    default=4,
+    type=BoundedInt("timesteps"),
+    help="SNN time steps T per UNet call.",
+)
 @click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
 @click.option(

@@ -58,7 +58,8 @@ Examples:
     "(IF neurons, compensated GroupNorm/attention). Default: the digits DDPM shipped in the package."
 )
 @output_options("Directory for energy.json and the plots.")
-@click.option("--timesteps", "-T", default="4", type=TScheduleParam(), metavar="T | SCHEDULE",
+@click.option("--spike-steps", "--timesteps", "-T", "timesteps", default="4", type=TScheduleParam(),
+              metavar="T | SCHEDULE",
               help="SNN time steps T per UNet call (for a spiking model: its own T unless given), or a T schedule: "
               "4,16x3 is T = 16 for the last 3 denoising steps and 4 for the others.")  # fmt: skip
 @click.option("--levels", "-L", default=None, type=BoundedInt("levels"),
@@ -79,7 +80,7 @@ def main(
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
-    check_t_schedule(timesteps, steps, "--timesteps")
+    check_t_schedule(timesteps, steps, "--spike-steps")
     device = get_device(device)
     loaded = load_model(model, device)
     sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))

@@ -76,7 +76,15 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     help="The original ANN, when --model is a QCFS or spiking model [default: the shipped digits DDPM].",
 )
 @output_options("Directory for report.json, report.md, grid.png.")
-@click.option("--timesteps", "-T", default="1,2,4,8,16", callback=parse_int_list, help="SNN time steps T to compare.")
+@click.option(
+    "--spike-steps",
+    "--timesteps",
+    "-T",
+    "timesteps",
+    default="1,2,4,8,16",
+    callback=parse_int_list,
+    help="SNN time steps T to compare.",
+)
 @click.option(
     "--t-schedule",
     "t_schedules",

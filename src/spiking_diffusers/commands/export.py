@@ -65,8 +65,10 @@ def parse_which(value: str) -> list[str]:
 )
 @output_options("Directory for the ONNX files.")
 @click.option(
+    "--spike-steps",
     "--timesteps",
     "-T",
+    "timesteps",
     default=4,
     type=BoundedInt("timesteps"),
     help="SNN time steps T, unrolled in the snn graph (for a spiking model: its own T unless given).",

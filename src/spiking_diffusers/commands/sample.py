@@ -186,8 +186,10 @@ def generate(
     f"({', '.join(GROUPS)}). Repeatable.",
 )
 @click.option(
+    "--spike-steps",
     "--snn-timesteps",
     "-T",
+    "snn_timesteps",
     default=None,
     type=TScheduleParam(),
     metavar="T | SCHEDULE",
@@ -212,7 +214,7 @@ def main(
 ) -> None:
     """Sample images from a diffusion model (ANN, QCFS or spiking), optionally sweeping threshold guidance."""
     check_output(output, overwrite, {"--model": model})
-    mean_timesteps = check_t_schedule(snn_timesteps, steps, "--snn-timesteps")
+    mean_timesteps = check_t_schedule(snn_timesteps, steps, "--spike-steps")
     if getattr(snn_timesteps, "constant_timesteps", None) is not None:
         snn_timesteps = snn_timesteps.constant_timesteps  # "2x3" over 3 steps is T = 2
     settings = _sweep_settings(parse_threshold_scales(threshold_scales))
@@ -236,7 +238,7 @@ def main(
             for scale in settings:
                 images = generate(
                     pipe, num_images, batch_size, seed, progress,
-                    num_inference_steps=steps, eta=eta, threshold_scale=scale, snn_timesteps=snn_timesteps,
+                    num_inference_steps=steps, eta=eta, threshold_scale=scale, spike_steps=snn_timesteps,
                 )  # fmt: skip
                 subdir = f"scale-{scale_label(scale)}" if len(settings) > 1 else "."
                 save_images(images, Path(staging) / subdir)

@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 
-from ..validation import check_bool, check_choice, check_float, check_int
+from ..validation import check_bool, check_choice, check_float, check_int, renamed
 from .building import (
     analog_site_names,
     build_qcfs_unet,
@@ -328,7 +328,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     def from_qcfs(
         cls,
         qnet: QCFSUNet2DModel,
-        timesteps: int = 8,
+        spike_steps: int | None = None,
         neuron: str = "if",
         nonlinear_mode: str = "compensated",
         execution: str = "batched",
@@ -338,10 +338,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         filter_fn: Callable[[Site], bool] | None = None,
         burst: int = 1,
         threshold_groups: int | None = None,
+        timesteps: int | None = None,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
-        ``timesteps`` is T, the number of simulation steps per forward; ``neuron`` is "if" or "signed_if";
+        ``spike_steps`` is T, the number of simulation steps per forward (default 8; ``timesteps`` is its
+        deprecated name: the word also means the diffusion timestep); ``neuron`` is "if" or "signed_if";
         GroupNorm and attention become ``nonlinear_mode`` ops ("compensated" or "per_step");
         ``threshold_form="unit"`` rescales the weights so that every threshold is 1. ``tsm`` gives every
         neuron temporal factors (SDM's TSM): those ``qnet`` was calibrated with, else factors of 1; by default
@@ -354,6 +356,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         with their calibrated thresholds. So do timestep-aware thresholds: the neurons take ``qnet``'s tables
         of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K = 1).
         """
+        timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
+        timesteps = 8 if timesteps is None else timesteps
         _check_conversion_arguments(qnet, timesteps, tsm)
         config = dict(qnet.config)
         groups = int(config.get("threshold_groups") or 1)
@@ -458,14 +462,17 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        spike_steps: int | None = None,
         snn_timesteps: int | None = None,
     ) -> SpikingUNet2DOutput | tuple:
-        """Simulate ``snn_timesteps`` (default: the configured T) spiking steps on ``sample``."""
+        """Simulate ``spike_steps`` (T; default: the configured T) spiking steps on ``sample``.
+        ``snn_timesteps`` is its deprecated name."""
+        snn_timesteps = renamed(spike_steps, snn_timesteps, "spike_steps", "snn_timesteps")
         self._check_inputs(sample, timestep, class_labels)
         num_steps = (
             int(self.config.timesteps)
             if snn_timesteps is None
-            else check_int(snn_timesteps, "snn_timesteps", "timesteps")
+            else check_int(snn_timesteps, "spike_steps", "timesteps")
         )
         execution = self.config.execution
         for module in self.temporal_modules:
@@ -522,7 +529,7 @@ def _check_conversion_arguments(qnet: Any, timesteps: Any, tsm: Any) -> None:
         raise TypeError(
             f"convert() takes a QCFSUNet2DModel (from quantize() or calibrate()), got {type(qnet).__name__}."
         )
-    check_int(timesteps, "timesteps", "timesteps")
+    check_int(timesteps, "spike_steps", "timesteps")
     if tsm is not None:
         check_bool(tsm, "tsm")
 

@@ -41,7 +41,7 @@ def _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps) -> t
 
     def record(module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
-        given = kwargs.get("snn_timesteps")
+        given = kwargs.get("spike_steps")
         calls.append((int(module.config.timesteps) if given is None else int(given), sample.shape[0]))
 
     hook = snn.register_forward_pre_hook(record, with_kwargs=True)
@@ -52,7 +52,7 @@ def _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps) -> t
                 generator=generator,
                 num_inference_steps=steps,
                 output_type="pt",
-                snn_timesteps=snn_timesteps,
+                spike_steps=snn_timesteps,
             )
     finally:
         hook.remove()

@@ -216,7 +216,7 @@ def _predict_noise_scheduled(
             variant.unet,
             NoisedInputs(inputs.samples[k : k + 1], inputs.timesteps[k : k + 1]),
             config.batch_size,
-            snn_timesteps=t,
+            spike_steps=t,
         )
         for k, t in enumerate(steps)
     ]

@@ -53,7 +53,7 @@ class Variant:
         """Extra arguments of the pipeline (the simulation length of a spiking UNet: a T or a T schedule)."""
         if self.kind != "snn":
             return {}
-        return {"snn_timesteps": self.t_schedule if self.t_schedule is not None else self.timesteps}
+        return {"spike_steps": self.t_schedule if self.t_schedule is not None else self.timesteps}
 
     @property
     def t_label(self) -> int | str | None:

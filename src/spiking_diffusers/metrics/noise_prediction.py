@@ -48,7 +48,7 @@ def noised_inputs(
 def predict_noise(unet: nn.Module, inputs: NoisedInputs, batch_size: int = 64, **forward_kwargs) -> torch.Tensor:
     """``unet``'s output on every noised input, shape ``(K, B, C, H, W)``, on the CPU in float32.
 
-    ``forward_kwargs`` go to every call (e.g. ``snn_timesteps=T`` for a spiking UNet).
+    ``forward_kwargs`` go to every call (e.g. ``spike_steps=T`` for a spiking UNet).
     """
     param = next(unet.parameters())
     out = []

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
-from ..validation import check_int
+from ..validation import check_int, renamed
 from .schedulers import check_steps
 from .t_schedule import TSchedule
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
@@ -76,7 +76,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"threshold_scale applies to spiking UNets only; this pipeline holds a {kind}.")
             if snn_timesteps is not None:
                 raise ValueError(f"snn_timesteps applies to spiking UNets only; this pipeline holds a {kind}.")
-        schedule = None if snn_timesteps is None else TSchedule.coerce(snn_timesteps, "snn_timesteps")
+        schedule = None if snn_timesteps is None else TSchedule.coerce(snn_timesteps, "spike_steps")
         if eta != 0 and not step_accepts(self.scheduler, "eta"):
             raise ValueError(f"eta applies to DDIM-type schedulers; {type(self.scheduler).__name__} has no eta.")
         return schedule
@@ -118,10 +118,11 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         threshold_scale: ThresholdScale | None = None,
-        snn_timesteps: int | str | list[int] | TSchedule | None = None,
+        spike_steps: int | str | list[int] | TSchedule | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        snn_timesteps: int | str | list[int] | TSchedule | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample ``batch_size`` images.
 
@@ -136,7 +137,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             threshold_scale: threshold guidance for this call: a float for every neuron or a dict per block
                 group (``{"down": 0.99, "mid": 1.0, "up": 0.995}``; see ``threshold_guidance``).
                 ``None`` keeps the model's current factors.
-            snn_timesteps: simulation steps T per UNet call (default: the model's configured T): an int for
+            spike_steps: simulation steps T per UNet call (default: the model's configured T): an int for
                 every denoising step, a list with one int per denoising step, or a T schedule, a
                 :class:`~spiking_diffusers.pipelines.TSchedule` or its text form (``"4,16x3"``: T = 16 for the
                 last 3 steps, 4 for the others). A schedule that does not fit ``num_inference_steps`` is a
@@ -144,7 +145,9 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             eta: DDIM-type stochasticity; an error for schedulers whose ``step`` has no ``eta``.
             latents: initial noise of shape ``(B, C, H, W)`` (unscaled; ``init_noise_sigma`` is applied).
             class_labels: labels for class-conditional UNets.
+            snn_timesteps: the deprecated name of ``spike_steps``.
         """
+        snn_timesteps = renamed(spike_steps, snn_timesteps, "spike_steps", "snn_timesteps")
         schedule = self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
         self._check_batch(batch_size, generator, num_inference_steps, latents)
         if schedule is not None:
@@ -172,7 +175,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         with guidance:
             for t, steps in zip(self.progress_bar(timesteps), per_call, strict=True):
                 if self.is_spiking:
-                    unet_kwargs["snn_timesteps"] = steps
+                    unet_kwargs["spike_steps"] = steps
                 model_input = self.scheduler.scale_model_input(latents, t)
                 noise_pred = self.unet(model_input, t, **unet_kwargs).sample
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample

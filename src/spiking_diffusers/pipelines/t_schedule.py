@@ -73,10 +73,10 @@ class TSchedule:
     @classmethod
     def constant(cls, timesteps: int) -> TSchedule:
         """T = ``timesteps`` at every denoising step."""
-        return cls(((_check_t(timesteps, "snn_timesteps"), None),))
+        return cls(((_check_t(timesteps, "spike_steps"), None),))
 
     @classmethod
-    def from_steps(cls, values: Sequence[int], name: str = "snn_timesteps") -> TSchedule:
+    def from_steps(cls, values: Sequence[int], name: str = "spike_steps") -> TSchedule:
         """One T per denoising step, as given (``[4, 4, 16]``)."""
         if not values:
             raise TScheduleError(
@@ -92,7 +92,7 @@ class TSchedule:
         return cls(tuple(items))
 
     @classmethod
-    def parse(cls, text: str, name: str = "snn_timesteps") -> TSchedule:
+    def parse(cls, text: str, name: str = "spike_steps") -> TSchedule:
         """The schedule written as ``text`` (see the module doc); a :class:`TScheduleError` naming ``name``,
         the problem and the accepted form otherwise."""
         if not isinstance(text, str):
@@ -121,7 +121,7 @@ class TSchedule:
         return cls(tuple(items))
 
     @classmethod
-    def coerce(cls, value: Any, name: str = "snn_timesteps") -> TSchedule:
+    def coerce(cls, value: Any, name: str = "spike_steps") -> TSchedule:
         """``value`` (:data:`PYTHON_FORMS`) as a schedule: ``TypeError`` for another type, :class:`TScheduleError`
         (a ``ValueError``) for a schedule that cannot work, each naming ``name`` and the accepted form."""
         if isinstance(value, TSchedule):
@@ -172,7 +172,7 @@ class TSchedule:
         """Every T the schedule uses (the filling T included even where it fills no step)."""
         return {value for value, _ in self.items}
 
-    def per_step(self, num_inference_steps: int, name: str = "snn_timesteps") -> list[int]:
+    def per_step(self, num_inference_steps: int, name: str = "spike_steps") -> list[int]:
         """T for each of ``num_inference_steps`` denoising steps, in denoising order; a :class:`TScheduleError`
         if the schedule does not fit that many steps."""
         steps = int(num_inference_steps)
@@ -192,7 +192,7 @@ class TSchedule:
             out += [value] * (steps - fixed if count is None else count)
         return out
 
-    def mean(self, num_inference_steps: int, name: str = "snn_timesteps") -> float:
+    def mean(self, num_inference_steps: int, name: str = "spike_steps") -> float:
         """The mean T per denoising step: what energy and latency pay (relative to T at every step)."""
         values = self.per_step(num_inference_steps, name)
         return sum(values) / len(values)
