@@ -132,9 +132,9 @@ def test_python_forms():
 @pytest.mark.parametrize(
     ("value", "error", "message"),
     [
-        ([], TScheduleError, "snn_timesteps is an empty list; give one T per denoising step"),
-        ([4, 0], TScheduleError, "snn_timesteps[1] must be in the range 1<=x<=1024, got 0"),
-        ([4, 2.0], TypeError, "snn_timesteps[1] must be an int, got float 2.0"),
+        ([], TScheduleError, "spike_steps is an empty list; give one T per denoising step"),
+        ([4, 0], TScheduleError, "spike_steps[1] must be in the range 1<=x<=1024, got 0"),
+        ([4, 2.0], TypeError, "spike_steps[1] must be an int, got float 2.0"),
         (0, TScheduleError, "spike_steps must be in the range 1<=x<=1024, got 0"),
         (4.0, TypeError, "spike_steps must be an int T, a list of one int T per denoising step"),
         (True, TypeError, "spike_steps must be an int T, a list of one int T per denoising step"),
