@@ -369,6 +369,8 @@ def conversion_source(
         threshold_groups = resolve_threshold_groups(threshold_groups, loaded)
     if offsets is not None:  # a QCFS or spiking model keeps its own
         offsets = resolve_offsets(offsets, loaded)
+    if residual_spikes is not None:
+        residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
     try:
         source = qcfs_network(
             loaded.unet,
