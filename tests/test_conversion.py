@@ -242,7 +242,7 @@ def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="levels"):
         quantize(unet, levels=0)
     qnet = quantize(unet, levels=2)
-    with pytest.raises(ValueError, match="timesteps"):
+    with pytest.raises(ValueError, match="spike_steps"):
         convert(qnet, timesteps=0)
     with pytest.raises(ValueError, match="neuron"):
         convert(qnet, neuron="lif")

@@ -138,7 +138,7 @@ def test_every_variant_sees_the_same_noise_whatever_the_batch_split(ann) -> None
 def test_prepare_variants_shares_a_fixed_level_and_recovers_qcfs_from_an_snn(ann) -> None:
     variants = prepare_variants(ann, None, timesteps=[2, 4], levels=4, execution="stepwise")
     assert [v.name for v in variants] == ["ANN", "QCFS L=4", "SNN T=2", "SNN T=4"]
-    assert variants[2].unet is variants[3].unet and variants[3].forward_kwargs == {"snn_timesteps": 4}
+    assert variants[2].unet is variants[3].unet and variants[3].forward_kwargs == {"spike_steps": 4}
     assert variants[3].unet.config.execution == "stepwise"
 
     qnet = quantize(ann, levels=2)
@@ -159,7 +159,7 @@ def test_a_t_schedule_is_one_more_snn_variant_with_its_mean_t(ann) -> None:
     assert [v.name for v in variants] == ["ANN", "QCFS L=2", "SNN T=2", "SNN T=2,4x1"]  # "2x3" is T = 2
     plain, scheduled = variants[2], variants[3]
     assert scheduled.unet is plain.unet and scheduled.levels == 2 and scheduled.t_label == "2,4x1"
-    assert scheduled.forward_kwargs == {"snn_timesteps": scheduled.t_schedule}
+    assert scheduled.forward_kwargs == {"spike_steps": scheduled.t_schedule}
     assert scheduled.mean_timesteps(3) == pytest.approx(8 / 3) and plain.mean_timesteps(3) == 2.0
     assert variants[0].mean_timesteps(3) is None and variants[1].mean_timesteps(3) is None
     # L follows --levels, else the T most steps take; an SNN model is simulated on the schedule as it is
