@@ -250,16 +250,21 @@ def residual_spikes_option() -> Callable:
 
 
 def resolve_residual_spikes(requested: bool | None, loaded: LoadedModel) -> bool:
-    """The residual-spikes setting for ``loaded``: an ANN takes ``requested`` (off when ``None``); a QCFS or
-    spiking model keeps its own, and asking for the other setting is a usage error."""
+    """The residual-spikes setting for ``loaded`` (see :func:`_resolve_model_flag`)."""
+    return _resolve_model_flag(requested, loaded, "residual_spikes", "residual-spikes", "residual spikes")
+
+
+def _resolve_model_flag(requested: bool | None, loaded: LoadedModel, key: str, flag: str, what: str) -> bool:
+    """An on/off setting of how an ANN is quantized: an ANN takes ``requested`` (off when ``None``); a QCFS or
+    spiking model keeps its own (config ``key``), and asking for the other setting is a usage error."""
     if loaded.kind == "ann":
         return bool(requested)
-    own = bool(loaded.unet.config.residual_spikes)
+    own = bool(loaded.unet.config.get(key, False))
     if requested is not None and requested != own:
-        flag = "--residual-spikes" if requested else "--no-residual-spikes"
+        given = f"--{flag}" if requested else f"--no-{flag}"
         kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
         state = "with" if own else "without"
-        raise CommandError(f"{flag}: {loaded.source} is a {kind} model {state} residual spikes; it keeps them so.", 2)
+        raise CommandError(f"{given}: {loaded.source} is a {kind} model {state} {what}; it keeps them so.", 2)
     return own
 
 
@@ -310,17 +315,8 @@ def offsets_option() -> Callable:
 
 
 def resolve_offsets(requested: bool | None, loaded: LoadedModel) -> bool:
-    """The offsets setting for ``loaded``: an ANN takes ``requested`` (off when ``None``); a QCFS or spiking
-    model keeps its own, and asking for the other setting is a usage error."""
-    if loaded.kind == "ann":
-        return bool(requested)
-    own = bool(loaded.unet.config.get("offsets", False))
-    if requested is not None and requested != own:
-        flag = "--offsets" if requested else "--no-offsets"
-        kind = "QCFS" if loaded.kind == "qcfs" else "spiking"
-        state = "with" if own else "without"
-        raise CommandError(f"{flag}: {loaded.source} is a {kind} model {state} offsets; it keeps them so.", 2)
-    return own
+    """The offsets setting for ``loaded`` (see :func:`_resolve_model_flag`)."""
+    return _resolve_model_flag(requested, loaded, "offsets", "offsets", "offsets")
 
 
 def calibration_config(
