@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.qcfs import qcfs
 
-SETTINGS = settings(max_examples=40, deadline=None)
+# derandomize: CI draws the same examples on every run, so a landing never depends on a lucky draw
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
 thresholds = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False, allow_infinity=False)
 shifts = st.sampled_from([0.0, 0.25, 0.5, 0.75])
@@ -83,7 +84,8 @@ def test_spike_counts_within_zero_and_T_and_mean_output_within_zero_and_lambda(c
     count = spikes.sum(0)
     assert ((count >= 0) & (count <= steps)).all()
     mean = outputs.mean(0)
-    assert ((mean >= 0) & (mean <= threshold)).all()
+    # The mean of T outputs that all equal lambda can round one ulp above lambda in float64.
+    assert ((mean >= 0) & (mean <= threshold * (1 + 1e-12))).all()
 
 
 @SETTINGS
