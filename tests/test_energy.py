@@ -219,7 +219,7 @@ def test_sdm_energy_end_to_end(tmp_path, tiny_snn):
     missing = CliRunner().invoke(energy_main, ["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "No such directory" in missing.output
 
-    args = ["--model", str(tmp_path / "ann"), "--steps", "2", "--num-images", "1", "--device", "cpu"]
+    args = ["--model", str(tmp_path / "ann"), "--steps", "2", "--num-images", "1", "--device", "cpu", "--no-calibrate"]
     scheduled = CliRunner().invoke(energy_main, [*args, "-T", "2,4x1", "--output", str(tmp_path / "sched")])
     assert scheduled.exit_code == 0, scheduled.output
     assert "T = 2,4x1, mean T = 3" in scheduled.output
