@@ -282,7 +282,7 @@ def _calibrate(
         )
     tick = timed("distill", tick)
     if config.snn.steps:
-        snn = convert(qnet, timesteps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
+        snn = convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
         description = f"fine-tune SNN (T={config.timesteps})"
         histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
@@ -392,7 +392,7 @@ class _Sweep:
         if not self.config.sweep_images:
             return
         config = self.config
-        snn = snn or convert(qnet, timesteps=config.timesteps, neuron=config.neuron)
+        snn = snn or convert(qnet, spike_steps=config.timesteps, neuron=config.neuron)
         self.report[stage] = error_sweep({"qcfs": qnet, "snn": snn}, self.reference, self.inputs)
 
 

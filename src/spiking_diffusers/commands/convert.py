@@ -148,7 +148,7 @@ def main(
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
         snn = convert(
-            qnet, timesteps=timesteps, neuron=neuron, nonlinear_mode=nonlinear_mode, threshold_form=threshold_form
+            qnet, spike_steps=timesteps, neuron=neuron, nonlinear_mode=nonlinear_mode, threshold_form=threshold_form
         )
         report = {
             "source": loaded.source,

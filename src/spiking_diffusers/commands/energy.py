@@ -151,7 +151,7 @@ def _networks(
         return snn, ann, timesteps if option_given("timesteps") else None, "a spiking model, as given"
     source = conversion_source(loaded, base, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed)
     ann = source.ann or UNet2DModel.from_config(source.qnet.config.unet_config).to(loaded.unet.device).eval()
-    return convert(source.qnet, timesteps=base), ann, schedule, source.description
+    return convert(source.qnet, spike_steps=base), ann, schedule, source.description
 
 
 def _write(report: EnergyReport, settings: dict, directory: Path) -> None:

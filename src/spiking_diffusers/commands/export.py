@@ -170,7 +170,7 @@ def _networks(
     source = conversion_source(
         loaded, timesteps, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed
     )
-    return source.qnet, convert(source.qnet, timesteps=timesteps)
+    return source.qnet, convert(source.qnet, spike_steps=timesteps)
 
 
 def _initial_state_note(snn) -> str:

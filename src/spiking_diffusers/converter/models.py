@@ -523,7 +523,7 @@ def _check_conversion_arguments(qnet: Any, timesteps: Any, tsm: Any) -> None:
     if isinstance(qnet, UNet2DModel):
         raise TypeError(
             "convert() takes a QCFSUNet2DModel, not a plain UNet2DModel: quantize it first, "
-            "convert(quantize(unet, levels=L), timesteps=T) (or calibrate() it)."
+            "convert(quantize(unet, levels=L), spike_steps=T) (or calibrate() it)."
         )
     if not isinstance(qnet, QCFSUNet2DModel):
         raise TypeError(

@@ -123,7 +123,7 @@ def prepare_variants(
                 residual_spikes=residual_spikes,
                 threshold_groups=threshold_groups,
             ).qnet
-            snns[level] = convert(qnets[level], timesteps=t, neuron=neuron or "if", execution=execution)
+            snns[level] = convert(qnets[level], spike_steps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
         variants.append(_snn_variant(snns[level], level, schedule or t))
     return variants
@@ -161,7 +161,7 @@ def _from_qcfs(qnet, ann, timesteps, levels, snn_options, schedules=()) -> list[
         raise VariantError(f"The QCFS model has L = {level}; --levels {levels} cannot change it.")
     every_t = _all_timesteps(timesteps, list(schedules))
     _check_tsm_timesteps(int(qnet.config.get("tsm_steps") or 0), every_t)
-    snn = convert(qnet, timesteps=max(every_t), **snn_options)
+    snn = convert(qnet, spike_steps=max(every_t), **snn_options)
     variants = [Variant("ANN", "ann", ann), Variant(f"QCFS L={level}", "qcfs", qnet, levels=level)]
     return variants + [_snn_variant(snn, level, t) for t in [*timesteps, *schedules]]
 
