@@ -1,0 +1,200 @@
+"""What each few-time-step technique buys, alone and combined: the ablation table of docs/benchmarks.md.
+
+Every row calibrates one QCFS network from the ANN with the ``sdm-calibrate`` recipe it names (timed),
+converts it, and samples the ANN, the QCFS network and the SNN from the same noises (DDIM, eta 0) with
+``sdm-eval``'s evaluation. Printed per row: FD ratio to the ANN (whole set) and the mean +- std of the
+paired per-split ratios, paired PSNR against the ANN, the relative noise-prediction error at the smallest
+swept diffusion timestep and its mean over the sweep, the mean T per denoising step, calibration wall time,
+and the SNN / ANN energy ratio and spike-driven share of a counted DDIM sampling run (issue 6 accounting).
+
+Rows (``--rows``, comma-separated keys):
+
+- ``before``: the earlier default recipe (timesteps uniform over the schedule, 2000 distillation steps);
+- ``default``: today's default (half the calibration inputs from the small-t end, 1000 steps);
+- ``offsets``: default + learned input shift / output offset per channel (SiLU's negative lobe);
+- ``groups4``: default + K = 4 timestep-aware thresholds per site;
+- ``burst2``: default calibrated at L = 2T, converted to burst neurons (B = 2) simulated for T steps;
+- ``signed``: default with signed IF neurons;
+- ``schedule``: the default's network sampled with the T schedule ``--schedule`` (more T at the last steps);
+- ``residual``: default + residual spikes (signed encoders in front of the real-valued layers; issue 13);
+- any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
+
+    OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
+                                                 [--num-images 1000] [--fd-splits 4] [--grid PATH]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from spiking_diffusers.calibration.calibrate import CalibrationConfig
+from spiking_diffusers.calibration.policy import calibrate_or_quantize
+from spiking_diffusers.converter import SpikingUNet2DModel
+from spiking_diffusers.energy.measure import measure_energy
+from spiking_diffusers.evaluation import EvaluationConfig, evaluate
+from spiking_diffusers.evaluation.report import save_grid
+from spiking_diffusers.loading import load_model
+from spiking_diffusers.pipelines import make_scheduler
+
+DEFAULT = CalibrationConfig()
+
+
+@dataclass
+class Recipe:
+    """How one row calibrates (``calibration``, at L = ``level_factor`` x T) and converts (``burst``)."""
+
+    label: str
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    burst: int = 1
+    level_factor: int = 1
+    schedule: bool = False
+    timesteps: int | None = None
+
+
+RECIPES = {
+    "before": Recipe(
+        "before: uniform t, 2000 steps",
+        dataclasses.replace(DEFAULT, small_t_fraction=0.0, distill=dataclasses.replace(DEFAULT.distill, steps=2000)),
+    ),
+    "default": Recipe("default: small-t calibration, 1000 steps"),
+    "offsets": Recipe("+ offsets", dataclasses.replace(DEFAULT, offsets=True)),
+    "groups4": Recipe("+ K = 4 threshold groups", dataclasses.replace(DEFAULT, threshold_groups=4)),
+    "burst2": Recipe("+ burst B = 2 (L = 2T)", burst=2, level_factor=2),
+    "signed": Recipe("signed IF", dataclasses.replace(DEFAULT, neuron="signed_if")),
+    "schedule": Recipe("default, T schedule", schedule=True),
+    "residual": Recipe("+ residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
+}
+
+
+def recipe_for(key: str) -> Recipe:
+    """The recipe of a ``--rows`` key: a name of :data:`RECIPES`, optionally ``@T``."""
+    name, _, at = key.partition("@")
+    if name not in RECIPES or (at and not at.isdigit()):
+        raise click.BadParameter(f"unknown row {key!r}; choose from {list(RECIPES)}, each optionally @T.", "--rows")
+    recipe = RECIPES[name]
+    return dataclasses.replace(recipe, timesteps=int(at), label=f"{recipe.label}, T = {at}") if at else recipe
+
+
+def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: dict) -> tuple[dict, dict]:
+    """Calibrate, convert, evaluate and count one row; its table cells and its ANN and SNN samples."""
+    T = recipe.timesteps or T
+    calibration = recipe.calibration
+    levels = recipe.level_factor * T
+    scheduler_config = dict(loaded.scheduler.config)
+    start = time.perf_counter()
+    qnet = calibrate_or_quantize(
+        loaded.unet,
+        levels=levels,
+        per_channel=calibration.per_channel,
+        timesteps=levels if recipe.burst > 1 else T,  # a burst row's SNN-aware stage sees L steps of plain IF
+        scheduler_config=scheduler_config,
+        calibration=calibration,
+        progress=options["progress"],
+    ).qnet
+    calibration_seconds = time.perf_counter() - start
+    if options["save_dir"]:
+        qnet.save_pretrained(Path(options["save_dir"]) / f"qcfs-{key.replace('@', '-T')}")
+    snn = SpikingUNet2DModel.from_qcfs(qnet, spike_steps=T, neuron=calibration.neuron, burst=recipe.burst)
+    config = EvaluationConfig(
+        timesteps=[] if recipe.schedule else [T],
+        t_schedules=[schedule] if recipe.schedule else [],
+        execution="stepwise",  # on CPU faster than batched, same result
+        steps=options["steps"],
+        num_images=options["num_images"],
+        fd_splits=options["fd_splits"],
+        seed=options["seed"],
+        progress=options["progress"],
+    )
+    result = evaluate(snn, loaded.unet, scheduler_config, config)
+    row = result.report["variants"][-1]
+    energy = measure_energy(
+        snn,
+        loaded.unet,
+        make_scheduler("ddim", scheduler_config),
+        options["steps"],
+        num_images=2,
+        snn_timesteps=schedule if recipe.schedule else None,
+    ).totals()
+    cells = {
+        "row": key,
+        "recipe": recipe.label,
+        "T": row["timesteps"],
+        "L": levels,
+        "mean_T": row["mean_timesteps"],
+        "fd_ratio": row["fd_ratio"],
+        "fd_ratio_split_mean": row["fd_ratio_split_mean"],
+        "fd_ratio_split_std": row["fd_ratio_split_std"],
+        "psnr": row["psnr_mean"],
+        "noise_error_small_t": row["noise_error"][0],
+        "noise_error_mean": row["noise_error_mean"],
+        "noise_timesteps": result.report["noise_timesteps"],
+        "calibration_seconds": calibration_seconds,
+        "energy_ratio": energy["energy_ratio_snn_over_ann"],
+        "spike_driven_fraction": energy["spike_driven_fraction"],
+        "ann_fd": result.report["variants"][0]["fd"],
+    }
+    return cells, {"ANN": result.samples["ANN"], recipe.label: result.samples[row["name"]]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| recipe | T (mean) | L | FD ratio | split ratio mean +- std | PSNR dB | noise err t=1 / mean "
+        "| calibration s | SNN/ANN energy | spike-driven |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        split = f"{r['fd_ratio_split_mean']:.2f} +- {r['fd_ratio_split_std']:.2f}" if r["fd_ratio_split_mean"] else "-"
+        lines.append(
+            f"| {r['recipe']} | {r['T']} ({r['mean_T']:.1f}) | {r['L']} | {r['fd_ratio']:.2f} | {split} "
+            f"| {r['psnr']:.1f} | {r['noise_error_small_t']:.3f} / {r['noise_error_mean']:.3f} "
+            f"| {r['calibration_seconds']:.0f} | {r['energy_ratio']:.2f} | {r['spike_driven_fraction']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", default=None, help="ANN directory (default: the shipped digits DDPM).")
+@click.option("--rows", default="before,default,offsets,groups4,burst2,signed,schedule", help="Which rows, in order.")
+@click.option("-T", "--spike-steps", "timesteps", default=4, help="SNN time steps T of every row.")
+@click.option("--schedule", default="4,12x2", help="The T schedule of the schedule row.")
+@click.option("--num-images", default=1000, help="Samples per network.")
+@click.option("--fd-splits", default=4, help="Disjoint subsets for the FD ratio spread.")
+@click.option("--steps", default=20, help="DDIM steps.")
+@click.option("--seed", default=0)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON here.")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Save ANN | each row's SNN samples here.")
+@click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Save each row's QCFS network here.")
+@click.option("--progress/--no-progress", default=False)
+def main(
+    model, rows, timesteps, schedule, num_images, fd_splits, steps, seed, output, grid, save_dir, progress
+) -> None:
+    loaded = load_model(model, "cpu")
+    keys = [key.strip() for key in rows.split(",") if key.strip()]
+    recipes = [(key, recipe_for(key)) for key in keys]
+    options = dict(num_images=num_images, fd_splits=fd_splits, steps=steps, seed=seed, progress=progress)
+    options["save_dir"] = save_dir
+    results, samples = [], {}
+    for key, recipe in recipes:
+        start = time.perf_counter()
+        cells, images = run_row(key, recipe, loaded, timesteps, schedule, options)
+        results.append(cells)
+        samples.update(images)
+        click.echo(f"{key}: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} thread(s)", err=True)
+        click.echo(markdown(results[-1:]).splitlines()[-1], err=True)
+        if output:
+            Path(output).write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(f"\nANN FD {results[0]['ann_fd']:.2f} ({num_images} samples, DDIM-{steps}, seed {seed})\n")
+    click.echo(markdown(results))
+    if grid:
+        save_grid(samples, grid, rows=8)
+
+
+if __name__ == "__main__":
+    main()
