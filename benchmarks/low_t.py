@@ -17,6 +17,7 @@ Rows (``--rows``, comma-separated keys):
 - ``signed``: default with signed IF neurons;
 - ``schedule``: the default's network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - ``residual``: default + residual spikes (signed encoders in front of the real-valued layers; issue 13);
+- ``residual_burst2``: residual spikes with burst neurons and burst encoders (B = 2, L = 2T);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -70,6 +71,9 @@ RECIPES = {
     "signed": Recipe("signed IF", dataclasses.replace(DEFAULT, neuron="signed_if")),
     "schedule": Recipe("default, T schedule", schedule=True),
     "residual": Recipe("+ residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
+    "residual_burst2": Recipe(
+        "+ residual spikes, burst B = 2", dataclasses.replace(DEFAULT, residual_spikes=True), burst=2, level_factor=2
+    ),
 }
 
 

@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
 from spiking_diffusers import SpikingUNet2DModel, convert, quantize
-from spiking_diffusers.converter.neurons import IFNeuron
+from spiking_diffusers.converter.encoders import signed_qcfs
+from spiking_diffusers.converter.neurons import IFNeuron, TernaryIFEncoder
 from spiking_diffusers.converter.qcfs import qcfs
 from spiking_diffusers.energy.accounting import OperationCounter
 
@@ -73,3 +74,34 @@ def test_each_burst_spike_is_counted():
             model(torch.tensor([[0.8]], dtype=torch.float64))
     assert counter.accounting.acs == 3 * 3
     assert counter.accounting.sites["0"].spikes == 3
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5])
+@pytest.mark.parametrize(("burst", "steps"), [(2, 2), (4, 1), (3, 3)])
+def test_burst_encoder_reproduces_signed_qcfs_with_burst_times_t_levels(phi, burst, steps):
+    encoder = TernaryIFEncoder(1, phi=phi, burst=burst).double()
+    encoder.threshold.data.fill_(1.5)
+    z = torch.linspace(-3.0, 3.0, 2000, dtype=torch.float64).reshape(-1, 1)  # an even count keeps 0 off the grid
+    with torch.no_grad():
+        encoder.begin(steps, "batched")
+        out = encoder(z.repeat(steps, 1)).reshape(steps, -1).mean(0)
+    expected = signed_qcfs(z, torch.tensor([1.5], dtype=torch.float64), burst * steps, phi).reshape(-1)
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_residual_spikes_network_with_burst_encoders_follows_its_finer_qcfs_net():
+    unet = make_unet(TINY_CONFIGS["attention"])
+    sample, timestep, kwargs = make_inputs(unet)
+    qnet = quantize(unet, levels=16, residual_spikes=True)
+    with torch.no_grad():
+        reference = qnet(sample, timestep, **kwargs).sample
+        burst = convert(qnet, timesteps=4, burst=4)
+        plain = convert(qnet, timesteps=4)
+        assert all(m.spikes_per_step == 4 for m in burst.modules() if isinstance(m, TernaryIFEncoder))
+        error_burst = relative_error(burst(sample, timestep, **kwargs).sample, reference)
+        error_plain = relative_error(plain(sample, timestep, **kwargs).sample, reference)
+        unit = convert(qnet, timesteps=4, burst=4, threshold_form="unit")
+        assert torch.allclose(
+            unit(sample, timestep, **kwargs).sample, burst(sample, timestep, **kwargs).sample, atol=1e-9
+        )
+    assert error_burst < 0.5 * error_plain

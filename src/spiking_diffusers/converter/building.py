@@ -157,7 +157,7 @@ def install_neurons(
         if factors is not None:
             neuron_module.temporal_factors.data.copy_(factors.data)
         replace_site_unit(parent, spec, neuron_module)
-    install_encoder_neurons(unet)
+    install_encoder_neurons(unet, burst)
     install_consumer_offsets(unet)
     _wrap_nonlinear_ops(unet, nonlinear_mode)
 

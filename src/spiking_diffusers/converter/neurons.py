@@ -241,14 +241,27 @@ class TernaryIFEncoder(SpikingNeuron):
     It emits ``+-lambda`` (``+-1`` in the unit-threshold form, where ``input_gain`` holds ``1 / lambda``
     and the consumer's weights carry ``lambda``). Threshold guidance does not act on it: it encodes a
     linear signal rather than standing in for an activation. ``channels_last`` marks token-major inputs
-    ``(B, N, C)`` (attention projections).
+    ``(B, N, C)`` (attention projections). ``burst`` = B > 1 lets it emit up to B spikes of either sign per
+    step, ``k = clip(floor(m / theta), -B, B)`` of amplitude ``lambda / B``: the signed QCFS unit of
+    ``L = B * T`` levels for a constant input, as for a burst :class:`IFNeuron`.
     """
 
+    def __init__(
+        self, channels: int, per_channel: bool = False, phi: float = 0.5, channels_last: bool = False, burst: int = 1
+    ):
+        if int(burst) < 1:
+            raise ValueError(f"burst must be a whole number >= 1; got {burst}.")
+        super().__init__(channels, per_channel, phi, channels_last)
+        self.spikes_per_step = int(burst)
+
     def fire(self, membrane: torch.Tensor, firing: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.spikes_per_step > 1:
+            return torch.clamp(torch.floor(membrane / firing), -self.spikes_per_step, self.spikes_per_step)
         return (membrane >= firing).to(membrane.dtype) - (membrane < 0).to(membrane.dtype)
 
     def passes(self, mean_input: torch.Tensor, full_range: torch.Tensor) -> torch.Tensor:
         return mean_input.abs() < full_range
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, channels_last={self.channels_last}"
+        burst = f", burst={self.spikes_per_step}" if self.spikes_per_step > 1 else ""
+        return f"{super().extra_repr()}, channels_last={self.channels_last}{burst}"

@@ -90,12 +90,13 @@ def input_encoders(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def install_encoder_neurons(model: nn.Module) -> None:
-    """Turn every :class:`SignedQCFS` encoder into a :class:`TernaryIFEncoder` with the same threshold, in place."""
+def install_encoder_neurons(model: nn.Module, burst: int = 1) -> None:
+    """Turn every :class:`SignedQCFS` encoder into a :class:`TernaryIFEncoder` with the same threshold (emitting
+    up to ``burst`` spikes per step), in place."""
     for parent in list(model.modules()):
         for name, unit in list(parent.named_children()):
             if isinstance(unit, SignedQCFS):
-                neuron = TernaryIFEncoder(unit.channels, unit.per_channel, unit.phi, unit.channels_last)
+                neuron = TernaryIFEncoder(unit.channels, unit.per_channel, unit.phi, unit.channels_last, burst)
                 copy_threshold(neuron, unit)
                 setattr(parent, name, neuron)
 
