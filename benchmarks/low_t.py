@@ -37,7 +37,7 @@ import torch
 
 from spiking_diffusers.calibration.calibrate import CalibrationConfig
 from spiking_diffusers.calibration.policy import calibrate_or_quantize
-from spiking_diffusers.converter import SpikingUNet2DModel
+from spiking_diffusers.converter import QCFSUNet2DModel, SpikingUNet2DModel
 from spiking_diffusers.energy.measure import measure_energy
 from spiking_diffusers.evaluation import EvaluationConfig, evaluate
 from spiking_diffusers.evaluation.report import save_grid
@@ -57,6 +57,7 @@ class Recipe:
     level_factor: int = 1
     schedule: bool = False
     timesteps: int | None = None
+    calibrated_as: str | None = None  # the row whose saved QCFS network this one reuses
 
 
 RECIPES = {
@@ -69,7 +70,7 @@ RECIPES = {
     "groups4": Recipe("+ K = 4 threshold groups", dataclasses.replace(DEFAULT, threshold_groups=4)),
     "burst2": Recipe("+ burst B = 2 (L = 2T)", burst=2, level_factor=2),
     "signed": Recipe("signed IF", dataclasses.replace(DEFAULT, neuron="signed_if")),
-    "schedule": Recipe("default, T schedule", schedule=True),
+    "schedule": Recipe("default, T schedule", schedule=True, calibrated_as="default"),
     "residual": Recipe("+ residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
     "residual_burst2": Recipe(
         "+ residual spikes, burst B = 2", dataclasses.replace(DEFAULT, residual_spikes=True), burst=2, level_factor=2
@@ -92,19 +93,29 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
     calibration = recipe.calibration
     levels = recipe.level_factor * T
     scheduler_config = dict(loaded.scheduler.config)
-    start = time.perf_counter()
-    qnet = calibrate_or_quantize(
-        loaded.unet,
-        levels=levels,
-        per_channel=calibration.per_channel,
-        timesteps=levels if recipe.burst > 1 else T,  # a burst row's SNN-aware stage sees L steps of plain IF
-        scheduler_config=scheduler_config,
-        calibration=calibration,
-        progress=options["progress"],
-    ).qnet
-    calibration_seconds = time.perf_counter() - start
-    if options["save_dir"]:
-        qnet.save_pretrained(Path(options["save_dir"]) / f"qcfs-{key.replace('@', '-T')}")
+    saved = (
+        Path(options["save_dir"]) / f"qcfs-{recipe.calibrated_as or key.replace('@', '-T')}"
+        if options["save_dir"]
+        else None
+    )
+    if saved is not None and (saved / "calibration_seconds.json").is_file():  # calibrated by an earlier row or run
+        qnet = QCFSUNet2DModel.from_pretrained(saved).eval()
+        calibration_seconds = json.loads((saved / "calibration_seconds.json").read_text())["seconds"]
+    else:
+        start = time.perf_counter()
+        qnet = calibrate_or_quantize(
+            loaded.unet,
+            levels=levels,
+            per_channel=calibration.per_channel,
+            timesteps=levels if recipe.burst > 1 else T,  # a burst row's SNN-aware stage sees L steps of plain IF
+            scheduler_config=scheduler_config,
+            calibration=calibration,
+            progress=options["progress"],
+        ).qnet
+        calibration_seconds = time.perf_counter() - start
+        if saved is not None:
+            qnet.save_pretrained(saved)
+            (saved / "calibration_seconds.json").write_text(json.dumps({"seconds": calibration_seconds}))
     snn = SpikingUNet2DModel.from_qcfs(qnet, spike_steps=T, neuron=calibration.neuron, burst=recipe.burst)
     config = EvaluationConfig(
         timesteps=[] if recipe.schedule else [T],
@@ -138,6 +149,7 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
         "psnr": row["psnr_mean"],
         "noise_error_small_t": row["noise_error"][0],
         "noise_error_mean": row["noise_error_mean"],
+        "noise_error": row["noise_error"],
         "noise_timesteps": result.report["noise_timesteps"],
         "calibration_seconds": calibration_seconds,
         "energy_ratio": energy["energy_ratio_snn_over_ann"],
@@ -174,7 +186,12 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--seed", default=0)
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON here.")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Save ANN | each row's SNN samples here.")
-@click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Save each row's QCFS network here.")
+@click.option(
+    "--save-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Save each row's QCFS network here (and reuse it).",
+)
 @click.option("--progress/--no-progress", default=False)
 def main(
     model, rows, timesteps, schedule, num_images, fd_splits, steps, seed, output, grid, save_dir, progress
