@@ -17,6 +17,7 @@ split ratios, paired PSNR, SNN / ANN energy of a counted run, and sampling wall 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -79,6 +80,7 @@ def qcfs_at(levels: int, loaded, qcfs_dir: str | None) -> QCFSUNet2DModel:
         if (Path(qcfs_dir) / name).is_dir():
             return QCFSUNet2DModel.from_pretrained(Path(qcfs_dir) / name).eval()
     config = CalibrationConfig()
+    start = time.perf_counter()
     qnet = calibrate_or_quantize(
         loaded.unet,
         levels,
@@ -88,8 +90,10 @@ def qcfs_at(levels: int, loaded, qcfs_dir: str | None) -> QCFSUNet2DModel:
         calibration=config,
         progress=False,
     ).qnet
-    if qcfs_dir:
+    if qcfs_dir:  # in low_t.py's layout, so that its rows reuse it
         qnet.save_pretrained(Path(qcfs_dir) / names[0])
+        seconds = {"seconds": time.perf_counter() - start}
+        (Path(qcfs_dir) / names[0] / "calibration_seconds.json").write_text(json.dumps(seconds))
     return qnet
 
 

@@ -80,7 +80,7 @@ class CalibrationConfig:
     image_dir: str | None = None
     stats_batches: int = 4
     set_size: int = 4096
-    small_t_fraction: float = 0.5
+    small_t_fraction: float = 0.0
     small_t_range: float = 0.1
     sweep_images: int = 8
     budget_minutes: float | None = None
