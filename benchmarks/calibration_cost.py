@@ -66,7 +66,7 @@ def measure(unet: UNet2DModel, config: CalibrationConfig, batch: int, snn_batch:
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(8, unet.config.in_channels, height, width, generator=generator) * 2 - 1
     size = batch * (steps + 1)
-    data = CalibrationSet.draw(x0, DDPMScheduler(), size, generator, config.small_t_fraction, config.small_t_range)
+    data = CalibrationSet.draw(x0, DDPMScheduler(), size, generator)
     data.targets = torch.randn(data.x_t.shape, generator=generator)  # timing only: the values do not matter
 
     x, t = data.x_t[:batch], data.timesteps[:batch]

@@ -9,9 +9,8 @@ and the SNN / ANN energy ratio and spike-driven share of a counted DDIM sampling
 
 Rows (``--rows``, comma-separated keys):
 
-- ``before``: the earlier default recipe (timesteps uniform over the schedule, 2000 distillation steps);
+- ``before``: the earlier default's 2000 distillation steps (on today's stored teacher labels);
 - ``default``: today's default (stored teacher labels, timesteps uniform, 1000 distillation steps);
-- ``smallt``: default with half the calibration inputs from the small-t end (``small_t_fraction`` 0.5);
 - ``offsets``: default + learned input shift / output offset per channel (SiLU's negative lobe);
 - ``groups4``: default + K = 4 timestep-aware thresholds per site;
 - ``burst2``: default calibrated at L = 2T, converted to burst neurons (B = 2) simulated for T steps;
@@ -64,10 +63,9 @@ class Recipe:
 RECIPES = {
     "before": Recipe(
         "before: uniform t, 2000 steps",
-        dataclasses.replace(DEFAULT, small_t_fraction=0.0, distill=dataclasses.replace(DEFAULT.distill, steps=2000)),
+        dataclasses.replace(DEFAULT, distill=dataclasses.replace(DEFAULT.distill, steps=2000)),
     ),
     "default": Recipe("default: uniform t, 1000 steps"),
-    "smallt": Recipe("small-t calibration (f = 0.5)", dataclasses.replace(DEFAULT, small_t_fraction=0.5)),
     "offsets": Recipe("+ offsets", dataclasses.replace(DEFAULT, offsets=True)),
     "groups4": Recipe("+ K = 4 threshold groups", dataclasses.replace(DEFAULT, threshold_groups=4)),
     "burst2": Recipe("+ burst B = 2 (L = 2T)", burst=2, level_factor=2),

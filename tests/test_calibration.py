@@ -1,5 +1,5 @@
 """Calibration: threshold initialisation, distillation, determinism, the saved result, the calibration set
-with its teacher outputs computed once, small-t sampling, the cost estimate and the time budget."""
+with its teacher outputs computed once, its stratified timesteps, the cost estimate and the time budget."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from spiking_diffusers import QCFSUNet2DModel, convert, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate, load_snn_weights_into_qcfs
 from spiking_diffusers.calibration.checkpoint import CalibrationCheckpoints
 from spiking_diffusers.calibration.cost import UnitCosts, fit_to_budget, plan_phases
-from spiking_diffusers.calibration.data import CalibrationSet, NoisedBatches, sample_model_images, small_t_timesteps
+from spiking_diffusers.calibration.data import CalibrationSet, NoisedBatches, sample_model_images, stratified_timesteps
 from spiking_diffusers.calibration.distill import DistillSettings, distill
 from spiking_diffusers.calibration.report import PLOT_FILE, write_calibration_report
 from spiking_diffusers.commands import calibrate as calibrate_command
@@ -164,7 +164,7 @@ def test_teacher_outputs_computed_once_train_like_the_teacher_run_at_every_step(
     at rounding level. The same seed gives the same result on either path."""
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float64)
     x0 = torch.rand(8, 1, 8, 8, dtype=torch.float64) * 2 - 1
-    sets = [CalibrationSet.draw(x0, DDPMScheduler(), 96, torch.Generator().manual_seed(5), 0.5, 0.1) for _ in range(2)]
+    sets = [CalibrationSet.draw(x0, DDPMScheduler(), 96, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(sets[0].x_t, sets[1].x_t) and torch.equal(sets[0].timesteps, sets[1].timesteps)
     sets[0].label(unet)
     assert sets[1].targets is None  # unlabelled: distill runs the teacher on every batch
@@ -183,30 +183,22 @@ def test_teacher_outputs_computed_once_train_like_the_teacher_run_at_every_step(
         torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
     again = quantize(unet, levels=2)
     sets[0].generator.manual_seed(5)
-    CalibrationSet.draw(x0, DDPMScheduler(), 96, sets[0].generator, 0.5, 0.1)  # the same generator state
+    CalibrationSet.draw(x0, DDPMScheduler(), 96, sets[0].generator)  # the same generator state
     assert distill(again, unet, sets[0], settings, progress=False).output_loss == histories[0].output_loss
 
 
-def test_small_t_sampling_puts_the_intended_share_on_the_small_t_end():
+def test_calibration_timesteps_cover_the_schedule_one_per_slice():
     generator = torch.Generator().manual_seed(0)
-    t = small_t_timesteps(20000, 1000, generator, small_t_fraction=0.5, small_t_range=0.1)
-    assert t.min() >= 0 and t.max() <= 999
-    # the mixture 0.5 U[0, 1000) + 0.5 U[0, 100): 0.55 of the draws below t = 100, each part uniform
-    assert (t < 100).float().mean().item() == pytest.approx(0.55, abs=1e-3)
-    low = torch.bincount(t[t < 100] // 10, minlength=10).float() / len(t)
-    high = torch.bincount(t[t >= 100] // 100, minlength=10)[1:].float() / len(t)
-    assert torch.allclose(low, torch.full((10,), 0.055), atol=2e-3)
-    assert torch.allclose(high, torch.full((9,), 0.05), atol=2e-3)
-    uniform = small_t_timesteps(10, 1000, generator, small_t_fraction=0.0)
-    assert sorted((uniform // 100).tolist()) == list(range(10))  # f = 0: one per tenth, as NoisedBatches draws
-    assert small_t_timesteps(50, 1000, generator, small_t_fraction=1.0, small_t_range=0.02).max() < 20
-    with pytest.raises(ValueError, match="small_t_fraction"):
-        small_t_timesteps(4, 1000, generator, small_t_fraction=1.5)
+    t = stratified_timesteps(1000, 1000, generator)
+    assert sorted(t.tolist()) == list(range(1000))  # as many draws as timesteps: each exactly once
+    t = stratified_timesteps(10, 1000, generator)
+    assert sorted((t // 100).tolist()) == list(range(10))
+    assert not torch.equal(t, t.sort().values)  # in random order: a training batch is not a slice of the schedule
 
 
 def test_calibration_set_uses_every_image_and_is_deterministic():
     x0 = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 2, 2)
-    draws = [CalibrationSet.draw(x0, DDPMScheduler(), 10, torch.Generator().manual_seed(1), 0.5) for _ in range(2)]
+    draws = [CalibrationSet.draw(x0, DDPMScheduler(), 10, torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(draws[0].x_t, draws[1].x_t) and torch.equal(draws[0].timesteps, draws[1].timesteps)
     assert draws[0].nbytes == 10 * 4 * 4 + 10 * 8
     batch = [d.sample(6) for d in draws]

@@ -57,9 +57,7 @@ class CalibrationConfig:
     output offset, initialised with its threshold and trained with the thresholds.
 
     Distillation trains on a fixed calibration set of ``set_size`` noised inputs, labelled once by the
-    original model. Its timesteps follow ``small_t_fraction`` / ``small_t_range``: that share of them lies in
-    the first ``small_t_range`` of the schedule, the rest is uniform over all of it (see
-    :func:`~spiking_diffusers.calibration.data.small_t_timesteps`). ``sweep_images`` images go into the
+    original model, with timesteps stratified over the whole schedule. ``sweep_images`` images go into the
     report's noise-prediction error sweep (0: none). ``budget_minutes`` scales the recipe down to an
     estimated run time (see :func:`~spiking_diffusers.calibration.cost.fit_to_budget`).
     """
@@ -80,8 +78,6 @@ class CalibrationConfig:
     image_dir: str | None = None
     stats_batches: int = 4
     set_size: int = 4096
-    small_t_fraction: float = 0.0
-    small_t_range: float = 0.1
     sweep_images: int = 8
     budget_minutes: float | None = None
     distill: DistillSettings = field(default_factory=lambda: DistillSettings(steps=1000, batch_size=32, lr=1e-3))
@@ -103,8 +99,6 @@ class CalibrationConfig:
         check_int(self.threshold_groups, "threshold_groups", "threshold_groups")
         if self.set_size < 1 or self.sweep_images < 0:
             raise ValueError("set_size must be at least 1 and sweep_images at least 0.")
-        if not 0 <= self.small_t_fraction <= 1 or not 0 < self.small_t_range <= 1:
-            raise ValueError("small_t_fraction must be in [0, 1] and small_t_range in (0, 1].")
         if self.budget_minutes is not None and not (math.isfinite(self.budget_minutes) and self.budget_minutes > 0):
             raise ValueError(f"budget_minutes must be a finite number > 0, got {self.budget_minutes}.")
         for phase in (self.distill, self.snn):
@@ -252,9 +246,7 @@ def _calibrate(
     before = _site_report(qnet, inputs_before, groups_before)
     tick = timed("statistics", tick)
 
-    calibration_set = CalibrationSet.draw(
-        x0, noise_scheduler, config.set_size, generator, config.small_t_fraction, config.small_t_range
-    )
+    calibration_set = CalibrationSet.draw(x0, noise_scheduler, config.set_size, generator)
     if config.distill.steps or config.snn.steps:
         calibration_set.label(teacher, on_batch=bar.counter("labels"))
     tick = timed("labels", tick)
@@ -397,14 +389,9 @@ class _Sweep:
 
 
 def _set_report(calibration_set: CalibrationSet, config: CalibrationConfig, noise_scheduler) -> dict[str, Any]:
-    """Size, timestep mixture and memory of the calibration set."""
-    steps = noise_scheduler.config.num_train_timesteps
-    small = (calibration_set.timesteps < config.small_t_range * steps).float().mean().item()
+    """Size and memory of the calibration set."""
     return {
         "size": len(calibration_set),
-        "small_t_fraction": config.small_t_fraction,
-        "small_t_range": config.small_t_range,
-        "share_in_small_t_range": small,
         "labelled_once": calibration_set.targets is not None,
         "memory_mib": calibration_set.nbytes / 2**20,
     }

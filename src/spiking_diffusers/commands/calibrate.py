@@ -95,18 +95,6 @@ Examples:
     help="Noised inputs (x_t, t) in the fixed calibration set, labelled once by the original model.",
 )
 @click.option(
-    "--small-t-fraction",
-    default=DEFAULTS.small_t_fraction,
-    type=FiniteFloat(0, 1),
-    help="Share of the calibration set's timesteps drawn from the small-t end of the schedule (0: uniform).",
-)
-@click.option(
-    "--small-t-range",
-    default=DEFAULTS.small_t_range,
-    type=FiniteFloat(0, 1, min_open=True),
-    help="The small-t end: this fraction of the schedule, from t = 0.",
-)
-@click.option(
     "--distill-steps",
     default=DEFAULTS.distill.steps,
     type=click.IntRange(min=0),
@@ -197,7 +185,7 @@ def build_config(
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
-    small_t_fraction=DEFAULTS.small_t_fraction, small_t_range=DEFAULTS.small_t_range, calibration_budget=None,
+    calibration_budget=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -214,8 +202,6 @@ def build_config(
         sampler_steps=sampler_steps,
         image_dir=image_dir,
         set_size=set_size,
-        small_t_fraction=small_t_fraction,
-        small_t_range=small_t_range,
         budget_minutes=calibration_budget,
         distill=DistillSettings(
             steps=distill_steps,
