@@ -14,6 +14,7 @@ Rows (``--rows``, comma-separated keys):
 - ``offsets``: default + learned input shift / output offset per channel (SiLU's negative lobe);
 - ``groups4``: default + K = 4 timestep-aware thresholds per site;
 - ``burst2``: default calibrated at L = 2T, converted to burst neurons (B = 2) simulated for T steps;
+- ``burst2_offsets``: both of the above;
 - ``signed``: default with signed IF neurons;
 - ``schedule``: the default's network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - ``residual``: default + residual spikes (signed encoders in front of the real-valued layers; issue 13);
@@ -69,6 +70,9 @@ RECIPES = {
     "offsets": Recipe("+ offsets", dataclasses.replace(DEFAULT, offsets=True)),
     "groups4": Recipe("+ K = 4 threshold groups", dataclasses.replace(DEFAULT, threshold_groups=4)),
     "burst2": Recipe("+ burst B = 2 (L = 2T)", burst=2, level_factor=2),
+    "burst2_offsets": Recipe(
+        "+ burst B = 2 + offsets", dataclasses.replace(DEFAULT, offsets=True), burst=2, level_factor=2
+    ),
     "signed": Recipe("signed IF", dataclasses.replace(DEFAULT, neuron="signed_if")),
     "schedule": Recipe("default, T schedule", schedule=True, calibrated_as="default"),
     "residual": Recipe("+ residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
