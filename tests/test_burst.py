@@ -105,3 +105,23 @@ def test_residual_spikes_network_with_burst_encoders_follows_its_finer_qcfs_net(
             unit(sample, timestep, **kwargs).sample, burst(sample, timestep, **kwargs).sample, atol=1e-9
         )
     assert error_burst < 0.5 * error_plain
+
+
+def test_calibration_for_burst_neurons_records_b_and_conversion_uses_it(tmp_path):
+    from spiking_diffusers.calibration import calibrate
+    from spiking_diffusers.converter import QCFSUNet2DModel
+    from test_calibration import SCHEDULER_CONFIG, tiny_config
+
+    with pytest.raises(ValueError, match="levels = burst x T = 4"):
+        tiny_config(burst=2, levels=3).validate()
+    with pytest.raises(ValueError, match="plain IF"):
+        tiny_config(burst=2, neuron="signed_if").validate()
+    unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    qnet = calibrate(unet, SCHEDULER_CONFIG, tiny_config(burst=2, cache_dir=str(tmp_path)), progress=False).qnet
+    assert (qnet.config.levels, qnet.config.burst) == (4, 2)  # L = B x T at T = 2
+    qnet.save_pretrained(tmp_path / "qcfs")
+    loaded = QCFSUNet2DModel.from_pretrained(tmp_path / "qcfs")
+    snn = convert(loaded, spike_steps=2)
+    assert snn.config.burst == 2 and snn.to_qcfs().config.burst == 2
+    assert {m.spikes_per_step for m in snn.modules() if isinstance(m, IFNeuron)} == {2}
+    assert convert(loaded, spike_steps=2, burst=1).config.burst == 1  # an explicit B wins

@@ -85,6 +85,18 @@ def test_convert_pipeline_layout_with_options_prints_the_summary(models, tmp_pat
     assert config.per_channel and config.nonlinear_mode == "per_step"
 
 
+def test_convert_with_burst_neurons_quantizes_an_ann_at_b_times_t_levels(models, tmp_path):
+    out = tmp_path / "snn"
+    result = invoke(convert, "--model", models["pipeline"], "-T", 2, "--burst", 3, "--no-calibrate", "--output", out)
+    assert result.exit_code == 0, result.output
+    config = SpikingUNet2DModel.from_pretrained(out / "unet").config
+    assert (config.timesteps, config.levels, config.burst) == (2, 6, 3)
+    signed = invoke(
+        convert, "--model", models["pipeline"], "--burst", 2, "--neuron", "signed_if", "--output", tmp_path / "x"
+    )
+    assert signed.exit_code == 2 and "--burst needs --neuron if" in signed.output
+
+
 def test_convert_takes_a_qcfs_model_as_it_is_and_a_spiking_one_through_its_qcfs_network(models, snn_dir, tmp_path):
     result = invoke(convert, "--model", models["qcfs"], "--output", tmp_path / "a")
     assert result.exit_code == 0, result.output

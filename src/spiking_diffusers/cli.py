@@ -283,6 +283,20 @@ def threshold_groups_option(default: int | None = None) -> Callable:
     )
 
 
+def burst_option(default: int | None = 1) -> Callable:
+    """``--burst B``: multi-threshold neurons (and encoders) emitting up to B spikes per time step."""
+    own = "" if default is not None else " [default: 1 for an ANN; a QCFS or spiking model keeps its own]"
+    return click.option(
+        "--burst",
+        default=default,
+        show_default=default is not None,
+        type=click.IntRange(1, 64),
+        metavar="B",
+        help="Burst neurons: up to B spikes per time step, B x T levels in T steps (L = B x T; plain IF only). "
+        f"Each spike is one accumulate{own}.",
+    )
+
+
 def resolve_threshold_groups(requested: int | None, loaded: LoadedModel) -> int:
     """K for ``loaded``: an ANN takes ``requested`` (1 when ``None``), which must fit its schedule; a QCFS or
     spiking model keeps its own, and asking for another K is a usage error."""
@@ -328,6 +342,7 @@ def calibration_config(
     residual_spikes: bool | None = None,
     threshold_groups: int | None = None,
     budget_minutes: float | None = None,
+    burst: int | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -340,6 +355,7 @@ def calibration_config(
     config.neuron = neuron or config.neuron
     config.residual_spikes = bool(residual_spikes)
     config.threshold_groups = threshold_groups or config.threshold_groups
+    config.burst = burst or config.burst
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config

@@ -67,6 +67,7 @@ class CalibrationConfig:
     per_channel: bool = True
     phi: float = 0.5
     neuron: str = "if"
+    burst: int = 1
     tsm: bool = False
     residual_spikes: bool = False
     threshold_groups: int = 1
@@ -87,13 +88,19 @@ class CalibrationConfig:
 
     @property
     def resolved_levels(self) -> int:
-        """The QCFS levels L: ``levels``, or T (``timesteps``) when it is not set."""
-        return int(self.levels or self.timesteps)
+        """The QCFS levels L: ``levels``, or ``burst`` x T when it is not set."""
+        return int(self.levels or self.burst * self.timesteps)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no calibration can run with."""
         if self.timesteps < 1 or self.resolved_levels < 1:
             raise ValueError("timesteps and levels must be at least 1.")
+        burst = check_int(self.burst, "burst", low=1)
+        if burst > 1 and (self.neuron != "if" or self.resolved_levels != burst * self.timesteps):
+            raise ValueError(
+                f"burst={self.burst} needs plain IF neurons and levels = burst x T = {self.burst * self.timesteps} (a "
+                f"burst neuron reaches B x T levels in T steps); got neuron={self.neuron!r}, levels={self.levels}."
+            )
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1.")
         check_int(self.threshold_groups, "threshold_groups", "threshold_groups")
@@ -235,6 +242,7 @@ def _calibrate(
         threshold_groups=config.threshold_groups,
         offsets=config.offsets,
     )
+    qnet.register_to_config(burst=int(config.burst))  # what the SNN-aware stage used: conversion's default
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
     ]
@@ -274,7 +282,7 @@ def _calibrate(
         )
     tick = timed("distill", tick)
     if config.snn.steps:
-        snn = convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm)
+        snn = convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm, burst=config.burst)
         description = f"fine-tune SNN (T={config.timesteps})"
         histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
@@ -384,7 +392,7 @@ class _Sweep:
         if not self.config.sweep_images:
             return
         config = self.config
-        snn = snn or convert(qnet, spike_steps=config.timesteps, neuron=config.neuron)
+        snn = snn or convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, burst=config.burst)
         self.report[stage] = error_sweep({"qcfs": qnet, "snn": snn}, self.reference, self.inputs)
 
 

@@ -135,7 +135,7 @@ def qcfs_network(
         per_channel = calibration.per_channel
     result = calibrate_or_quantize(
         unet,
-        levels=levels or timesteps,
+        levels=levels or timesteps * (calibration.burst if calibration else 1),
         per_channel=bool(per_channel),
         seed=seed,
         timesteps=timesteps,

@@ -14,6 +14,7 @@ from ..cli import (
     CommandError,
     FiniteFloat,
     atomic_directory,
+    burst_option,
     calibration_budget_option,
     check_output,
     check_scheduler_steps,
@@ -58,11 +59,12 @@ Examples:
     type=BoundedInt("timesteps"),
     help="SNN time steps T to calibrate for.",
 )
-@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: T].")
+@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L [default: B x T].")
 @click.option("--per-channel/--per-layer", default=DEFAULTS.per_channel, help="One threshold per channel, or per site.")
 @click.option(
     "--neuron", type=click.Choice(NEURON_TYPES), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
 )
+@burst_option()
 @residual_spikes_option()
 @threshold_groups_option(DEFAULTS.threshold_groups)
 @click.option(
@@ -185,7 +187,7 @@ def build_config(
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
-    calibration_budget=None,
+    calibration_budget=None, burst=DEFAULTS.burst,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -193,6 +195,7 @@ def build_config(
         levels=levels,
         per_channel=per_channel,
         neuron=neuron,
+        burst=burst,
         residual_spikes=bool(residual_spikes),
         threshold_groups=threshold_groups,
         offsets=bool(offsets),

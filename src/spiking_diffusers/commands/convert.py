@@ -19,6 +19,7 @@ from ..cli import (
     BoundedInt,
     CommandError,
     atomic_directory,
+    burst_option,
     calibration_config,
     calibration_options,
     check_output,
@@ -68,8 +69,11 @@ Examples:
     type=BoundedInt("timesteps"),
     help="SNN time steps T per UNet call.",
 )
-@click.option("--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: T].")
+@click.option(
+    "--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: B x T]."
+)
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
+@burst_option(None)
 @click.option(
     "--nonlinear-mode",
     type=click.Choice(NONLINEAR_MODES),
@@ -103,6 +107,7 @@ def main(
     timesteps,
     levels,
     neuron,
+    burst,
     nonlinear_mode,
     threshold_form,
     per_channel,
@@ -124,8 +129,18 @@ def main(
     with atomic_directory(output, overwrite=overwrite) as staging:
         loaded = load_model(model, device)
         calibration = calibration_config(
-            calibrate, calibration_samples, calibration_steps, snn_steps, neuron, budget_minutes=calibration_budget
+            calibrate,
+            calibration_samples,
+            calibration_steps,
+            snn_steps,
+            neuron,
+            budget_minutes=calibration_budget,
+            burst=burst,
         )
+        if loaded.kind == "ann" and burst and burst > 1:
+            if neuron != "if":
+                raise CommandError("--burst needs --neuron if: burst neurons are plain IF neurons.", 2)
+            levels = levels or burst * timesteps
         if threshold_form == "unit" and loaded.kind != "snn" and resolve_threshold_groups(threshold_groups, loaded) > 1:
             raise CommandError(
                 "--threshold-form unit needs one threshold per site, but the QCFS network has timestep-aware "
@@ -148,7 +163,12 @@ def main(
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
         snn = convert(
-            qnet, spike_steps=timesteps, neuron=neuron, nonlinear_mode=nonlinear_mode, threshold_form=threshold_form
+            qnet,
+            spike_steps=timesteps,
+            neuron=neuron,
+            nonlinear_mode=nonlinear_mode,
+            threshold_form=threshold_form,
+            burst=burst,
         )
         report = {
             "source": loaded.source,
@@ -161,6 +181,7 @@ def main(
                 "levels": qnet.config.levels,
                 "per_channel": qnet.config.per_channel,
                 "neuron": neuron,
+                "burst": int(snn.config.burst),
                 "nonlinear_mode": nonlinear_mode,
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),

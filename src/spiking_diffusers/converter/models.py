@@ -105,7 +105,8 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     with a signed QCFS unit, so that the spiking network feeds it spikes (see
     :mod:`~spiking_diffusers.converter.residual_spikes`). With ``offsets`` every activation unit also learns
     an input shift and an output offset, ``qcfs(z - shift) + offset`` (see
-    :mod:`~spiking_diffusers.converter.offsets`).
+    :mod:`~spiking_diffusers.converter.offsets`). ``burst`` records the spikes per step of the neurons its
+    calibration fine-tuned for (``levels = burst * T``); :meth:`SpikingUNet2DModel.from_qcfs` converts with it.
     """
 
     config_name = "config.json"
@@ -124,10 +125,12 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         residual_spikes: bool = False,
         threshold_groups: int = 1,
         offsets: bool = False,
+        burst: int = 1,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
         check_threshold_groups(threshold_groups, unet_config)
+        check_int(burst, "burst", low=1)
         _check_offsets_with_groups(offsets, threshold_groups)
         self.unet = build_qcfs_unet(
             unet_config,
@@ -336,30 +339,31 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         time_embedding: str = "auto",
         tsm: bool | None = None,
         filter_fn: Callable[[Site], bool] | None = None,
-        burst: int = 1,
+        burst: int | None = None,
         threshold_groups: int | None = None,
         timesteps: int | None = None,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
-        ``spike_steps`` is T, the number of simulation steps per forward (default 8; ``timesteps`` is its
-        deprecated name: the word also means the diffusion timestep); ``neuron`` is "if" or "signed_if";
-        GroupNorm and attention become ``nonlinear_mode`` ops ("compensated" or "per_step");
-        ``threshold_form="unit"`` rescales the weights so that every threshold is 1. ``tsm`` gives every
-        neuron temporal factors (SDM's TSM): those ``qnet`` was calibrated with, else factors of 1; by default
-        TSM is on exactly when ``qnet`` carries factors. ``filter_fn(site)`` chooses which call sites spike
-        (a :class:`~.registry.Site`; false keeps the site an analog QCFS unit, counted as real-valued work;
-        the choice is saved with the model). ``burst`` = B > 1 makes every IF neuron a multi-threshold
-        neuron emitting up to B spikes per step (B * T levels in T steps: match it with a QCFS network of
-        ``levels = B * T``). ``qnet`` is unchanged. Residual spikes follow ``qnet``: its
-        signed input encoders (if it was quantized with ``residual_spikes=True``) become ternary IF neurons
-        with their calibrated thresholds. So do timestep-aware thresholds: the neurons take ``qnet``'s tables
-        of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K = 1).
+        ``spike_steps`` is T, the number of simulation steps per forward (default 8; ``timesteps`` is its deprecated
+        name: the word also means the diffusion timestep); ``neuron`` is "if" or "signed_if"; GroupNorm and attention
+        become ``nonlinear_mode`` ops ("compensated" or "per_step"); ``threshold_form="unit"`` rescales the weights so
+        that every threshold is 1. ``tsm`` gives every neuron temporal factors (SDM's TSM): those ``qnet`` was
+        calibrated with, else factors of 1; by default TSM is on exactly when ``qnet`` carries factors.
+        ``filter_fn(site)`` chooses which call sites spike (a :class:`~.registry.Site`; false keeps the site an analog
+        QCFS unit, counted as real-valued work; the choice is saved with the model). ``burst`` = B > 1 makes every IF
+        neuron a multi-threshold neuron emitting up to B spikes per step (B * T levels in T steps: match it with a QCFS
+        network of ``levels = B * T``; default: the B ``qnet`` was calibrated for, else 1). ``qnet`` is unchanged.
+        Residual spikes follow ``qnet``: its signed input encoders (if it was quantized with ``residual_spikes=True``)
+        become ternary IF neurons with their calibrated thresholds. So do timestep-aware thresholds: the neurons take
+        ``qnet``'s tables of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K =
+        1).
         """
         timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
         timesteps = 8 if timesteps is None else timesteps
         _check_conversion_arguments(qnet, timesteps, tsm)
         config = dict(qnet.config)
+        burst = int(config.get("burst") or 1) if burst is None else check_int(burst, "burst", low=1)
         groups = int(config.get("threshold_groups") or 1)
         if threshold_groups is not None and check_int(threshold_groups, "threshold_groups") != groups:
             raise ValueError(
@@ -430,6 +434,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             tsm_steps=config.timesteps if config.tsm else 0,
             threshold_groups=config.threshold_groups,
             offsets=config.offsets,
+            burst=int(config.get("burst") or 1),
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
