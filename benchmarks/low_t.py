@@ -9,16 +9,16 @@ and the SNN / ANN energy ratio and spike-driven share of a counted DDIM sampling
 
 Rows (``--rows``, comma-separated keys):
 
-- ``before``: the earlier default's 2000 distillation steps (on today's stored teacher labels);
-- ``default``: today's default (stored teacher labels, timesteps uniform, 1000 distillation steps);
-- ``offsets``: default + learned input shift / output offset per channel (SiLU's negative lobe);
-- ``groups4``: default + K = 4 timestep-aware thresholds per site;
-- ``burst2``: default calibrated at L = 2T, converted to burst neurons (B = 2) simulated for T steps;
-- ``burst2_offsets``: both of the above;
-- ``signed``: default with signed IF neurons;
-- ``schedule``: the default's network sampled with the T schedule ``--schedule`` (more T at the last steps);
-- ``residual``: default + residual spikes (signed encoders in front of the real-valued layers; issue 13);
-- ``residual_burst2``: residual spikes with burst neurons and burst encoders (B = 2, L = 2T);
+- ``before``: the previous default: plain IF neurons (one spike per step), 2000 distillation steps;
+- ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
+- ``default``: today's default, burst neurons (B = 2, L = 2T) through the SNN-aware stage;
+- ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
+  channel (SiLU's negative lobe) / K = 4 timestep-aware thresholds / signed IF / residual spikes (signed
+  encoders in front of the real-valued layers; issue 13);
+- ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
+  to burst neurons (B = 2) afterwards (the first burst measurement);
+- ``default_offsets`` / ``default_residual``: the default + offsets / + residual spikes (burst encoders);
+- ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -50,35 +50,39 @@ DEFAULT = CalibrationConfig()
 
 @dataclass
 class Recipe:
-    """How one row calibrates (``calibration``, at L = ``level_factor`` x T) and converts (``burst``)."""
+    """How one row calibrates (``calibration``, at L = B x T of its burst setting) and samples (``schedule``).
+    ``burst_after`` converts a plain-IF network calibrated at L = B x T to burst neurons afterwards (the
+    SNN-aware stage then ran at T = L with one spike per step: the first burst measurement)."""
 
     label: str
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    burst: int = 1
-    level_factor: int = 1
+    burst_after: int = 1
     schedule: bool = False
     timesteps: int | None = None
     calibrated_as: str | None = None  # the row whose saved QCFS network this one reuses
 
 
+PLAIN = dataclasses.replace(DEFAULT, burst=1)
 RECIPES = {
     "before": Recipe(
-        "before: uniform t, 2000 steps",
-        dataclasses.replace(DEFAULT, distill=dataclasses.replace(DEFAULT.distill, steps=2000)),
+        "before: plain IF, 2000 steps",
+        dataclasses.replace(PLAIN, distill=dataclasses.replace(PLAIN.distill, steps=2000)),
     ),
-    "default": Recipe("default: uniform t, 1000 steps"),
-    "offsets": Recipe("+ offsets", dataclasses.replace(DEFAULT, offsets=True)),
-    "groups4": Recipe("+ K = 4 threshold groups", dataclasses.replace(DEFAULT, threshold_groups=4)),
-    "burst2": Recipe("+ burst B = 2 (L = 2T)", burst=2, level_factor=2),
-    "burst2_offsets": Recipe(
-        "+ burst B = 2 + offsets", dataclasses.replace(DEFAULT, offsets=True), burst=2, level_factor=2
+    "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
+    "default": Recipe("default: burst B = 2 (L = 2T)", DEFAULT),
+    "offsets": Recipe("plain + offsets", dataclasses.replace(PLAIN, offsets=True)),
+    "groups4": Recipe("plain + K = 4 threshold groups", dataclasses.replace(PLAIN, threshold_groups=4)),
+    "burst2_after": Recipe("plain, L = 2T, burst B = 2 after", dataclasses.replace(PLAIN, burst=2), burst_after=2),
+    "default_offsets": Recipe("default + offsets", dataclasses.replace(DEFAULT, offsets=True)),
+    "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
+    "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
+    "residual": Recipe("plain + residual spikes", dataclasses.replace(PLAIN, residual_spikes=True)),
+    "residual_burst2_after": Recipe(
+        "plain + residual spikes, L = 2T, burst B = 2 after",
+        dataclasses.replace(PLAIN, burst=2, residual_spikes=True),
+        burst_after=2,
     ),
-    "signed": Recipe("signed IF", dataclasses.replace(DEFAULT, neuron="signed_if")),
-    "schedule": Recipe("default, T schedule", schedule=True, calibrated_as="default"),
-    "residual": Recipe("+ residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
-    "residual_burst2": Recipe(
-        "+ residual spikes, burst B = 2", dataclasses.replace(DEFAULT, residual_spikes=True), burst=2, level_factor=2
-    ),
+    "default_residual": Recipe("default + residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
 }
 
 
@@ -94,8 +98,10 @@ def recipe_for(key: str) -> Recipe:
 def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: dict) -> tuple[dict, dict]:
     """Calibrate, convert, evaluate and count one row; its table cells and its ANN and SNN samples."""
     T = recipe.timesteps or T
-    calibration = recipe.calibration
-    levels = recipe.level_factor * T
+    calibration = dataclasses.replace(recipe.calibration, timesteps=T)
+    levels = calibration.resolved_levels
+    if recipe.burst_after > 1:  # calibrated as a plain-IF network at T = L
+        calibration = dataclasses.replace(calibration, burst=1, timesteps=levels)
     scheduler_config = dict(loaded.scheduler.config)
     saved = (
         Path(options["save_dir"]) / f"qcfs-{recipe.calibrated_as or key.replace('@', '-T')}"
@@ -111,7 +117,7 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
             loaded.unet,
             levels=levels,
             per_channel=calibration.per_channel,
-            timesteps=levels if recipe.burst > 1 else T,  # a burst row's SNN-aware stage sees L steps of plain IF
+            timesteps=calibration.timesteps,
             scheduler_config=scheduler_config,
             calibration=calibration,
             progress=options["progress"],
@@ -120,7 +126,8 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
         if saved is not None:
             qnet.save_pretrained(saved)
             (saved / "calibration_seconds.json").write_text(json.dumps({"seconds": calibration_seconds}))
-    snn = SpikingUNet2DModel.from_qcfs(qnet, spike_steps=T, neuron=calibration.neuron, burst=recipe.burst)
+    burst = recipe.burst_after if recipe.burst_after > 1 else None  # None: as calibrated
+    snn = SpikingUNet2DModel.from_qcfs(qnet, spike_steps=T, neuron=calibration.neuron, burst=burst)
     config = EvaluationConfig(
         timesteps=[] if recipe.schedule else [T],
         t_schedules=[schedule] if recipe.schedule else [],

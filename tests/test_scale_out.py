@@ -119,7 +119,7 @@ def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_p
     run (as a different thread count does), see docs/scale-out.md."""
     args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
             "3", "--snn-steps", "2", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
-            "--block-loss-weight", "0.5", "--cache-dir", models["cache"]]  # fmt: skip
+            "--block-loss-weight", "0.5", "--cache-dir", models["cache"], "--burst", "1"]  # fmt: skip
     launched = accelerate_launch("sdm-calibrate", *args, "--output", tmp_path / "two")
     assert launched.returncode == 0, launched.stderr[-3000:]
     single = CliRunner().invoke(calibrate.main, [*map(str, args), "--output", str(tmp_path / "one")])

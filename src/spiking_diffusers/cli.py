@@ -283,17 +283,17 @@ def threshold_groups_option(default: int | None = None) -> Callable:
     )
 
 
-def burst_option(default: int | None = 1) -> Callable:
-    """``--burst B``: multi-threshold neurons (and encoders) emitting up to B spikes per time step."""
-    own = "" if default is not None else " [default: 1 for an ANN; a QCFS or spiking model keeps its own]"
+def burst_option(own_model: bool = False) -> Callable:
+    """``--burst B``: multi-threshold neurons (and encoders) emitting up to B spikes per time step; ``None``
+    when not given (the recipe's default, or a QCFS or spiking model's own)."""
+    own = "; a QCFS or spiking model keeps its own" if own_model else ""
     return click.option(
         "--burst",
-        default=default,
-        show_default=default is not None,
+        default=None,
         type=click.IntRange(1, 64),
         metavar="B",
         help="Burst neurons: up to B spikes per time step, B x T levels in T steps (L = B x T; plain IF only). "
-        f"Each spike is one accumulate{own}.",
+        f"Each spike is one accumulate [default: 2 for plain IF, 1 for signed IF or an -L other than 2T{own}].",
     )
 
 
@@ -355,7 +355,7 @@ def calibration_config(
     config.neuron = neuron or config.neuron
     config.residual_spikes = bool(residual_spikes)
     config.threshold_groups = threshold_groups or config.threshold_groups
-    config.burst = burst or config.burst
+    config.burst = burst
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config

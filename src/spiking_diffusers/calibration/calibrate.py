@@ -46,6 +46,11 @@ from .data import (
 from .distill import DistillHistory, DistillSettings, distill
 from .sweep import error_sweep, sweep_inputs
 
+DEFAULT_BURST = 2
+"""Spikes per time step of the default (plain IF) neurons: B = 2 reaches 2T levels in T steps. Measured to
+beat one spike per step at the same T by 3 dB of paired PSNR on both digits DDPMs, for about 8 % more energy
+(benchmarks/low_t.py; docs/calibration.md, "Burst neurons")."""
+
 
 @dataclass
 class CalibrationConfig:
@@ -67,7 +72,7 @@ class CalibrationConfig:
     per_channel: bool = True
     phi: float = 0.5
     neuron: str = "if"
-    burst: int = 1
+    burst: int | None = None
     tsm: bool = False
     residual_spikes: bool = False
     threshold_groups: int = 1
@@ -87,18 +92,27 @@ class CalibrationConfig:
     cache_dir: str | None = None
 
     @property
+    def resolved_burst(self) -> int:
+        """B, the spikes per step of the neurons: ``burst``, or by default :data:`DEFAULT_BURST` for plain IF
+        neurons (1 for signed IF, or where ``levels`` is given and is not ``DEFAULT_BURST`` x T)."""
+        if self.burst is not None:
+            return int(self.burst)
+        fits = self.levels is None or self.levels == DEFAULT_BURST * self.timesteps
+        return DEFAULT_BURST if self.neuron == "if" and fits else 1
+
+    @property
     def resolved_levels(self) -> int:
-        """The QCFS levels L: ``levels``, or ``burst`` x T when it is not set."""
-        return int(self.levels or self.burst * self.timesteps)
+        """The QCFS levels L: ``levels``, or B x T when it is not set."""
+        return int(self.levels or self.resolved_burst * self.timesteps)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings no calibration can run with."""
         if self.timesteps < 1 or self.resolved_levels < 1:
             raise ValueError("timesteps and levels must be at least 1.")
-        burst = check_int(self.burst, "burst", low=1)
+        burst = self.resolved_burst if self.burst is None else check_int(self.burst, "burst", low=1)
         if burst > 1 and (self.neuron != "if" or self.resolved_levels != burst * self.timesteps):
             raise ValueError(
-                f"burst={self.burst} needs plain IF neurons and levels = burst x T = {self.burst * self.timesteps} (a "
+                f"burst={burst} needs plain IF neurons and levels = burst x T = {burst * self.timesteps} (a "
                 f"burst neuron reaches B x T levels in T steps); got neuron={self.neuron!r}, levels={self.levels}."
             )
         if self.num_samples < 1:
@@ -242,7 +256,7 @@ def _calibrate(
         threshold_groups=config.threshold_groups,
         offsets=config.offsets,
     )
-    qnet.register_to_config(burst=int(config.burst))  # what the SNN-aware stage used: conversion's default
+    qnet.register_to_config(burst=config.resolved_burst)  # what the SNN-aware stage used: conversion's default
     stats_batches = [
         (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
     ]
@@ -282,7 +296,9 @@ def _calibrate(
         )
     tick = timed("distill", tick)
     if config.snn.steps:
-        snn = convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm, burst=config.burst)
+        snn = convert(
+            qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm, burst=config.resolved_burst
+        )
         description = f"fine-tune SNN (T={config.timesteps})"
         histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
@@ -392,7 +408,7 @@ class _Sweep:
         if not self.config.sweep_images:
             return
         config = self.config
-        snn = snn or convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, burst=config.burst)
+        snn = snn or convert(qnet, spike_steps=config.timesteps, neuron=config.neuron, burst=config.resolved_burst)
         self.report[stage] = error_sweep({"qcfs": qnet, "snn": snn}, self.reference, self.inputs)
 
 

@@ -73,6 +73,13 @@ def calibrate_or_quantize(
     return calibrate(unet, scheduler_config, config, progress=progress)
 
 
+def default_levels(timesteps: int, calibration: CalibrationConfig | None) -> int:
+    """L for an ANN when none is asked for: B x T of the calibration recipe, T without calibration."""
+    if calibration is None:
+        return timesteps
+    return dataclasses.replace(calibration, timesteps=timesteps, levels=None).resolved_levels
+
+
 class ConversionSourceError(ValueError):
     """The model given cannot become the QCFS network asked for (a setting conflicts with the model's own)."""
 
@@ -135,7 +142,7 @@ def qcfs_network(
         per_channel = calibration.per_channel
     result = calibrate_or_quantize(
         unet,
-        levels=levels or timesteps * (calibration.burst if calibration else 1),
+        levels=levels or default_levels(timesteps, calibration),
         per_channel=bool(per_channel),
         seed=seed,
         timesteps=timesteps,

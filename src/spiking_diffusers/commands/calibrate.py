@@ -149,6 +149,10 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         output, overwrite, {"--model": model, "--image-dir": options["image_dir"], "--cache-dir": options["cache_dir"]}
     )
     config = build_config(**options)
+    try:
+        config.validate()
+    except ValueError as err:
+        raise CommandError(str(err), 2) from err
     loaded = load_model(model, get_device(device))
     if config.image_dir is None:  # the calibration images are sampled with DDIM
         check_scheduler_steps(make_scheduler("ddim", loaded.scheduler.config), config.sampler_steps, "--sampler-steps")
@@ -187,7 +191,7 @@ def build_config(
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
-    calibration_budget=None, burst=DEFAULTS.burst,
+    calibration_budget=None, burst=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(

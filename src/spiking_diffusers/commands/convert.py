@@ -73,7 +73,7 @@ Examples:
     "--levels", "-L", default=None, type=BoundedInt("levels"), help="QCFS levels L of an ANN [default: B x T]."
 )
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
-@burst_option(None)
+@burst_option(own_model=True)
 @click.option(
     "--nonlinear-mode",
     type=click.Choice(NONLINEAR_MODES),
@@ -140,7 +140,9 @@ def main(
         if loaded.kind == "ann" and burst and burst > 1:
             if neuron != "if":
                 raise CommandError("--burst needs --neuron if: burst neurons are plain IF neurons.", 2)
-            levels = levels or burst * timesteps
+            if levels not in (None, burst * timesteps):
+                raise CommandError(f"--burst {burst} needs -L = B x T = {burst * timesteps} (or leave -L out).", 2)
+            levels = burst * timesteps
         if threshold_form == "unit" and loaded.kind != "snn" and resolve_threshold_groups(threshold_groups, loaded) > 1:
             raise CommandError(
                 "--threshold-form unit needs one threshold per site, but the QCFS network has timestep-aware "

@@ -26,7 +26,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..calibration.calibrate import CalibrationConfig
-from ..calibration.policy import qcfs_network
+from ..calibration.policy import default_levels, qcfs_network
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import unet_config_dict
 from ..pipelines.t_schedule import TSchedule
@@ -80,8 +80,9 @@ def prepare_variants(
     t_schedules: list[TSchedule | str] | None = None,
     threshold_groups: int | None = None,
 ) -> list[Variant]:
-    """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels`` or T) and the SNN at T;
-    then an SNN for each of ``t_schedules`` (non-constant T schedules; a constant one joins ``timesteps``).
+    """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels``, else B x T of the
+    recipe) and the SNN at T; then an SNN for each of ``t_schedules`` (non-constant T schedules; a constant
+    one joins ``timesteps``).
 
     ``model`` is the network the user passed (ANN, QCFS or SNN); ``reference`` is the ANN to compare a
     QCFS or SNN model against (ignored for an ANN ``model``). ``neuron`` ("if" or "signed_if") applies to
@@ -112,7 +113,7 @@ def prepare_variants(
     for t in [*timesteps, *schedules]:
         schedule = t if isinstance(t, TSchedule) else None
         t = schedule.base if schedule is not None else t
-        level = int(levels or t)
+        level = int(levels or default_levels(t, calibration))
         if level not in qnets:
             qnets[level] = qcfs_network(
                 model,
