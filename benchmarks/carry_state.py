@@ -5,11 +5,12 @@ steps. "Carried" keeps every IF neuron's membrane from the end of one UNet call 
 of the same sampling run (sigma-delta across calls: a call's quantization residual is fed forward instead of
 lost); the compensated GroupNorm / attention sums restart every call; the first call starts at phi * theta.
 The mechanism lives here, in the benchmark, on purpose: the measurement decided against adding it to the
-package (docs/sampling.md, "Carried state"), and no unused option stays behind.
+package (docs/benchmarks.md, "Carried state"), and no unused option stays behind.
 
 For each sampler setting, the ANN, fresh SNNs at T = 1, 2, 4, 8 and carried SNNs at T = 1, 2, 4 sample from
-the same noise (each at L = T, default calibration). Printed: FD ratio to the ANN +- the spread of 4 paired
-split ratios, paired PSNR, SNN / ANN energy of a counted run, and sampling wall time relative to the ANN.
+the same noise (each at L = T: plain IF neurons, one spike per step, default recipe otherwise). Printed: FD
+ratio to the ANN +- the spread of 4 paired split ratios, paired PSNR, SNN / ANN energy of a counted run, and
+sampling wall time relative to the ANN. ``--residual-only`` carries only the quantization residual.
 
     OMP_NUM_THREADS=2 python benchmarks/carry_state.py [--qcfs-dir DIR] [--samplers ddim:20,ddim:50,ddpm:20]
 """
@@ -38,15 +39,20 @@ from spiking_diffusers.metrics import DigitFeatures, FrechetDistance, paired_psn
 from spiking_diffusers.pipelines import make_scheduler
 
 
-def carry_state(snn: SpikingUNet2DModel) -> SpikingUNet2DModel:
+def carry_state(snn: SpikingUNet2DModel, residual_only: bool = False) -> SpikingUNet2DModel:
     """Make ``snn`` (step-wise execution) keep its neurons' membranes from one UNet call to the next; a call
-    whose diffusion timestep is not below the previous call's starts a new sampling run and fresh state."""
+    whose diffusion timestep is not below the previous call's starts a new sampling run and fresh state.
+    ``residual_only`` carries the membrane clamped to [0, theta): the quantization residual alone, not the
+    charge a silent (negative input) or saturated neuron piles up over the run."""
     neurons = [m for m in snn.modules() if isinstance(m, SpikingNeuron)]
     last = {"t": None}
 
     def stash(neuron, reset=SpikingNeuron.reset_state):
         if neuron.membrane is not None:
-            neuron.carried = neuron.membrane.detach().clone()
+            carried = neuron.membrane.detach().clone()
+            if residual_only:
+                carried = torch.minimum(carried.clamp_min(0), neuron.firing_threshold(carried).detach() * (1 - 1e-6))
+            neuron.carried = carried
         reset(neuron)
 
     def start(neuron, current, firing=None, initial=SpikingNeuron.initial_memory):
@@ -74,12 +80,13 @@ def carry_state(snn: SpikingUNet2DModel) -> SpikingUNet2DModel:
 
 
 def qcfs_at(levels: int, loaded, qcfs_dir: str | None) -> QCFSUNet2DModel:
-    """The default-calibrated QCFS network at L = T = ``levels`` (from ``qcfs_dir`` when saved there)."""
-    names = ["qcfs-default"] if levels == 4 else [f"qcfs-default-T{levels}", f"qcfs-plainT{levels}"]
+    """The QCFS network of plain IF neurons (B = 1) at L = T = ``levels``, calibrated with the default recipe
+    otherwise (from ``qcfs_dir`` when saved there, in ``benchmarks/low_t.py``'s layout)."""
+    names = ["qcfs-plain"] if levels == 4 else [f"qcfs-plain-T{levels}"]
     for name in names if qcfs_dir else []:
         if (Path(qcfs_dir) / name).is_dir():
             return QCFSUNet2DModel.from_pretrained(Path(qcfs_dir) / name).eval()
-    config = CalibrationConfig()
+    config = CalibrationConfig(burst=1)
     start = time.perf_counter()
     qnet = calibrate_or_quantize(
         loaded.unet,
@@ -104,11 +111,12 @@ def qcfs_at(levels: int, loaded, qcfs_dir: str | None) -> QCFSUNet2DModel:
 @click.option("--samplers", default="ddim:20,ddim:50,ddpm:20", help="scheduler:steps settings.")
 @click.option("--fresh", default="1,2,4,8", help="T of the fresh simulations.")
 @click.option("--carried", default="1,2,4", help="T of the carried-state simulations.")
+@click.option("--residual-only", is_flag=True, help="Carry only the membrane's quantization residual in [0, theta).")
 @click.option("--num-images", default=1000)
 @click.option("--fd-splits", default=4)
 @click.option("--seed", default=0)
 @click.option("--output", type=click.Path(dir_okay=False), default=None)
-def main(qcfs_dir, samplers, fresh, carried, num_images, fd_splits, seed, output) -> None:
+def main(qcfs_dir, samplers, fresh, carried, residual_only, num_images, fd_splits, seed, output) -> None:
     loaded = load_model(None, "cpu")
     scheduler_config = dict(loaded.scheduler.config)
     extractor = DigitFeatures()
@@ -125,14 +133,15 @@ def main(qcfs_dir, samplers, fresh, carried, num_images, fd_splits, seed, output
         steps = int(steps)
         variants = [("ANN", loaded.unet, None, False)]
         variants += [(f"fresh T={t}", qnets[t], t, False) for t in fresh_t]
-        variants += [(f"carried T={t}", qnets[t], t, True) for t in carried_t]
+        kind = "carried residual" if residual_only else "carried"
+        variants += [(f"{kind} T={t}", qnets[t], t, True) for t in carried_t]
         ann_images = ann_seconds = ann_fds = None
         for label, net, T, carry in variants:
             if T is None:
                 unet, kind = net, "ann"
             else:
                 unet = SpikingUNet2DModel.from_qcfs(net, spike_steps=T, execution="stepwise")
-                unet = carry_state(unet) if carry else unet
+                unet = carry_state(unet, residual_only) if carry else unet
                 kind = "snn"
             variant = Variant(label, kind, unet, timesteps=T)
             images, seconds = sample_variant(
