@@ -217,7 +217,7 @@ def main(
         start = time.perf_counter()
         cells, images = run_row(key, recipe, loaded, timesteps, schedule, options)
         results.append(cells)
-        samples.update(images)
+        samples.update({name if name == "ANN" else f"{key} T={cells['T']}": v for name, v in images.items()})
         click.echo(f"{key}: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} thread(s)", err=True)
         click.echo(markdown(results[-1:]).splitlines()[-1], err=True)
         if output:
