@@ -69,7 +69,7 @@ def test_sdm_eval_writes_report_table_and_grid(ann_dir, cache_dir, tmp_path) -> 
     assert any("1000" in warning for warning in report["warnings"])
 
     table = (out / "report.md").read_text()
-    assert "| SNN T=2 | 2 | 2 |" in table and "FD / ANN" in table
+    assert "| SNN T=2 | 4 | 2 |" in table and "FD / ANN" in table  # L = BT with the default burst B = 2
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Wrote" in result.output
 
