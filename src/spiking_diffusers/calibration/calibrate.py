@@ -109,7 +109,9 @@ class CalibrationConfig:
         """Raise ``ValueError`` for settings no calibration can run with."""
         if self.timesteps < 1 or self.resolved_levels < 1:
             raise ValueError("timesteps and levels must be at least 1.")
-        burst = self.resolved_burst if self.burst is None else check_int(self.burst, "burst", low=1)
+        if self.burst is not None:
+            check_int(self.burst, "burst", low=1)
+        burst = self.resolved_burst
         if burst > 1 and (self.neuron != "if" or self.resolved_levels != burst * self.timesteps):
             raise ValueError(
                 f"burst={burst} needs plain IF neurons and levels = burst x T = {burst * self.timesteps} (a "
