@@ -18,6 +18,8 @@ Rows (``--rows``, comma-separated keys):
 - ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
   to burst neurons (B = 2) afterwards (the first burst measurement);
 - ``default_offsets`` / ``default_residual``: the default + offsets / + residual spikes (burst encoders);
+- ``burst3`` / ``burst4`` / ``burst4_residual``: more spikes per step (B = 3, 4; L = B x T), the last with
+  residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
@@ -83,6 +85,11 @@ RECIPES = {
         burst_after=2,
     ),
     "default_residual": Recipe("default + residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
+    "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(DEFAULT, burst=3)),
+    "burst4": Recipe("burst B = 4 (L = 4T)", dataclasses.replace(DEFAULT, burst=4)),
+    "burst4_residual": Recipe(
+        "burst B = 4 + residual spikes", dataclasses.replace(DEFAULT, burst=4, residual_spikes=True)
+    ),
 }
 
 

@@ -185,7 +185,7 @@ def test_stock_ddpm_pipeline_samples_with_the_spiking_unet():
     assert images[DDPMPipeline].std() > 0.05
 
 
-def test_conditional_unet_is_refused_by_name():
+def test_sdxl_style_conditional_unet_is_refused_by_name():
     model = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 32),
@@ -194,8 +194,9 @@ def test_conditional_unet_is_refused_by_name():
         layers_per_block=1,
         cross_attention_dim=16,
         norm_num_groups=8,
+        time_embedding_act_fn="silu",
     )
-    with pytest.raises(UnsupportedModuleError, match="UNet2DConditionModel"):
+    with pytest.raises(UnsupportedModuleError, match="time_embedding_act_fn='silu'"):
         quantize(model)
 
 

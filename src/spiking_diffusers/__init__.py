@@ -2,7 +2,9 @@
 
 from .calibration import CalibrationConfig, calibrate
 from .converter import (
+    QCFSUNet2DConditionModel,
     QCFSUNet2DModel,
+    SpikingUNet2DConditionModel,
     SpikingUNet2DModel,
     UnsupportedModuleError,
     convert,
@@ -14,8 +16,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationConfig",
+    "QCFSUNet2DConditionModel",
     "QCFSUNet2DModel",
     "SpikingDiffusionPipeline",
+    "SpikingUNet2DConditionModel",
     "SpikingUNet2DModel",
     "UnsupportedModuleError",
     "calibrate",

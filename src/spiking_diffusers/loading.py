@@ -199,8 +199,9 @@ def load_model(model: str | None = None, device: str | torch.device = "cpu") -> 
     class_name = config.get("_class_name", "UNet2DModel")
     if not isinstance(class_name, str) or class_name not in UNET_CLASSES:
         raise ModelLoadError(
-            f"{root} holds a {class_name}; only unconditional UNet2DModel diffusion models (and this package's "
-            "QCFS / spiking versions of them) are supported."
+            f"{root} holds a {class_name}; the commands take unconditional UNet2DModel diffusion models (and this "
+            "package's QCFS / spiking versions of them). Convert a UNet2DConditionModel with the Python API "
+            "(spiking_diffusers.quantize / convert; see docs/conditional.md)."
         )
     if not any((unet_dir / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(f"{unet_dir} has no weights ({' or '.join(WEIGHT_FILES)}).")

@@ -1,7 +1,7 @@
 """QCFS quantization of diffusers UNets and their conversion into integrate-and-fire spiking networks."""
 
 from .convert import convert
-from .models import QCFSUNet2DModel, SpikingUNet2DModel
+from .models import QCFSUNet2DConditionModel, QCFSUNet2DModel, SpikingUNet2DConditionModel, SpikingUNet2DModel
 from .neurons import IFNeuron
 from .qcfs import QCFSActivation, qcfs
 from .quantize import quantize
@@ -11,7 +11,9 @@ from .temporal import TemporalOp
 __all__ = [
     "IFNeuron",
     "QCFSActivation",
+    "QCFSUNet2DConditionModel",
     "QCFSUNet2DModel",
+    "SpikingUNet2DConditionModel",
     "SpikingUNet2DModel",
     "TemporalOp",
     "UnsupportedModuleError",

@@ -8,16 +8,21 @@ read the residual stream, and what it refuses. See :mod:`~spiking_diffusers.conv
 from __future__ import annotations
 
 import torch
+from diffusers.models.activations import GEGLU, GELU
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D, FirDownsample2D
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets import unet_2d_blocks as blocks
 from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.upsampling import FirUpsample2D, Upsample2D
 from torch import nn
 
 from .encoded_attention import AttentionCore
+from .gated import GatedGELU, GateProduct, ProjectedGELU
 from .registry import SiteSpec, UnsupportedModuleError, register_block
 
 
@@ -31,11 +36,29 @@ def channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.
 # --- the root model -------------------------------------------------------------------------------------
 
 
-def _unet_sites(unet: UNet2DModel) -> list[SiteSpec]:
+def _unet_sites(unet: UNet2DModel | UNet2DConditionModel) -> list[SiteSpec]:
+    if unet.conv_act is None:  # a conditional UNet built with norm_num_groups=None has no output norm
+        return []
     return [SiteSpec("conv_act", "conv_act", "conv_out", "conv_norm_out", "spatial")]
 
 
+def _conditional_unet_check(name: str, unet: UNet2DConditionModel) -> None:
+    extras = {
+        "addition_embed_type": unet.config.addition_embed_type,  # SDXL's text/time embeddings
+        "encoder_hid_dim_type": unet.config.encoder_hid_dim_type,  # IP-adapter / image projections
+        "time_embedding_act_fn": unet.config.time_embedding_act_fn,  # a second time-embedding activation
+        "class_embeddings_concat": unet.config.class_embeddings_concat or None,
+    }
+    used = {key: value for key, value in extras.items() if value is not None}
+    if used:
+        raise UnsupportedModuleError(
+            f"UNet2DConditionModel with {', '.join(f'{k}={v!r}' for k, v in used.items())} is not supported by the "
+            "spiking converter (Stable Diffusion 1.x/2.x-style UNets, with or without class embeddings, are)."
+        )
+
+
 register_block(UNet2DModel, "model", sites=_unet_sites)
+register_block(UNet2DConditionModel, "model", sites=_unet_sites, check=_conditional_unet_check)
 
 
 # --- ResNet blocks and the time embedding ---------------------------------------------------------------
@@ -90,6 +113,53 @@ for _block in (
     register_block(_block, "block")
 register_block(blocks.SkipUpBlock2D, "block", sites=_skip_up_sites)
 register_block(blocks.AttnSkipUpBlock2D, "block", sites=_skip_up_sites)
+
+
+# --- the transformer blocks of UNet2DConditionModel (cross-attention) -----------------------------------
+
+
+def _transformer_check(name: str, model: Transformer2DModel) -> None:
+    if not model.is_input_continuous:
+        raise UnsupportedModuleError(
+            f"Transformer2DModel `{name}` takes patched or vectorized inputs; only continuous (feature-map) inputs "
+            "are supported."
+        )
+
+
+def _transformer_block_check(name: str, block: BasicTransformerBlock) -> None:
+    if block.norm_type != "layer_norm" or block.pos_embed is not None:
+        raise UnsupportedModuleError(
+            f"BasicTransformerBlock `{name}` uses norm_type={block.norm_type!r}"
+            f"{' and positional embeddings' if block.pos_embed is not None else ''}; only plain LayerNorm blocks "
+            "without positional embeddings are supported."
+        )
+
+
+for _block in (
+    blocks.CrossAttnDownBlock2D,
+    blocks.CrossAttnUpBlock2D,
+    blocks.UNetMidBlock2DCrossAttn,
+    FeedForward,
+):
+    register_block(_block, "block")
+register_block(Transformer2DModel, "block", check=_transformer_check)
+register_block(BasicTransformerBlock, "block", check=_transformer_block_check)
+
+
+def _gated_sites(block: GatedGELU) -> list[SiteSpec]:
+    # The gate feeds the product with the value half, not a weight layer: no consumer, so its width is given.
+    return [SiteSpec("act", "act", None, None, "tokens", width=block.proj.out_features // 2)]
+
+
+def _projected_sites(block: ProjectedGELU) -> list[SiteSpec]:
+    # Its consumer, the feed-forward's output linear, lies outside this module; none is named.
+    return [SiteSpec("act", "act", None, "proj", "tokens", width=block.proj.out_features)]
+
+
+register_block(GEGLU, "block", replace=lambda geglu: GatedGELU(geglu.proj))
+register_block(GELU, "block", replace=lambda gelu: ProjectedGELU(gelu.proj, gelu.approximate))
+register_block(GatedGELU, "block", sites=_gated_sites)
+register_block(ProjectedGELU, "block", sites=_projected_sites)
 
 
 # --- resampling -----------------------------------------------------------------------------------------
@@ -150,16 +220,29 @@ def _group_norm_absorb(norm: nn.GroupNorm, lam: torch.Tensor) -> bool:
     return True
 
 
+def _layer_norm_absorb(norm: nn.LayerNorm, lam: torch.Tensor) -> bool:
+    if norm.weight is None or norm.bias is None:
+        return False
+    norm.weight.div_(lam.expand_as(norm.weight))
+    norm.bias.div_(lam.expand_as(norm.bias))
+    return True
+
+
 def _attention_check(name: str, attn: Attention) -> None:
-    if attn.spatial_norm is not None or attn.is_cross_attention:
+    if attn.spatial_norm is not None or attn.added_kv_proj_dim is not None:
         raise UnsupportedModuleError(
-            f"Attention `{name}` uses cross-attention or spatial norm, which the converter does not support."
+            f"Attention `{name}` uses a spatial norm or added key/value projections, which the converter does not "
+            "support."
         )
 
 
 register_block(nn.GroupNorm, "nonlinear", absorb_threshold=_group_norm_absorb)
+register_block(nn.LayerNorm, "nonlinear", absorb_threshold=_layer_norm_absorb)
+# Cross-attention's keys and values come from encoder_hidden_states, constant over simulation time: the
+# compensated op sees them as they are, with the running mean of its spiking input as the query side.
 register_block(Attention, "nonlinear", check=_attention_check)
 register_block(AttentionCore, "nonlinear")
+register_block(GateProduct, "nonlinear")
 
 
 # --- activations: each call becomes a QCFS unit, then an IF neuron ---------------------------------------

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from .encoded_attention import is_encoded
 from .neurons import IFNeuron
 from .offsets import install_consumer_offsets
 from .qcfs import QCFSActivation
-from .registry import Site, has_role
+from .registry import Site, handler_for, has_role
 from .residual_spikes import install_encoder_neurons, install_input_encoders
 from .sites import SiteSpec, install_units, iter_site_specs, replace_site_unit, site_name, site_unit
 from .support import check_structure
@@ -21,6 +21,8 @@ from .temporal import TemporalOp
 from .timestep_groups import copy_threshold, make_threshold_tables, table_groups
 
 TIME_EMBEDDING_MODES = ("auto", "spiking", "analog")
+UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
+"""The diffusers UNets the converter takes, by the name their configs and this package's models record."""
 
 
 def unet_config_dict(unet: UNet2DModel) -> dict[str, Any]:
@@ -40,6 +42,17 @@ def move_like(module: nn.Module, reference: nn.Module) -> None:
     nn.Module.to(module, device=param.device, dtype=param.dtype)
 
 
+def swap_replaced_modules(module: nn.Module) -> None:
+    """Swap, in place, every module whose handler has a ``replace`` (e.g. diffusers' GEGLU, which calls its
+    GELU as a function) for its equivalent with a module call site; the state-dict keys stay the same."""
+    for child_name, child in list(module.named_children()):
+        handler = handler_for(child)
+        if handler is not None and handler.replace is not None:
+            setattr(module, child_name, handler.replace(child))
+        else:
+            swap_replaced_modules(child)
+
+
 def build_qcfs_unet(
     unet_config: dict[str, Any],
     levels: int,
@@ -49,26 +62,52 @@ def build_qcfs_unet(
     residual_spikes: bool = False,
     threshold_groups: int = 1,
     offsets: bool = False,
-) -> UNet2DModel:
-    """A freshly initialised UNet2DModel of ``unet_config`` with a QCFS unit at every activation call site
-    (with temporal factors for ``tsm_steps`` spiking steps when that is not 0; with an input shift and an
-    output offset with ``offsets``), and with ``residual_spikes`` a signed QCFS encoder in front of every
-    residual-reading convolution and attention projection. With ``threshold_groups`` K > 1 every unit holds a
-    table of K thresholds (see :mod:`.timestep_groups`)."""
-    unet = UNet2DModel.from_config(dict(unet_config))
+    unet_class: type[nn.Module] = UNet2DModel,
+) -> nn.Module:
+    """A freshly initialised ``unet_class`` (UNet2DModel or UNet2DConditionModel) of ``unet_config`` with a QCFS
+    unit at every activation call site (with temporal factors for ``tsm_steps`` spiking steps when that is not
+    0; with an input shift and an output offset with ``offsets``), and with ``residual_spikes`` a signed QCFS
+    encoder in front of every residual-reading convolution and attention projection. With ``threshold_groups``
+    K > 1 every unit holds a table of K thresholds (see :mod:`.timestep_groups`)."""
+    unet = unet_class.from_config(dict(unet_config))
     check_structure(unet)
+    swap_replaced_modules(unet)
+    if offsets:
+        _refuse_consumerless_sites(unet, "offsets=True (the output offset is a bias map of the consumer layer)")
 
     def make_unit(name: str, spec: SiteSpec, original: nn.Module, channels: int) -> QCFSActivation:
         return QCFSActivation(
-            original, channels, levels=levels, phi=phi, per_channel=per_channel, tsm_steps=tsm_steps, offsets=offsets
+            original,
+            channels,
+            levels=levels,
+            phi=phi,
+            per_channel=per_channel,
+            tsm_steps=tsm_steps,
+            offsets=offsets,
+            channels_last=spec.channels_last,
         )
 
     install_units(unet, make_unit)
     if residual_spikes:
+        if unet_class is not UNet2DModel:
+            raise ValueError(
+                f"residual_spikes=True is supported for UNet2DModel only, not yet for {unet_class.__name__}; "
+                "leave the option out."
+            )
         install_input_encoders(unet, levels, phi, per_channel)
     if threshold_groups > 1:
         make_threshold_tables(unet, threshold_groups)
     return unet
+
+
+def _refuse_consumerless_sites(unet: nn.Module, option: str) -> None:
+    """``option`` needs every site to feed a weight layer; name the first that feeds a product instead."""
+    for parent_name, _, spec in iter_site_specs(unet):
+        if spec.consumer is None:
+            raise ValueError(
+                f"{option} needs every activation site to feed a weight layer, but `{site_name(parent_name, spec)}` "
+                "feeds a product or a layer outside its block (a transformer feed-forward); leave the option out."
+            )
 
 
 def resolve_time_embedding(unet: nn.Module, time_embedding: str) -> str:
@@ -148,6 +187,7 @@ def install_neurons(
             burst=burst,
             groups=table_groups(unit),
             offsets=offsets,
+            channels_last=unit.channels_last,
         )
         neuron_module.to(unit.threshold)  # the unit's dtype: a float64 model's values must not pass through float32
         copy_threshold(neuron_module, unit)

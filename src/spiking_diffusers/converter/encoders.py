@@ -53,8 +53,7 @@ class SignedQCFS(QuantizerUnit):
     def __init__(
         self, channels: int, levels: int, phi: float = 0.5, per_channel: bool = False, channels_last: bool = False
     ):
-        super().__init__(nn.Identity(), channels, levels, phi, per_channel)
-        self.channels_last = bool(channels_last)
+        super().__init__(nn.Identity(), channels, levels, phi, per_channel, channels_last)
 
     def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """:func:`signed_qcfs` at ``threshold``."""

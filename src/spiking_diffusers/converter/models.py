@@ -17,6 +17,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 
 from ..validation import check_bool, check_choice, check_float, check_int, renamed
 from .building import (
@@ -46,6 +47,8 @@ class _SiteModelMixin:
     """What both models share: their sites (activation units or neurons, and input encoders) and thresholds."""
 
     unet: torch.nn.Module
+    unet_class: type[torch.nn.Module] = UNet2DModel
+    """The diffusers UNet the model wraps (its forward runs unchanged inside)."""
 
     def sites(self) -> dict[str, torch.nn.Module]:
         """Every activation call site by name, mapped to its unit (QCFS unit or IF neuron), then every
@@ -94,6 +97,30 @@ class _SiteModelMixin:
             raise ValueError(
                 f"{name}: class_labels must have one entry per sample ({batch}), got shape {tuple(class_labels.shape)}."
             )
+        num_classes = self.config.unet_config.get("num_class_embeds")
+        labels = torch.is_tensor(class_labels) and num_classes and not class_labels.is_floating_point()
+        if labels and class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= num_classes):
+            raise ValueError(
+                f"{name}: class_labels must lie in 0..{num_classes - 1} (num_class_embeds = {num_classes}), "
+                f"got {class_labels.min().item()}..{class_labels.max().item()}."
+            )
+        if class_labels is None and (num_classes or self.config.unet_config.get("class_embed_type")):
+            raise ValueError(f"{name}: this UNet is class-conditional; pass class_labels (one per sample).")
+
+    def _check_encoder_hidden_states(self, sample: torch.Tensor, encoder_hidden_states: Any) -> None:
+        """A conditional UNet's text (or label) embedding: ``(batch, tokens, cross_attention_dim)``."""
+        name, width = type(self).__name__, self.config.unet_config.get("cross_attention_dim")
+        if not torch.is_tensor(encoder_hidden_states):
+            raise TypeError(
+                f"{name}: encoder_hidden_states must be a tensor of shape (batch, tokens, {width}), got "
+                f"{type(encoder_hidden_states).__name__}; a conditional UNet cannot run without its conditioning."
+            )
+        shape = tuple(encoder_hidden_states.shape)
+        if len(shape) != 3 or shape[0] != sample.shape[0] or (isinstance(width, int) and shape[2] != width):
+            raise ValueError(
+                f"{name}: encoder_hidden_states must have shape ({sample.shape[0]}, tokens, {width}) (batch of the "
+                f"sample, cross_attention_dim = {width}), got {shape}."
+            )
 
 
 class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
@@ -141,6 +168,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes,
             threshold_groups=int(threshold_groups),
             offsets=offsets,
+            unet_class=self.unet_class,
         )
 
     @classmethod
@@ -178,7 +206,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
                 f"quantize() takes the original UNet2DModel; this model is already a {type(unet).__name__}."
             )
         if not isinstance(unet, torch.nn.Module):  # other modules: check_structure names what is not supported
-            raise TypeError(f"quantize() takes a diffusers UNet2DModel, got {type(unet).__name__}.")
+            raise TypeError(
+                f"quantize() takes a diffusers UNet2DModel or UNet2DConditionModel, got {type(unet).__name__}."
+            )
         levels = check_int(levels, "levels", "levels")
         check_float(phi, "phi", 0, 1)
         check_bool(per_channel, "per_channel")
@@ -189,9 +219,13 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         check_bool(residual_spikes, "residual_spikes")
         check_bool(offsets, "offsets")
         check_structure(unet)
+        target = _QCFS_CLASSES[type(unet)]
+        if not issubclass(target, cls):
+            raise TypeError(f"{cls.__name__}.from_unet takes a {cls.unet_class.__name__}, got {type(unet).__name__}.")
         config = unet_config_dict(unet)
         threshold_groups = check_threshold_groups(threshold_groups, config)
-        qnet = cls(
+        qnet = target(
+            **conditioning_config(target, config),
             unet_config=config,
             levels=int(levels),
             phi=phi,
@@ -323,6 +357,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
             offsets=offsets,
+            unet_class=self.unet_class,
         )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
@@ -362,6 +397,11 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
         timesteps = 8 if timesteps is None else timesteps
         _check_conversion_arguments(qnet, timesteps, tsm)
+        target = _SPIKING_CLASSES[type(qnet)]
+        if not issubclass(target, cls):
+            raise TypeError(
+                f"{cls.__name__}.from_qcfs takes a {cls.unet_class.__name__}'s QCFS model, got {type(qnet).__name__}."
+            )
         config = dict(qnet.config)
         burst = int(config.get("burst") or 1) if burst is None else check_int(burst, "burst", low=1)
         groups = int(config.get("threshold_groups") or 1)
@@ -379,7 +419,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
                 f"This QCFS model's temporal factors (TSM) were calibrated for T = {calibrated_steps}; convert it at "
                 f"timesteps={calibrated_steps}, or pass tsm=False to drop them."
             )
-        snn = cls(
+        snn = target(
+            **conditioning_config(target, config["unet_config"]),
             unet_config=config["unet_config"],
             levels=config["levels"],
             phi=config["phi"],
@@ -422,7 +463,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         """The QCFS network with this model's weights, thresholds (and TSM factors): the network it was
         converted from, or calibrated as. Only the lambda threshold form maps back."""
         config = self.config
-        qnet = QCFSUNet2DModel(
+        target = next(qcfs for qcfs, spiking in _SPIKING_CLASSES.items() if spiking is type(self))
+        qnet = target(
+            **conditioning_config(target, config.unet_config),
             unet_config=config.unet_config,
             levels=config.levels,
             phi=config.phi,
@@ -474,43 +517,193 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         ``snn_timesteps`` is its deprecated name."""
         snn_timesteps = renamed(spike_steps, snn_timesteps, "spike_steps", "snn_timesteps")
         self._check_inputs(sample, timestep, class_labels)
-        num_steps = (
-            int(self.config.timesteps)
-            if snn_timesteps is None
-            else check_int(snn_timesteps, "spike_steps", "timesteps")
-        )
+        out = self._simulate(sample, timestep, {"class_labels": class_labels}, snn_timesteps)
+        if not return_dict:
+            return (out,)
+        return SpikingUNet2DOutput(sample=out)
+
+    def _simulate(
+        self, sample: torch.Tensor, timestep: Any, conditioning: dict, spike_steps: int | None
+    ) -> torch.Tensor:
+        """Run the inner UNet over T time steps (``conditioning``: its keyword arguments, constant over time)
+        and return the mean of its output."""
+        num_steps = int(self.config.timesteps)
+        if spike_steps is not None:
+            num_steps = check_int(spike_steps, "spike_steps", "timesteps")
         execution = self.config.execution
         for module in self.temporal_modules:
             module.begin(num_steps, execution)
         try:
             with self._timestep_groups(sample, timestep, num_steps if execution == "batched" else 1):
                 if execution == "batched":
-                    out = self._forward_batched(sample, timestep, class_labels, num_steps)
-                else:
-                    out = self._forward_stepwise(sample, timestep, class_labels, num_steps)
+                    return self._forward_batched(sample, timestep, conditioning, num_steps)
+                return self._forward_stepwise(sample, timestep, conditioning, num_steps)
         finally:
             for module in self.temporal_modules:
                 module.reset_state()
-        if not return_dict:
-            return (out,)
-        return SpikingUNet2DOutput(sample=out)
 
-    def _forward_batched(self, sample, timestep, class_labels, num_steps: int) -> torch.Tensor:
+    def _forward_batched(self, sample, timestep, conditioning: dict, num_steps: int) -> torch.Tensor:
         batch = sample.shape[0]
         folded = sample.repeat(num_steps, *([1] * (sample.dim() - 1)))
-        out = self.unet(
-            folded,
-            _repeat_batched(timestep, num_steps, batch),
-            class_labels=_repeat_batched(class_labels, num_steps, batch),
-        ).sample
+        repeated = {key: _repeat_batched(value, num_steps, batch) for key, value in conditioning.items()}
+        out = self.unet(folded, _repeat_batched(timestep, num_steps, batch), **repeated).sample
         return out.unflatten(0, (num_steps, batch)).mean(0)
 
-    def _forward_stepwise(self, sample, timestep, class_labels, num_steps: int) -> torch.Tensor:
+    def _forward_stepwise(self, sample, timestep, conditioning: dict, num_steps: int) -> torch.Tensor:
         total = None
         for _ in range(num_steps):
-            out = self.unet(sample, timestep, class_labels=class_labels).sample
+            out = self.unet(sample, timestep, **conditioning).sample
             total = out if total is None else total + out
         return total / num_steps
+
+
+class QCFSUNet2DConditionModel(QCFSUNet2DModel):
+    """:class:`QCFSUNet2DModel` for a ``UNet2DConditionModel`` (Stable Diffusion style: cross-attention on
+    ``encoder_hidden_states``, optional class labels). Transformer blocks add LayerNorm (compensated like
+    GroupNorm in the spiking network), self- and cross-attention, and GEGLU / GELU feed-forwards whose GELU
+    is a call site. ``forward`` has ``UNet2DConditionModel.forward``'s signature; the config also records the
+    ``cross_attention_dim`` and ``time_cond_proj_dim`` the diffusers pipelines read from a UNet's config."""
+
+    unet_class = UNet2DConditionModel
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        levels: int = 8,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        sample_size: int | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        tsm_steps: int = 0,
+        residual_spikes: bool = False,
+        threshold_groups: int = 1,
+        offsets: bool = False,
+        burst: int = 1,
+        cross_attention_dim: int | None = None,
+        time_cond_proj_dim: int | None = None,
+    ):
+        super().__init__(
+            unet_config, levels, phi, per_channel, sample_size, in_channels, out_channels, tsm_steps,
+            residual_spikes, threshold_groups, offsets, burst,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **unsupported: Any,
+    ) -> UNet2DConditionOutput | tuple:
+        conditioning = _conditioning(
+            self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+            cross_attention_kwargs, added_cond_kwargs, unsupported,
+        )  # fmt: skip
+        with self._timestep_groups(sample, timestep):
+            return self.unet(sample, timestep, **conditioning, return_dict=return_dict)
+
+
+class SpikingUNet2DConditionModel(SpikingUNet2DModel):
+    """:class:`SpikingUNet2DModel` converted from a :class:`QCFSUNet2DConditionModel`: the same neurons,
+    execution modes and options; ``encoder_hidden_states`` (and class labels, ``timestep_cond``) are constant
+    over the T time steps. It drops into ``StableDiffusionPipeline`` in place of the UNet."""
+
+    unet_class = UNet2DConditionModel
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        levels: int = 8,
+        phi: float = 0.5,
+        per_channel: bool = False,
+        timesteps: int = 8,
+        neuron: str = "if",
+        nonlinear_mode: str = "compensated",
+        execution: str = "batched",
+        threshold_form: str = "lambda",
+        time_embedding: str = "auto",
+        sample_size: int | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        tsm: bool = False,
+        residual_spikes: bool = False,
+        analog_sites: list[str] | None = None,
+        burst: int = 1,
+        threshold_groups: int = 1,
+        offsets: bool = False,
+        cross_attention_dim: int | None = None,
+        time_cond_proj_dim: int | None = None,
+    ):
+        super().__init__(
+            unet_config, levels, phi, per_channel, timesteps, neuron, nonlinear_mode, execution, threshold_form,
+            time_embedding, sample_size, in_channels, out_channels, tsm, residual_spikes, analog_sites, burst,
+            threshold_groups, offsets,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        spike_steps: int | None = None,
+        **unsupported: Any,
+    ) -> UNet2DConditionOutput | tuple:
+        """Simulate ``spike_steps`` (T; default: the configured T) spiking steps on ``sample``."""
+        conditioning = _conditioning(
+            self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+            cross_attention_kwargs, added_cond_kwargs, unsupported,
+        )  # fmt: skip
+        out = self._simulate(sample, timestep, conditioning, spike_steps)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+_QCFS_CLASSES = {UNet2DModel: QCFSUNet2DModel, UNet2DConditionModel: QCFSUNet2DConditionModel}
+_SPIKING_CLASSES = {QCFSUNet2DModel: SpikingUNet2DModel, QCFSUNet2DConditionModel: SpikingUNet2DConditionModel}
+
+
+def conditioning_config(model_class: type, unet_config: dict[str, Any]) -> dict[str, Any]:
+    """The config entries a conditional model class adds (what diffusers' pipelines read from a UNet's
+    config), taken from the wrapped UNet's config; none for the unconditional classes."""
+    if model_class.unet_class is not UNet2DConditionModel:
+        return {}
+    return {key: unet_config.get(key) for key in ("cross_attention_dim", "time_cond_proj_dim")}
+
+
+def _conditioning(
+    model, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+    cross_attention_kwargs, added_cond_kwargs, unsupported: dict,
+) -> dict[str, Any]:  # fmt: skip
+    """Check a conditional model's inputs and return the UNet's keyword arguments (constant over time)."""
+    given = sorted(key for key, value in unsupported.items() if value is not None)
+    if given or added_cond_kwargs:
+        names = given + (["added_cond_kwargs"] if added_cond_kwargs else [])
+        raise ValueError(
+            f"{type(model).__name__}: {', '.join(names)} not supported (ControlNet / T2I-adapter residuals, "
+            "SDXL's added conditions and encoder attention masks are not converted)."
+        )
+    model._check_inputs(sample, timestep, class_labels)
+    model._check_encoder_hidden_states(sample, encoder_hidden_states)
+    return {
+        "encoder_hidden_states": encoder_hidden_states,
+        "class_labels": class_labels,
+        "timestep_cond": timestep_cond,
+        "attention_mask": attention_mask,
+        "cross_attention_kwargs": cross_attention_kwargs,
+    }
 
 
 def _repeat_batched(value, num_steps: int, batch: int):
@@ -525,9 +718,9 @@ def _check_conversion_arguments(qnet: Any, timesteps: Any, tsm: Any) -> None:
     choices), else a ``TypeError`` / ``ValueError`` that names the argument."""
     if isinstance(qnet, SpikingUNet2DModel):
         raise TypeError("convert() takes a QCFSUNet2DModel; this model is already a SpikingUNet2DModel.")
-    if isinstance(qnet, UNet2DModel):
+    if isinstance(qnet, UNet2DModel | UNet2DConditionModel):
         raise TypeError(
-            "convert() takes a QCFSUNet2DModel, not a plain UNet2DModel: quantize it first, "
+            f"convert() takes a QCFSUNet2DModel, not a plain {type(qnet).__name__}: quantize it first, "
             "convert(quantize(unet, levels=L), spike_steps=T) (or calibrate() it)."
         )
     if not isinstance(qnet, QCFSUNet2DModel):

@@ -177,12 +177,13 @@ class IFNeuron(SpikingNeuron):
         burst: int = 1,
         groups: int = 1,
         offsets: bool = False,
+        channels_last: bool = False,
     ):
         if neuron not in NEURON_TYPES:
             raise ValueError(f"Unknown neuron type {neuron!r}; choose one of {NEURON_TYPES}.")
         if int(burst) < 1 or (int(burst) > 1 and neuron != "if"):
             raise ValueError(f"burst must be a whole number >= 1, and > 1 only with neuron='if'; got {burst}.")
-        super().__init__(channels, per_channel, phi, groups=groups)
+        super().__init__(channels, per_channel, phi, channels_last, groups=groups)
         self.neuron = neuron
         self.spikes_per_step = int(burst)
         if neuron == "signed_if":

@@ -10,18 +10,26 @@ import torch
 
 from .building import spatial_size
 
+PROBE_TOKENS = 8
+"""Tokens of the random ``encoder_hidden_states`` that probe a cross-attention UNet."""
+
 
 def conditioning_kwargs(unet_config: dict, batch: int, generator: torch.Generator) -> dict:
-    """Random class labels for class-conditional UNets (empty for unconditional ones)."""
+    """Random class labels for class-conditional UNets and random ``encoder_hidden_states`` for
+    cross-attention UNets (empty for unconditional ones)."""
+    kwargs = {}
+    width = unet_config.get("cross_attention_dim")
+    if width is not None:
+        kwargs["encoder_hidden_states"] = torch.randn(batch, PROBE_TOKENS, width, generator=generator)
     embed_type, num_classes = unet_config.get("class_embed_type"), unet_config.get("num_class_embeds")
     if embed_type is None and num_classes:
-        return {"class_labels": torch.randint(0, num_classes, (batch,), generator=generator)}
-    if embed_type == "timestep":
-        return {"class_labels": torch.randint(0, 1000, (batch,), generator=generator)}
-    if embed_type == "identity":
+        kwargs["class_labels"] = torch.randint(0, num_classes, (batch,), generator=generator)
+    elif embed_type == "timestep":
+        kwargs["class_labels"] = torch.randint(0, 1000, (batch,), generator=generator)
+    elif embed_type == "identity":
         dim = unet_config.get("time_embedding_dim") or unet_config["block_out_channels"][0] * 4
-        return {"class_labels": torch.randn(batch, dim, generator=generator)}
-    return {}
+        kwargs["class_labels"] = torch.randn(batch, dim, generator=generator)
+    return kwargs
 
 
 def noised_probe_batches(

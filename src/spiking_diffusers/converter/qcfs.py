@@ -25,14 +25,17 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
-def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5) -> torch.Tensor:
+def qcfs(
+    z: torch.Tensor, threshold: torch.Tensor, levels: int, phi: float = 0.5, channels_last: bool = False
+) -> torch.Tensor:
     """The QCFS function with straight-through gradients.
 
     ``d a / d z`` is 1 inside ``(-phi * lambda / L, (L - phi) * lambda / L)`` and 0 outside; ``lambda``
     gets 1 where the unit saturates and the LSQ-style quantization-error gradient inside the range.
-    ``threshold`` broadcasts against ``z`` on the channel dimension (dim 1) when it has one value per channel.
+    ``threshold`` broadcasts against ``z`` on the channel dimension (dim 1, or the last with ``channels_last``)
+    when it has one value per channel.
     """
-    lam = broadcast_channels(threshold, z)
+    lam = broadcast_channels(threshold, z, channels_last)
     level = floor_ste(z * levels / lam + phi)
     return lam / levels * torch.clamp(level, 0, levels)
 
@@ -57,10 +60,19 @@ class QuantizerUnit(nn.Module):
     ``levels`` and ``phi``, the ``original`` function (``mode = "ann"`` runs it instead of the quantizer),
     and ``observers``, called with every input (activation statistics). Subclasses define :meth:`quantize`.
     A model with timestep-aware thresholds makes ``threshold`` a ``(K, C)`` table and sets ``group_index``
-    (each sample's row) around every call (see :mod:`.timestep_groups`).
+    (each sample's row) around every call (see :mod:`.timestep_groups`). ``channels_last`` marks token-major
+    inputs ``(B, N, C)`` (transformer blocks, attention projections); others have channels on dim 1.
     """
 
-    def __init__(self, original: nn.Module, channels: int, levels: int, phi: float, per_channel: bool):
+    def __init__(
+        self,
+        original: nn.Module,
+        channels: int,
+        levels: int,
+        phi: float,
+        per_channel: bool,
+        channels_last: bool = False,
+    ):
         super().__init__()
         if levels < 1:
             raise ValueError(f"QCFS needs at least 1 quantization level, got levels={levels}.")
@@ -69,6 +81,7 @@ class QuantizerUnit(nn.Module):
         self.levels = int(levels)
         self.phi = float(phi)
         self.per_channel = bool(per_channel)
+        self.channels_last = bool(channels_last)
         self.threshold = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.mode = "qcfs"
         self.observers: list = []
@@ -111,8 +124,9 @@ class QCFSActivation(QuantizerUnit):
         per_channel: bool = False,
         tsm_steps: int = 0,
         offsets: bool = False,
+        channels_last: bool = False,
     ):
-        super().__init__(original, channels, levels, phi, per_channel)
+        super().__init__(original, channels, levels, phi, per_channel, channels_last)
         # Temporal factors (TSM) the spiking network was fine-tuned with; unused by the QCFS function itself,
         # kept here so a calibrated QCFS model converts back into the same spiking network.
         self.temporal_factors = nn.Parameter(torch.ones(tsm_steps)) if tsm_steps else None
@@ -123,9 +137,10 @@ class QCFSActivation(QuantizerUnit):
     def quantize(self, z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """:func:`qcfs` at ``threshold`` (of ``z - input_shift``, plus ``output_offset``, with offsets)."""
         if self.input_shift is None:
-            return qcfs(z, threshold, self.levels, self.phi)
-        shifted = z - broadcast_channels(self.input_shift, z)
-        return qcfs(shifted, threshold, self.levels, self.phi) + broadcast_channels(self.output_offset, z)
+            return qcfs(z, threshold, self.levels, self.phi, self.channels_last)
+        shifted = z - broadcast_channels(self.input_shift, z, self.channels_last)
+        offset = broadcast_channels(self.output_offset, z, self.channels_last)
+        return qcfs(shifted, threshold, self.levels, self.phi, self.channels_last) + offset
 
     def extra_repr(self) -> str:
         offsets = ", offsets=True" if self.input_shift is not None else ""

@@ -35,9 +35,12 @@ class SiteSpec:
     """One activation call site inside a parent module.
 
     ``activation`` is the attribute holding the activation module that is called, ``consumer`` the
-    weight layer its output feeds (it absorbs the threshold in the unit-threshold form), ``source`` a
-    layer private to the site whose output is the site's only input (``None`` when the input is shared
-    or mixed), and ``kind`` is ``"spatial"`` for feature maps or ``"temb"`` for the time embedding.
+    weight layer its output feeds (it absorbs the threshold in the unit-threshold form; ``None`` where the
+    output feeds a product instead, as GEGLU's gate: then ``width`` gives the site's channel count, and the
+    unit-threshold form and output offsets are refused), ``source`` a layer private to the site whose
+    output is the site's only input (``None`` when the input is shared or mixed), and ``kind`` is
+    ``"spatial"`` for feature maps ``(B, C, H, W)``, ``"temb"`` for the time embedding ``(B, C)`` or
+    ``"tokens"`` for a transformer's token-major ``(B, N, C)`` activations (channels last).
     ``resample``, where set, names the parent's linear resampling (an attribute holding a callable) that the
     site's output passes before the consumer reads it (a ResNet block's up- or down-sampling); the output
     offsets need it to know what the consumer receives of a constant.
@@ -45,15 +48,21 @@ class SiteSpec:
 
     name: str
     activation: str
-    consumer: str
+    consumer: str | None
     source: str | None
     kind: str
     resample: str | None = None
+    width: int | None = None
 
     @property
     def ndim(self) -> int:
-        """The rank of the site's input: 2 for the time embedding ``(B, C)``, 4 for feature maps."""
-        return 2 if self.kind == "temb" else 4
+        """The rank of the site's input: 2 for the time embedding, 3 for tokens, 4 for feature maps."""
+        return {"temb": 2, "tokens": 3}.get(self.kind, 4)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the site's channels are on the last dim (token-major inputs) rather than dim 1."""
+        return self.kind == "tokens"
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,9 @@ class BlockHandler:
     ``check(name, module)`` raises :class:`~.support.UnsupportedModuleError` for an instance the converter
     cannot handle; ``absorb_threshold(module, lam)`` divides the module's output channels by ``lam`` (the
     unit-threshold form folds 1 / lambda into a neuron's private source layer) and returns whether it could.
+    ``replace(module)``, for a module whose forward calls its activation as a function (diffusers' GEGLU),
+    returns an equivalent module with the same state-dict keys whose activation is a module call site; the
+    converter swaps it in before it installs units.
     """
 
     role: str
@@ -87,6 +99,7 @@ class BlockHandler:
     encoded_inputs: Callable[[nn.Module], list[str]] = _nothing
     check: Callable[[str, nn.Module], None] | None = None
     absorb_threshold: Callable[[nn.Module, torch.Tensor], bool] | None = None
+    replace: Callable[[nn.Module], nn.Module] | None = None
 
 
 BLOCK_HANDLERS: dict[type, BlockHandler] = {}
@@ -100,11 +113,12 @@ def register_block(
     encoded_inputs: Callable[[nn.Module], list[str]] | None = None,
     check: Callable[[str, nn.Module], None] | None = None,
     absorb_threshold: Callable[[nn.Module, torch.Tensor], bool] | None = None,
+    replace: Callable[[nn.Module], nn.Module] | None = None,
 ) -> BlockHandler:
     """Register how the converter treats modules of exactly ``module_type`` (subclasses need their own)."""
     if role not in ROLES:
         raise ValueError(f"Unknown role {role!r}; choose one of {ROLES}.")
-    handler = BlockHandler(role, sites or _nothing, encoded_inputs or _nothing, check, absorb_threshold)
+    handler = BlockHandler(role, sites or _nothing, encoded_inputs or _nothing, check, absorb_threshold, replace)
     BLOCK_HANDLERS[module_type] = handler
     return handler
 

@@ -79,8 +79,7 @@ def install_units(model: nn.Module, make_unit: Callable[[str, SiteSpec, nn.Modul
         original = getattr(parent, attr)
         units = {}
         for _, spec in entries:
-            consumer = getattr(parent, spec.consumer)
-            channels = consumer.weight.shape[1]
+            channels = spec.width or getattr(parent, spec.consumer).weight.shape[1]
             units[spec.name] = make_unit(site_name(parent_name, spec), spec, original, channels)
         if len(entries) == 1:
             setattr(parent, attr, next(iter(units.values())))

@@ -45,8 +45,8 @@ def check_structure(model: nn.Module) -> None:
     if not has_role(model, "model"):
         supported = ", ".join(cls.__name__ for cls in registered("model"))
         raise UnsupportedModuleError(
-            f"Only diffusers {supported} is supported, got {type(model).__name__}. Conditional UNets "
-            "(UNet2DConditionModel), subclasses with their own forward and other architectures are not."
+            f"Only diffusers {supported} are supported, got {type(model).__name__}. Subclasses with their own "
+            "forward and other architectures are not."
         )
     call_sites = {f"{parent}.{spec.activation}".lstrip(".") for parent, _, spec in iter_site_specs(model)}
     handled_inside: list[str] = []

@@ -46,7 +46,7 @@ class SiteObserver:
         self.count = 0
 
     def __call__(self, unit: QCFSActivation | SignedQCFS, z: torch.Tensor) -> None:
-        dim = -1 if isinstance(unit, SignedQCFS) and unit.channels_last else 1  # token-major attention inputs
+        dim = -1 if unit.channels_last else 1  # token-major inputs (transformer blocks, attention projections)
         values = z.detach().movedim(dim, 0).reshape(z.shape[dim], -1).float().cpu()
         keep = min(values.shape[1], max(1, self.max_values // 4))
         index = torch.randperm(values.shape[1], generator=self.generator)[:keep]

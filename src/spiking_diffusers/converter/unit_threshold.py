@@ -19,17 +19,23 @@ from .blocks import channel_view
 from .neurons import IFNeuron
 from .registry import handler_for
 from .residual_spikes import fold_encoder_thresholds
-from .sites import iter_site_specs, site_unit
+from .sites import iter_site_specs, site_name, site_unit
 from .temporal import TemporalOp
 
 
 @torch.no_grad()
 def fold_unit_thresholds(unet: nn.Module) -> None:
     """Rewrite the weights of a spiking UNet (lambda form) in place so that every threshold is 1."""
-    for _, parent, spec in list(iter_site_specs(unet)):
+    for parent_name, parent, spec in list(iter_site_specs(unet)):
         neuron = site_unit(parent, spec)
         if not isinstance(neuron, IFNeuron):
             continue
+        if spec.consumer is None:
+            raise ValueError(
+                f"threshold_form='unit' folds each threshold into the layer a site feeds, but "
+                f"`{site_name(parent_name, spec)}` feeds a product or a layer outside its block (a transformer "
+                "feed-forward); use threshold_form='lambda'."
+            )
         lam = neuron.threshold.detach().clone()
         consumer = getattr(parent, spec.consumer)
         consumer.weight.mul_(channel_view(lam, consumer.weight, 1))

@@ -21,8 +21,9 @@ Counting rules:
   the spike indicator with an all-ones kernel). For a linear layer, each spike reaches ``out_features``.
 - MACs of a dense convolution: output elements x kernel size x in_channels / groups; of a linear layer:
   output elements x in_features; of a matrix product: its multiply count. Element-wise work is counted in
-  MAC-equivalents per element: GroupNorm ``GROUPNORM_OPS``, softmax ``SOFTMAX_OPS``, and the expectation
-  compensation of a ``TemporalOp`` ``COMPENSATION_OPS`` per input element.
+  MAC-equivalents per element: GroupNorm and LayerNorm ``GROUPNORM_OPS``, softmax ``SOFTMAX_OPS``, GEGLU's
+  gate product one per output element (real values times real values, in the ANN and the SNN alike), and
+  the expectation compensation of a ``TemporalOp`` ``COMPENSATION_OPS`` per input element.
 - Not counted, in the SNN and the ANN alike: biases, residual additions, activation functions (ANN) and
   membrane updates (SNN), the sinusoidal time embedding, nearest / average resampling. The output offsets
   of a model with ``offsets`` are bias maps of the consumer layers (model constants, computed once per input
@@ -39,17 +40,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..converter.encoded_attention import AttentionCore
+from ..converter.gated import GateProduct
 from ..converter.neurons import IFNeuron, TernaryIFEncoder
 from ..converter.offsets import computing_constants
 from ..converter.sites import site_units
 from ..converter.temporal import TemporalOp
 
 GROUPNORM_OPS = 4
-"""MAC-equivalents per element of GroupNorm: accumulate the mean, accumulate the variance, normalise, affine."""
+"""MAC-equivalents per element of GroupNorm (and LayerNorm): accumulate the mean, accumulate the variance,
+normalise, affine."""
 
 SOFTMAX_OPS = 3
 """MAC-equivalents per attention score of softmax: exponential, accumulate the sum, scale by its inverse."""
@@ -221,6 +225,7 @@ class OperationCounter(TorchFunctionMode):
             torch.softmax: self._softmax,
             torch.Tensor.softmax: self._softmax,
             F.group_norm: self._group_norm,
+            F.layer_norm: self._layer_norm,
             F.interpolate: self._interpolate,
         }
 
@@ -234,6 +239,8 @@ class OperationCounter(TorchFunctionMode):
                 self._hooks.append(module.register_forward_hook(self._tag_spikes))
             elif isinstance(module, TemporalOp):
                 self._hooks.append(module.register_forward_pre_hook(self._compensation))
+            elif isinstance(module, (GateProduct, GEGLU)):  # the converted gate product, and the ANN's
+                self._hooks.append(module.register_forward_hook(self._gate_product))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -333,6 +340,15 @@ class OperationCounter(TorchFunctionMode):
 
     def _group_norm(self, args, kwargs, out) -> None:
         self._layer("groupnorm").macs += GROUPNORM_OPS * out.numel()
+
+    def _layer_norm(self, args, kwargs, out) -> None:
+        self._layer("layernorm").macs += GROUPNORM_OPS * out.numel()
+
+    def _gate_product(self, module: nn.Module, args, out: torch.Tensor) -> None:
+        # Runs after the module's forward hook has left its name: attribute the product to the module itself.
+        self._stack.append(self._names[id(module)])
+        self._layer("gate product").macs += out.numel()
+        self._stack.pop()
 
     def _interpolate(self, args, kwargs, out) -> None:
         """Nearest-neighbour resampling of a spike map yields spikes (each copy reaches its own synapses)."""

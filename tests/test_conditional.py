@@ -1,0 +1,261 @@
+"""Conditional UNets (UNet2DConditionModel): transformer blocks with LayerNorm, self- and cross-attention and
+GEGLU / GELU feed-forwards, class labels; fidelity, execution modes, save/load, the stock Stable Diffusion
+pipeline, and the errors for inputs the models refuse."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention import FeedForward
+
+from conftest import TINY_CONFIGS, make_unet, relative_error
+from spiking_diffusers import (
+    QCFSUNet2DConditionModel,
+    SpikingUNet2DConditionModel,
+    SpikingUNet2DModel,
+    UnsupportedModuleError,
+    convert,
+    quantize,
+)
+from spiking_diffusers.converter.building import swap_replaced_modules
+from spiking_diffusers.converter.gated import GatedGELU, GateProduct, ProjectedGELU
+from spiking_diffusers.converter.neurons import IFNeuron
+from spiking_diffusers.converter.sites import iter_site_specs
+from spiking_diffusers.converter.temporal import TemporalOp
+from spiking_diffusers.energy.accounting import GROUPNORM_OPS, OperationCounter
+
+CROSS = 12
+
+
+def make_conditional(seed: int = 0, dtype=torch.float64, **overrides) -> UNet2DConditionModel:
+    """A tiny Stable-Diffusion-style UNet: cross-attention down, mid and up blocks, GEGLU feed-forwards."""
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).to(dtype).eval()
+
+
+def inputs(unet, batch: int = 2, tokens: int = 5, seed: int = 0) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(unet.parameters()).dtype
+    sample = torch.randn(batch, 4, 8, 8, generator=generator).to(dtype)
+    context = torch.randn(batch, tokens, CROSS, generator=generator).to(dtype)
+    return sample, torch.tensor([10, 600][:batch]), context
+
+
+def run(model, unet, **extra) -> torch.Tensor:
+    sample, timestep, context = inputs(unet)
+    with torch.no_grad():
+        return model(sample, timestep, context, **extra).sample
+
+
+def test_every_feed_forward_gelu_is_a_call_site_and_the_ann_mode_is_the_original():
+    unet = make_conditional()
+    qnet = quantize(unet, levels=4, per_channel=True)
+    assert isinstance(qnet, QCFSUNet2DConditionModel)
+    ff = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0"
+    assert isinstance(qnet.unet.get_submodule(ff), GatedGELU)
+    gate = qnet.sites()[f"{ff}.act"]
+    inner = unet.get_submodule(ff).proj.out_features // 2
+    assert gate.channels_last and gate.threshold.shape == (inner,) and gate.threshold.std() > 0
+    with qnet.as_ann():
+        assert torch.equal(run(qnet, unet), run(unet, unet))
+    assert relative_error(run(qnet, unet), run(unet, unet)) > 1e-3
+
+
+def test_gelu_feed_forward_is_swapped_for_an_equal_module_with_a_call_site():
+    ff = FeedForward(16, activation_fn="gelu").double()
+    swapped = copy.deepcopy(ff)
+    swap_replaced_modules(swapped)
+    assert isinstance(swapped.net[0], ProjectedGELU) and swapped.state_dict().keys() == ff.state_dict().keys()
+    assert [spec.name for _, _, spec in iter_site_specs(swapped)] == ["act"]
+    tokens = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert torch.equal(swapped(tokens), ff(tokens))
+
+
+def test_snn_approaches_qcfs_as_T_equals_L_grows():
+    unet = make_conditional()
+    errors = []
+    for steps in (4, 16, 64):
+        qnet = quantize(unet, levels=steps)
+        errors.append(relative_error(run(convert(qnet, spike_steps=steps), unet), run(qnet, unet)))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+@pytest.mark.parametrize("neuron", ["if", "signed_if"])
+def test_batched_equals_stepwise_with_class_labels(neuron):
+    unet = make_conditional(num_class_embeds=3)
+    snn = convert(quantize(unet, levels=4, per_channel=True), spike_steps=5, neuron=neuron)
+    labels = torch.tensor([0, 2])
+    batched = run(snn, unet, class_labels=labels)
+    snn.set_execution("stepwise")
+    assert torch.allclose(run(snn, unet, class_labels=labels), batched, atol=1e-10)
+    assert not torch.allclose(run(snn, unet, class_labels=torch.tensor([1, 1])), batched)
+
+
+def test_layer_norm_attention_and_gate_product_are_compensated_and_gates_spike():
+    snn = convert(quantize(make_conditional(), levels=4), spike_steps=2)
+    assert isinstance(snn, SpikingUNet2DConditionModel)
+    wrapped = {type(m.op).__name__ for m in snn.unet.modules() if isinstance(m, TemporalOp)}
+    assert {"LayerNorm", "Attention", "GateProduct", "GroupNorm"} <= wrapped
+    assert all(isinstance(m.product, TemporalOp) for m in snn.unet.modules() if isinstance(m, GatedGELU))
+    assert all(isinstance(unit, IFNeuron) for unit in snn.sites().values())
+    cross = [m.op for m in snn.unet.modules() if isinstance(m, TemporalOp) and getattr(m.op, "is_cross_attention", 0)]
+    assert cross, "cross-attention runs as a compensated op"
+
+
+def test_gate_product_compensation_is_exact_in_the_mean():
+    product = TemporalOp(GateProduct(3))
+    steps = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    product.begin(4, "stepwise")
+    total = sum(product(steps[t]) for t in range(4))
+    mean = steps.mean(0)
+    assert torch.allclose(total / 4, mean[..., :3] * mean[..., 3:], atol=1e-12)
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    unet = make_conditional(dtype=torch.float32)
+    qnet = quantize(unet, levels=4, per_channel=True)
+    snn = convert(qnet, spike_steps=3, burst=2)
+    qnet.save_pretrained(tmp_path / "qcfs")
+    snn.save_pretrained(tmp_path / "snn")
+    loaded_q = QCFSUNet2DConditionModel.from_pretrained(tmp_path / "qcfs")
+    loaded = SpikingUNet2DConditionModel.from_pretrained(tmp_path / "snn")
+    assert loaded.config.cross_attention_dim == CROSS and loaded.config.burst == 2
+    assert torch.equal(run(loaded_q, unet), run(qnet, unet))
+    assert torch.equal(run(loaded, unet), run(snn, unet))
+    assert torch.equal(run(snn.to_qcfs(), unet), run(qnet, unet))
+
+
+def _tiny_text_encoder(root):
+    """A CLIP text encoder with random weights and a tokenizer over a tiny local vocabulary (no download)."""
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=CROSS, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.CLIPTextModel(config).eval(), tokenizer
+
+
+def test_stock_stable_diffusion_pipeline_samples_with_the_spiking_unet_and_reloads(tmp_path):
+    text_encoder, tokenizer = _tiny_text_encoder(tmp_path)
+    vae = AutoencoderKL(
+        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4, norm_num_groups=8, sample_size=8,
+    ).eval()  # fmt: skip
+    snn = convert(quantize(make_conditional(dtype=torch.float32), levels=4), spike_steps=4)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=snn, scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(pipeline, guidance):
+        generator = torch.Generator().manual_seed(0)
+        prompts = ["a digit", "zero"]
+        return pipeline(prompts, num_inference_steps=3, guidance_scale=guidance, generator=generator, output_type="np")
+
+    guided = sample(pipe, 3.0).images
+    assert guided.shape == (2, 8, 8, 3) and guided.std() > 0.01
+    assert not np.allclose(sample(pipe, 1.0).images, guided)  # classifier-free guidance changes the samples
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(reloaded.unet, SpikingUNet2DConditionModel)
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(sample(reloaded, 3.0).images, guided)
+
+
+# --- what the models refuse ---------------------------------------------------------------------------
+
+
+def test_missing_or_misshapen_conditioning_is_named():
+    unet = make_conditional()
+    for model in (quantize(unet, levels=4), convert(quantize(unet, levels=4), spike_steps=2)):
+        sample, timestep, context = inputs(unet)
+        with pytest.raises(TypeError, match="encoder_hidden_states must be a tensor"):
+            model(sample, timestep, None)
+        with pytest.raises(ValueError, match=rf"encoder_hidden_states must have shape \(2, tokens, {CROSS}\)"):
+            model(sample, timestep, context[..., :5])
+        with pytest.raises(ValueError, match="down_block_additional_residuals"):
+            model(sample, timestep, context, down_block_additional_residuals=(sample,))
+
+
+def test_class_labels_out_of_range_or_missing_are_named():
+    unet = make_conditional(num_class_embeds=3)
+    model = convert(quantize(unet, levels=4), spike_steps=2)
+    sample, timestep, context = inputs(unet)
+    with pytest.raises(ValueError, match=r"class_labels must lie in 0\.\.2"):
+        model(sample, timestep, context, class_labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="pass class_labels"):
+        model(sample, timestep, context)
+
+
+def test_options_that_need_a_weight_layer_after_every_site_are_refused():
+    unet = make_conditional()
+    qnet = quantize(unet, levels=4)
+    with pytest.raises(ValueError, match=r"threshold_form='unit'.*ff"):
+        convert(qnet, spike_steps=2, threshold_form="unit")
+    with pytest.raises(ValueError, match=r"offsets=True.*ff"):
+        quantize(unet, levels=4, offsets=True)
+    with pytest.raises(ValueError, match="residual_spikes=True is supported for UNet2DModel only"):
+        quantize(unet, levels=4, residual_spikes=True)
+
+
+def test_from_qcfs_picks_the_class_of_the_qcfs_model():
+    qnet = quantize(make_conditional(), levels=4)
+    assert isinstance(SpikingUNet2DModel.from_qcfs(qnet, spike_steps=2), SpikingUNet2DConditionModel)
+    unconditional = quantize(make_unet(TINY_CONFIGS["attention"]), levels=4)
+    with pytest.raises(TypeError, match=r"SpikingUNet2DConditionModel\.from_qcfs takes a UNet2DConditionModel"):
+        SpikingUNet2DConditionModel.from_qcfs(unconditional, spike_steps=2)
+
+
+def test_unsupported_transformer_pieces_are_named():
+    unet = make_conditional(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"))
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    block.ff = type(block.ff)(block.ff.net[0].proj.in_features, activation_fn="geglu-approximate").double()
+    with pytest.raises(UnsupportedModuleError, match="ApproximateGELU"):
+        quantize(unet, levels=4)
+
+
+def test_energy_counts_layer_norm_and_the_gate_product_in_ann_and_snn_alike():
+    unet = make_conditional(dtype=torch.float32)
+    snn = convert(quantize(unet, levels=4), spike_steps=3)
+    counts = {}
+    for name, model in (("ann", unet), ("snn", snn)):
+        with OperationCounter(model) as counter:
+            run(model, unet)
+        counts[name] = {}
+        for layer in counter.accounting.layers.values():
+            counts[name][layer.op] = counts[name].get(layer.op, 0) + layer.macs
+    # Transformer blocks (batch 2): three at 8x8 with 16 channels (down block 0, up block 1 x 2), one at 4x4 with
+    # 32 (mid); GEGLU's inner width is 4 x the channels, and each block has three LayerNorms.
+    gate = 2 * (3 * 64 * (4 * 16) + 16 * (4 * 32))
+    norms = GROUPNORM_OPS * 2 * 3 * (3 * 64 * 16 + 16 * 32)
+    assert counts["ann"]["gate product"] == gate and counts["ann"]["layernorm"] == norms
+    # the SNN runs them on the running means at each of T = 3 steps (plus the compensation, counted apart)
+    assert counts["snn"]["gate product"] == 3 * gate and counts["snn"]["layernorm"] == 3 * norms
