@@ -15,7 +15,9 @@ from diffusers.models.attention import FeedForward
 
 from conftest import TINY_CONFIGS, make_unet, relative_error
 from spiking_diffusers import (
+    LabelTokens,
     QCFSUNet2DConditionModel,
+    SpikingDiffusionPipeline,
     SpikingUNet2DConditionModel,
     SpikingUNet2DModel,
     UnsupportedModuleError,
@@ -259,3 +261,57 @@ def test_energy_counts_layer_norm_and_the_gate_product_in_ann_and_snn_alike():
     assert counts["ann"]["gate product"] == gate and counts["ann"]["layernorm"] == norms
     # the SNN runs them on the running means at each of T = 3 steps (plus the compensation, counted apart)
     assert counts["snn"]["gate product"] == 3 * gate and counts["snn"]["layernorm"] == 3 * norms
+
+
+# --- sampling with class labels and classifier-free guidance ----------------------------------------------
+
+
+def _label_pipeline(model, seed: int = 0) -> SpikingDiffusionPipeline:
+    torch.manual_seed(seed)
+    tokens = LabelTokens(num_classes=3, dim=CROSS, tokens=2)
+    pipe = SpikingDiffusionPipeline(unet=model, scheduler=DDIMScheduler(), label_tokens=tokens)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generators(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(i) for i in range(n)]
+
+
+def test_label_pipeline_guides_and_keeps_images_independent_of_the_batch(tmp_path):
+    unet = make_conditional(dtype=torch.float32)
+    pipe = _label_pipeline(convert(quantize(unet, levels=4), spike_steps=2))
+    labels = torch.tensor([0, 1, 2])
+    kwargs = dict(num_inference_steps=3, output_type="np", class_labels=labels, guidance_scale=3.0)
+    guided = pipe(batch_size=3, generator=_generators(3), **kwargs).images
+    alone = pipe(batch_size=1, generator=_generators(3)[2:], **{**kwargs, "class_labels": labels[2:]}).images
+    np.testing.assert_allclose(alone[0], guided[2], atol=1e-5)
+    plain = pipe(batch_size=3, generator=_generators(3), **{**kwargs, "guidance_scale": 1.0}).images
+    assert not np.allclose(plain, guided)
+    other = pipe(batch_size=3, generator=_generators(3), **{**kwargs, "class_labels": labels.flip(0)}).images
+    assert not np.allclose(other[0], guided[0])
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = SpikingDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(reloaded.label_tokens, LabelTokens)
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(reloaded(batch_size=3, generator=_generators(3), **kwargs).images, guided)
+
+
+def test_conditioning_mistakes_are_named():
+    unet = make_conditional(dtype=torch.float32)
+    pipe = _label_pipeline(unet)
+    run_ = dict(batch_size=2, num_inference_steps=2, output_type="np")
+    with pytest.raises(ValueError, match="pass encoder_hidden_states, or class_labels"):
+        pipe(**run_)
+    with pytest.raises(ValueError, match=r"class_labels must lie in 0\.\.2"):
+        pipe(**run_, class_labels=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="one label per image"):
+        pipe(**run_, class_labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="guidance_scale must be a number"):
+        pipe(**run_, class_labels=torch.tensor([0, 1]), guidance_scale=-1)
+    unconditional = SpikingDiffusionPipeline(
+        unet=make_unet(TINY_CONFIGS["attention"], dtype=torch.float32), scheduler=DDIMScheduler()
+    )
+    with pytest.raises(ValueError, match=r"guidance_scale .* needs a cross-attention UNet"):
+        unconditional(**run_, guidance_scale=3.0)

@@ -10,12 +10,13 @@ from .converter import (
     convert,
     quantize,
 )
-from .pipelines import SpikingDiffusionPipeline
+from .pipelines import LabelTokens, SpikingDiffusionPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationConfig",
+    "LabelTokens",
     "QCFSUNet2DConditionModel",
     "QCFSUNet2DModel",
     "SpikingDiffusionPipeline",

@@ -1,5 +1,6 @@
 """Sampling with spiking UNets: the diffusers pipeline, T schedules and threshold guidance."""
 
+from .label_tokens import LabelTokens
 from .schedulers import SCHEDULERS, check_steps, make_scheduler
 from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
 from .t_schedule import SCHEDULE_FORM, TSchedule, TScheduleError
@@ -16,6 +17,7 @@ __all__ = [
     "GROUPS",
     "SCHEDULERS",
     "SCHEDULE_FORM",
+    "LabelTokens",
     "SpikingDiffusionPipeline",
     "TSchedule",
     "TScheduleError",

@@ -1,4 +1,4 @@
-"""``SpikingDiffusionPipeline``: unconditional image sampling with a spiking (or plain) UNet and any scheduler.
+"""``SpikingDiffusionPipeline``: image sampling with a spiking (or plain) UNet and any scheduler.
 
 It differs from diffusers' ``DDPMPipeline`` in what a spiking UNet and the full range of schedulers need:
 
@@ -17,12 +17,18 @@ and compensated op is reset), so no spiking state leaks from one denoising step 
 A plain ``UNet2DModel`` or a ``QCFSUNet2DModel`` works too, so one pipeline compares ANN and SNN from the
 same noise; they have no spiking thresholds or simulation time, and a ``threshold_scale`` other than 1 or
 an ``snn_timesteps`` is rejected with a ``ValueError`` rather than silently ignored.
+
+Conditional UNets: a class-conditional ``UNet2DModel`` takes ``class_labels``; a cross-attention
+``UNet2DConditionModel`` (original, QCFS or spiking) takes ``encoder_hidden_states``, or ``class_labels``
+when the pipeline holds :class:`~.label_tokens.LabelTokens` (one learned token per label and a null token),
+and then ``guidance_scale`` (classifier-free guidance against the null token).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import ClassVar
 
 import diffusers
 import torch
@@ -33,6 +39,7 @@ from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
 from ..validation import check_int, renamed
+from .label_tokens import LabelTokens
 from .schedulers import check_steps
 from .t_schedule import TSchedule
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds
@@ -46,17 +53,29 @@ def step_accepts(scheduler: SchedulerMixin, argument: str) -> bool:
 
 
 class SpikingDiffusionPipeline(DiffusionPipeline):
-    """Unconditional image generation with a ``SpikingUNet2DModel`` (or a ``UNet2DModel`` / QCFS model).
+    """Image generation with a ``SpikingUNet2DModel`` (or a ``UNet2DModel`` / QCFS model), unconditional or
+    conditioned on class labels (through ``label_tokens`` for a cross-attention UNet).
 
     Save it with ``save_pretrained`` and load it back with ``SpikingDiffusionPipeline.from_pretrained`` or
     ``DiffusionPipeline.from_pretrained`` (once ``spiking_diffusers`` is imported).
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components: ClassVar[list[str]] = ["label_tokens"]
 
-    def __init__(self, unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel,
+        scheduler: SchedulerMixin,
+        label_tokens: LabelTokens | None = None,
+    ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, label_tokens=label_tokens)
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the UNet is a cross-attention UNet (conditioned through ``encoder_hidden_states``)."""
+        return self.unet.config.get("cross_attention_dim") is not None
 
     @property
     def is_spiking(self) -> bool:
@@ -105,6 +124,62 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
         return batch
 
+    def _conditioning(
+        self, batch: int, class_labels, encoder_hidden_states, guidance_scale: float
+    ) -> tuple[dict, dict]:
+        """The UNet's conditional keyword arguments and, for classifier-free guidance (``guidance_scale`` != 1),
+        its unconditional ones (else empty); a ``ValueError`` naming the argument for what the UNet cannot take."""
+        if not isinstance(guidance_scale, int | float) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        guided = guidance_scale != 1
+        device = self._execution_device
+        if class_labels is not None:
+            if not torch.is_tensor(class_labels) or class_labels.shape[:1] != (batch,):
+                raise ValueError(
+                    f"class_labels must be a tensor with one label per image ({batch}), got {class_labels!r}."
+                )
+            class_labels = class_labels.to(device)
+        if not self.cross_attention:
+            if encoder_hidden_states is not None:
+                raise ValueError(
+                    f"encoder_hidden_states applies to cross-attention UNets; this is a {type(self.unet).__name__}."
+                )
+            if guided:
+                raise ValueError(
+                    "guidance_scale (classifier-free guidance) needs a cross-attention UNet with label_tokens; this "
+                    f"pipeline holds a {type(self.unet).__name__}. Leave guidance_scale at 1."
+                )
+            return {"class_labels": class_labels}, {}
+        if encoder_hidden_states is None:
+            if class_labels is None or self.label_tokens is None:
+                raise ValueError(
+                    "This UNet is conditional (cross-attention): pass encoder_hidden_states, or class_labels with a "
+                    "pipeline that holds label_tokens."
+                )
+            encoder_hidden_states = self.label_tokens(class_labels)
+            class_labels = None
+        encoder_hidden_states = encoder_hidden_states.to(device, self.unet.dtype)
+        conditional = {"encoder_hidden_states": encoder_hidden_states, "class_labels": class_labels}
+        if not guided:
+            return conditional, {}
+        if self.label_tokens is None:
+            raise ValueError(
+                "guidance_scale needs the pipeline's label_tokens (its null token is the unconditional input)."
+            )
+        null = self.label_tokens.unconditional(batch).to(device, self.unet.dtype)
+        return conditional, {"encoder_hidden_states": null, "class_labels": class_labels}
+
+    def _predict(self, model_input, t, kwargs: dict, conditional: dict, unconditional: dict, guidance_scale: float):
+        """The noise prediction, with classifier-free guidance when ``unconditional`` is given (one UNet call on
+        the doubled batch, as diffusers' pipelines do)."""
+        if not unconditional:
+            return self.unet(model_input, t, **conditional, **kwargs).sample
+        doubled = {
+            key: None if value is None else torch.cat([unconditional[key], value]) for key, value in conditional.items()
+        }
+        uncond, cond = self.unet(torch.cat([model_input] * 2), t, **doubled, **kwargs).sample.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.unet.config
         return (batch_size, config.in_channels, *spatial_size(config.sample_size))
@@ -123,6 +198,8 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         snn_timesteps: int | str | list[int] | TSchedule | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample ``batch_size`` images.
 
@@ -144,12 +221,16 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 ``ValueError`` naming the accepted form.
             eta: DDIM-type stochasticity; an error for schedulers whose ``step`` has no ``eta``.
             latents: initial noise of shape ``(B, C, H, W)`` (unscaled; ``init_noise_sigma`` is applied).
-            class_labels: labels for class-conditional UNets.
+            class_labels: one label per image, for class-conditional UNets, or for a cross-attention UNet with
+                ``label_tokens`` (which turn them into its ``encoder_hidden_states``).
             snn_timesteps: the deprecated name of ``spike_steps``.
+            encoder_hidden_states: ``(batch, tokens, cross_attention_dim)`` conditioning of a cross-attention UNet.
+            guidance_scale: classifier-free guidance (1: none), against the null token of ``label_tokens``.
         """
         snn_timesteps = renamed(spike_steps, snn_timesteps, "spike_steps", "snn_timesteps")
         schedule = self._check_arguments(output_type, threshold_scale, snn_timesteps, eta)
-        self._check_batch(batch_size, generator, num_inference_steps, latents)
+        batch = self._check_batch(batch_size, generator, num_inference_steps, latents)
+        conditional, unconditional = self._conditioning(batch, class_labels, encoder_hidden_states, guidance_scale)
         if schedule is not None:
             schedule.per_step(num_inference_steps)  # a schedule that does not fit the steps fails before any work
         device = self._execution_device
@@ -163,7 +244,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
             step_kwargs["eta"] = eta
         if step_accepts(self.scheduler, "generator"):
             step_kwargs["generator"] = generator
-        unet_kwargs = {"class_labels": class_labels.to(device) if class_labels is not None else None}
+        unet_kwargs = {}
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -177,7 +258,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
                 if self.is_spiking:
                     unet_kwargs["spike_steps"] = steps
                 model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = self.unet(model_input, t, **unet_kwargs).sample
+                noise_pred = self._predict(model_input, t, unet_kwargs, conditional, unconditional, guidance_scale)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
 
         # Before the clamp, which would turn Inf into plausible-looking white or black pixels.
