@@ -15,6 +15,14 @@ With ``--eval-samples N`` the script also draws N DDIM-50 samples and reports th
 Fréchet distance of their classifier features to the real digits, and the rate of
 confident classifier predictions on them.
 
+``--preset conditional`` trains the label-conditional model instead: a ``UNet2DConditionModel``
+(cross-attention at 8x8, 4x4 and in the mid block, GEGLU feed-forwards) conditioned on the digit
+label through ``encoder_hidden_states``: a ``LabelTokens`` table with one learned token per class and
+a null token, the label dropped to the null token for 10 % of the training samples so that
+classifier-free guidance works. It is saved as a ``SpikingDiffusionPipeline`` (unet, scheduler,
+label_tokens) to ``assets/digits-conditional``; its evaluation adds the conditional accuracy (the
+share of samples the classifier assigns to the requested label) with and without guidance.
+
 Example (CPU, one thread, about 30 minutes)::
 
     OMP_NUM_THREADS=1 python scripts/train_digits.py --threads 1
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spiking_diffusers.digits import (
+    ASSETS_DIR,
     SHIPPED_CLASSIFIER_PATH,
     SHIPPED_MODEL_PATH,
     DigitClassifier,
@@ -75,8 +84,27 @@ VALIDATION_UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 VALIDATION_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "beta_schedule": "linear"}
+CONDITIONAL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (32, 32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "act_fn": "silu",
+}
+LABEL_DROPOUT = 0.1
+"""Share of training samples whose label is replaced by the null token (classifier-free guidance)."""
+GUIDANCE_SCALE = 3.0
+CONDITIONAL_MODEL_PATH = ASSETS_DIR / "digits-conditional"
 PRESETS = {
     "shipped": (UNET_CONFIG, SCHEDULER_CONFIG),
+    # The label-conditional model (UNet2DConditionModel + LabelTokens), shipped as assets/digits-conditional.
+    "conditional": (CONDITIONAL_UNET_CONFIG, SCHEDULER_CONFIG),
     # A second, differently shaped digits DDPM (other widths, two ResNets per level, attention at 4x4 only,
     # linear betas like google/ddpm-cifar10-32) to check that a method is not tuned to the shipped model.
     # It is not shipped: train it with --preset validation --ddpm-out outputs/validation-ddpm.
@@ -177,8 +205,10 @@ def count_macs(unet: torch.nn.Module) -> int:
             hooks.append(mod.register_forward_hook(linear_hook))
         elif isinstance(mod, Attention):
             hooks.append(mod.register_forward_hook(attn_hook))
+    width = unet.config.get("cross_attention_dim")
+    kwargs = {"encoder_hidden_states": torch.zeros(1, 1, width)} if width else {}
     with torch.no_grad():
-        unet(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([500]))
+        unet(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([500]), **kwargs)
     for h in hooks:
         h.remove()
     return total
@@ -196,18 +226,26 @@ def train_ddpm(
     seed: int,
     preset: str = "shipped",
 ) -> tuple[Any, dict[str, Any]]:
-    """DDPM-train the UNet; save the EMA weights as a ``DDPMPipeline``; return (pipeline, summary)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    """DDPM-train the UNet (and, for the conditional preset, its label tokens); save the EMA weights as a
+    ``DDPMPipeline`` (a ``SpikingDiffusionPipeline`` with label tokens when conditional); return (pipeline,
+    summary)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.training_utils import EMAModel
+
+    from spiking_diffusers import LabelTokens, SpikingDiffusionPipeline
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    data = load_digit_images(IMAGE_SIZE, split)  # type: ignore[arg-type]
+    data, labels = load_digit_dataset(IMAGE_SIZE, split)  # type: ignore[arg-type]
     unet_config, scheduler_config = PRESETS[preset]
-    unet = UNet2DModel(**unet_config)
+    conditional = "cross_attention_dim" in unet_config
+    unet_class = UNet2DConditionModel if conditional else UNet2DModel
+    unet = unet_class(**unet_config)
+    tokens = LabelTokens(10, unet_config["cross_attention_dim"]) if conditional else None
+    parameters = [*unet.parameters(), *(tokens.parameters() if tokens is not None else [])]
     scheduler = DDPMScheduler(**scheduler_config)
-    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    ema = EMAModel(parameters, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
     alphas_cumprod = scheduler.alphas_cumprod
 
@@ -220,28 +258,37 @@ def train_ddpm(
     for step in bar:
         if cursor + batch_size > len(perm):
             perm, cursor = torch.randperm(len(data), generator=gen), 0
-        x0 = random_shift(data[perm[cursor : cursor + batch_size]], shift, gen)
+        batch = perm[cursor : cursor + batch_size]
+        x0 = random_shift(data[batch], shift, gen)
         cursor += batch_size
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        kwargs = {}
+        if tokens is not None:
+            dropped = torch.rand(len(x0), generator=gen) < LABEL_DROPOUT
+            kwargs["encoder_hidden_states"] = tokens(labels[batch].masked_fill(dropped, tokens.null_label))
+        loss = F.mse_loss(unet(xt, t, **kwargs).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         opt.step()
         sched.step()
-        ema.step(unet.parameters())
+        ema.step(parameters)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
     wall = time.perf_counter() - start
 
-    ema_unet = UNet2DModel(**unet_config)
-    ema.copy_to(ema_unet.parameters())
+    ema_unet = unet_class(**unet_config)
+    ema_tokens = LabelTokens(**tokens.config) if tokens is not None else None
+    ema.copy_to([*ema_unet.parameters(), *(ema_tokens.parameters() if ema_tokens is not None else [])])
     ema_unet.eval()
-    pipe = DDPMPipeline(unet=ema_unet, scheduler=scheduler)
+    if ema_tokens is not None:
+        pipe = SpikingDiffusionPipeline(unet=ema_unet, scheduler=scheduler, label_tokens=ema_tokens.eval())
+    else:
+        pipe = DDPMPipeline(unet=ema_unet, scheduler=scheduler)
     if out.exists() and (out / "model_index.json").exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -257,6 +304,7 @@ def train_ddpm(
         "optimizer": "AdamW(weight_decay=1e-4), grad clip 1.0",
         "ema": f"diffusers EMAModel(decay={ema_decay}, use_ema_warmup=True, power=0.75)",
         "shift_augmentation_px": shift,
+        "label_dropout": LABEL_DROPOUT if conditional else None,
         "seed": seed,
         "threads": torch.get_num_threads(),
         "final_loss_ema": round(float(running or 0.0), 5),
@@ -284,6 +332,53 @@ def ddim_samples(unet: Any, scheduler_config: Any, n: int, seed: int, batch_size
             x = ddim.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def conditional_samples(
+    pipe: Any, n: int, seed: int, guidance_scale: float, batch_size: int = 250
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` DDIM-50 samples in [-1, 1] of the labels ``0, 1, ..., 9, 0, ...`` (and the labels)."""
+    from diffusers import DDIMScheduler
+
+    from spiking_diffusers import SpikingDiffusionPipeline
+
+    sampler = SpikingDiffusionPipeline(
+        unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config), label_tokens=pipe.label_tokens
+    )
+    sampler.set_progress_bar_config(disable=True)
+    labels = torch.arange(n) % 10
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"ddim-50 w={guidance_scale:g}", unit="batch"):
+        chunk = labels[start : start + batch_size]
+        images = sampler(
+            batch_size=len(chunk),
+            generator=torch.Generator().manual_seed(seed + start),
+            num_inference_steps=50,
+            output_type="pt",
+            class_labels=chunk,
+            guidance_scale=guidance_scale,
+        ).images
+        out.append(images * 2 - 1)
+    return torch.cat(out), labels
+
+
+def evaluate_conditional(pipe: Any, classifier: DigitClassifier, n: int, seed: int) -> dict[str, Any]:
+    """FD to the real digits and conditional accuracy (classifier agrees with the requested label),
+    without guidance and with :data:`GUIDANCE_SCALE`."""
+    with torch.no_grad():
+        real = classifier.features(load_digit_images(IMAGE_SIZE, "all")).double().numpy()
+    metrics: dict[str, Any] = {"n_samples": n, "sampler": "DDIM 50 steps, eta 0"}
+    for scale in (1.0, GUIDANCE_SCALE):
+        samples, labels = conditional_samples(pipe, n, seed, scale)
+        with torch.no_grad():
+            features = classifier.features(samples).double().numpy()
+            predicted = classifier.predict_proba(samples).argmax(-1)
+        metrics[f"guidance_{scale:g}"] = {
+            "fd_samples_vs_real_all": round(frechet_distance(features, real), 3),
+            "conditional_accuracy": round((predicted == labels).float().mean().item(), 4),
+        }
+    return metrics
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, pad: int = 2, scale: int = 4) -> None:
@@ -345,8 +440,18 @@ def evaluate(unet: Any, scheduler_config: Any, classifier: DigitClassifier, n: i
 
 @click.command(context_settings={"show_default": True})
 @click.option("--classifier-out", type=click.Path(path_type=Path), default=SHIPPED_CLASSIFIER_PATH)
-@click.option("--ddpm-out", type=click.Path(path_type=Path), default=SHIPPED_MODEL_PATH)
-@click.option("--samples-png", type=click.Path(path_type=Path), default=REPO_ROOT / "docs" / "digits_samples.png")
+@click.option(
+    "--ddpm-out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Where the DDPM goes (default: {SHIPPED_MODEL_PATH}, or {CONDITIONAL_MODEL_PATH} for --preset conditional).",
+)
+@click.option(
+    "--samples-png",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Sample grid (default: docs/digits_samples.png, or docs/digits_conditional_samples.png).",
+)
 @click.option("--skip-classifier", is_flag=True, help="Do not train the classifier (load it from --classifier-out).")
 @click.option("--skip-ddpm", is_flag=True, help="Do not train the DDPM (load it from --ddpm-out).")
 @click.option("--classifier-epochs", default=40)
@@ -383,6 +488,10 @@ def main(
     """Train the digit classifier and the digits DDPM that ship with spiking_diffusers."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
+    conditional = preset == "conditional"
+    ddpm_out = ddpm_out or Path(CONDITIONAL_MODEL_PATH if conditional else SHIPPED_MODEL_PATH)
+    name = "digits_conditional_samples.png" if conditional else "digits_samples.png"
+    samples_png = samples_png or REPO_ROOT / "docs" / name
 
     if skip_classifier:
         classifier = DigitClassifier.from_pretrained(classifier_out)
@@ -393,20 +502,27 @@ def main(
     x_test, y_test = load_digit_dataset(IMAGE_SIZE, "test")
     click.echo(f"classifier held-out accuracy: {classifier_accuracy(classifier, x_test, y_test):.4f}")
 
-    from diffusers import DDPMPipeline
+    from diffusers import DiffusionPipeline
 
     if skip_ddpm:
-        pipe = DDPMPipeline.from_pretrained(str(ddpm_out))
+        pipe = DiffusionPipeline.from_pretrained(str(ddpm_out))
     else:
         pipe, summary = train_ddpm(ddpm_out, ddpm_steps, batch_size, lr, warmup, ema_decay, shift, split, seed, preset)
         click.echo(f"ddpm: {json.dumps(summary)}")
 
-    grid = ddim_samples(pipe.unet, pipe.scheduler.config, 64, seed)
+    if conditional:  # one row per class, guided
+        grid, _ = conditional_samples(pipe, 80, seed, GUIDANCE_SCALE)
+        grid = grid.reshape(8, 10, *grid.shape[1:]).transpose(0, 1).flatten(0, 1)
+    else:
+        grid = ddim_samples(pipe.unet, pipe.scheduler.config, 64, seed)
     save_grid(grid, samples_png)
     click.echo(f"sample grid: {samples_png}")
 
     if eval_samples > 0:
-        metrics = evaluate(pipe.unet, pipe.scheduler.config, classifier, eval_samples, seed + 1)
+        if conditional:
+            metrics = evaluate_conditional(pipe, classifier, eval_samples, seed + 1)
+        else:
+            metrics = evaluate(pipe.unet, pipe.scheduler.config, classifier, eval_samples, seed + 1)
         click.echo(f"eval: {json.dumps(metrics)}")
         if not skip_ddpm:
             info = json.loads((ddpm_out / "training.json").read_text())
