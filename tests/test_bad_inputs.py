@@ -508,7 +508,11 @@ def api_models():
         (lambda m: convert(m["qnet"], timesteps=10**6), ValueError, "spike_steps must be in the range 1<=x<=1024"),
         (lambda m: convert(m["qnet"], neuron="lif"), ValueError, "Unknown neuron 'lif'"),
         (lambda m: quantize(m["qnet"]), TypeError, "already a QCFSUNet2DModel"),
-        (lambda m: quantize("google/ddpm-cifar10-32"), TypeError, "takes a diffusers UNet2DModel or UNet2DConditionModel, got str"),
+        (
+            lambda m: quantize("google/ddpm-cifar10-32"),
+            TypeError,
+            "takes a diffusers UNet2DModel or UNet2DConditionModel, got str",
+        ),
         (lambda m: quantize(m["unet"], levels=0), ValueError, "levels must be in the range 1<=x<=1024, got 0"),
         (lambda m: quantize(m["unet"], levels="4"), TypeError, "levels must be an int, got str"),
         (lambda m: quantize(m["unet"], init="best"), ValueError, "Unknown init 'best'"),

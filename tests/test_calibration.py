@@ -68,8 +68,8 @@ def test_mse_threshold_finds_the_lambda_whose_levels_the_data_sits_on():
 def test_noised_batches_are_stratified_and_deterministic():
     x0 = torch.zeros(8, 1, 4, 4)
     batches = [NoisedBatches(x0, DDPMScheduler(), torch.Generator().manual_seed(3)) for _ in range(2)]
-    (xa, ta), (xb, tb) = batches[0].sample(10), batches[1].sample(10)
-    assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    (xa, ta, ka), (xb, tb, _) = batches[0].sample(10), batches[1].sample(10)
+    assert torch.equal(xa, xb) and torch.equal(ta, tb) and ka == {}
     assert sorted((ta // 100).tolist()) == list(range(10))  # one timestep in each tenth of the schedule
 
 
@@ -202,7 +202,7 @@ def test_calibration_set_uses_every_image_and_is_deterministic():
     assert torch.equal(draws[0].x_t, draws[1].x_t) and torch.equal(draws[0].timesteps, draws[1].timesteps)
     assert draws[0].nbytes == 10 * 4 * 4 + 10 * 8
     batch = [d.sample(6) for d in draws]
-    assert torch.equal(batch[0][0], batch[1][0]) and batch[0][2] is None
+    assert torch.equal(batch[0][0], batch[1][0]) and batch[0][2] is None and batch[0][3] == {}
 
 
 def test_report_has_the_noise_prediction_sweep_before_and_after(tmp_path):

@@ -10,26 +10,39 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention import FeedForward
 
 from conftest import TINY_CONFIGS, make_unet, relative_error
 from spiking_diffusers import (
+    CalibrationConfig,
     LabelTokens,
     QCFSUNet2DConditionModel,
     SpikingDiffusionPipeline,
     SpikingUNet2DConditionModel,
     SpikingUNet2DModel,
     UnsupportedModuleError,
+    calibrate,
     convert,
     quantize,
 )
+from spiking_diffusers.calibration.conditioning import label_conditioning
+from spiking_diffusers.calibration.data import CalibrationSet
+from spiking_diffusers.calibration.distill import DistillSettings
 from spiking_diffusers.converter.building import swap_replaced_modules
 from spiking_diffusers.converter.gated import GatedGELU, GateProduct, ProjectedGELU
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.sites import iter_site_specs
 from spiking_diffusers.converter.temporal import TemporalOp
 from spiking_diffusers.energy.accounting import GROUPNORM_OPS, OperationCounter
+from spiking_diffusers.errors import InputError
 
 CROSS = 12
 
@@ -315,3 +328,53 @@ def test_conditioning_mistakes_are_named():
     )
     with pytest.raises(ValueError, match=r"guidance_scale .* needs a cross-attention UNet"):
         unconditional(**run_, guidance_scale=3.0)
+
+
+# --- calibration with conditioning ----------------------------------------------------------------------
+
+
+def _calibration_config(tmp_path, **overrides) -> CalibrationConfig:
+    settings = dict(
+        timesteps=2, num_samples=6, sampler_steps=2, stats_batches=1, set_size=32, sweep_images=3,
+        distill=DistillSettings(steps=4, batch_size=4), snn=DistillSettings(steps=2, batch_size=4, lr=1e-4),
+        cache_dir=str(tmp_path),
+    )  # fmt: skip
+    settings.update(overrides)
+    return CalibrationConfig(**settings)
+
+
+def _conditional_unet_and_tokens():
+    unet = make_conditional(dtype=torch.float32, sample_size=8)
+    torch.manual_seed(1)
+    return unet, LabelTokens(num_classes=3, dim=CROSS)
+
+
+def test_calibration_conditions_every_input_on_its_label_or_the_null_token(tmp_path):
+    unet, tokens = _conditional_unet_and_tokens()
+    conditioning = label_conditioning(unet, tokens)
+    x0 = torch.randn(6, 4, 8, 8)
+    calibration_set = CalibrationSet.draw(x0, DDPMScheduler(), 400, torch.Generator().manual_seed(0), conditioning)
+    context = calibration_set.conditions["encoder_hidden_states"]
+    null = tokens.unconditional(1)
+    is_null = (context == null).all(-1).all(-1)
+    assert 0.4 < is_null.float().mean() < 0.6  # half the inputs: the unconditional branch of guidance
+    # the others carry their image's label: image i of the pool has label i % 3
+    pool = conditioning.pool_labels(len(x0))
+    labels = {tuple(row.flatten().tolist()) for row in context[~is_null]}
+    assert labels == {tuple(tokens(pool[i : i + 1]).flatten().tolist()) for i in range(3)}
+
+
+def test_calibrate_a_cross_attention_unet_with_its_label_tokens(tmp_path):
+    unet, tokens = _conditional_unet_and_tokens()
+    config = _calibration_config(tmp_path)
+    result = calibrate(unet, dict(DDPMScheduler().config), config, progress=False, label_tokens=tokens)
+    assert isinstance(result.qnet, QCFSUNet2DConditionModel)
+    sweep = result.report["noise_prediction_sweep"]
+    assert len(sweep["after"]["qcfs"]) == len(sweep["timesteps"])
+    again = calibrate(unet, dict(DDPMScheduler().config), config, progress=False, label_tokens=tokens)
+    first, second = result.qnet.state_dict(), again.qnet.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)  # bit-identical for the same seed
+    with pytest.raises(InputError, match="needs its LabelTokens"):
+        calibrate(unet, dict(DDPMScheduler().config), config, progress=False)
+    with pytest.raises(InputError, match="label_tokens apply to cross-attention UNets"):
+        calibrate(make_unet(TINY_CONFIGS["attention"]), dict(DDPMScheduler().config), config, label_tokens=tokens)

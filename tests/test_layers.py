@@ -1,6 +1,7 @@
 """The layer cake: every import inside the package points down (or to a shared utility), never up or sideways.
 
-Bottom up: converter < calibration, metrics, pipelines < energy, export, loading < evaluation < cli < commands.
+Bottom up: converter, label_tokens < calibration, metrics, pipelines < energy, export, loading < evaluation < cli <
+commands.
 Peers on one layer do not import each other, except that anyone may use metrics. The utilities (errors,
 distributed, digits, architectures, validation) sit below everything. Imports inside functions count too.
 """
@@ -25,6 +26,7 @@ LAYERS: dict[str, int] = {
     "architectures": 0,
     "validation": 0,
     "converter": 1,
+    "label_tokens": 1,
     "calibration": 2,
     "metrics": 2,
     "pipelines": 2,

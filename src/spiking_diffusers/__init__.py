@@ -10,7 +10,8 @@ from .converter import (
     convert,
     quantize,
 )
-from .pipelines import LabelTokens, SpikingDiffusionPipeline
+from .label_tokens import LabelTokens
+from .pipelines import SpikingDiffusionPipeline
 
 __version__ = "0.1.0"
 

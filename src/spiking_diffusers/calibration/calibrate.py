@@ -17,15 +17,19 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
+from ..converter.probes import move_kwargs
 from ..converter.thresholds import (
     collect_group_site_inputs,
     collect_site_inputs,
     init_thresholds,
     quantization_error,
 )
+from ..errors import InputError
+from ..label_tokens import LabelTokens
 from ..metrics.noise_prediction import predict_noise
 from ..validation import check_int
 from .checkpoint import CalibrationCheckpoints
+from .conditioning import LabelConditioning, label_conditioning
 from .cost import (
     CalibrationProgress,
     UnitCosts,
@@ -138,10 +142,21 @@ class CalibrationResult:
 
 
 def calibration_data(
-    unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig, progress: bool, on_batch=None
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig,
+    progress: bool,
+    on_batch=None,
+    conditioning: LabelConditioning | None = None,
 ) -> torch.Tensor:
-    """The x0 pool: the model's own DDIM samples (cached), or the images of ``config.image_dir``."""
+    """The x0 pool: the model's own DDIM samples (cached; label by label with ``conditioning``), or the images
+    of ``config.image_dir``."""
     if config.image_dir:
+        if conditioning is not None:
+            raise InputError(
+                "An image folder has no labels; a conditional UNet is calibrated on its own samples (leave out the "
+                "image folder)."
+            )
         return load_image_folder(config.image_dir, unet.config.sample_size, unet.config.in_channels)
     return sample_model_images(
         unet,
@@ -152,15 +167,21 @@ def calibration_data(
         cache_dir=config.cache_dir,
         progress=progress,
         on_batch=on_batch,
+        conditioning=conditioning,
     )
 
 
-def samples_cached(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig) -> bool:
+def samples_cached(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig,
+    conditioning: LabelConditioning | None = None,
+) -> bool:
     """Whether the calibration images are at hand without sampling (in the cache, or an image folder)."""
     if config.image_dir:
         return True
     path = sample_cache_path(
-        unet, scheduler_config, config.num_samples, config.sampler_steps, config.seed, config.cache_dir
+        unet, scheduler_config, config.num_samples, config.sampler_steps, config.seed, config.cache_dir, conditioning
     )
     return path.is_file()
 
@@ -171,8 +192,13 @@ def calibrate(
     config: CalibrationConfig | None = None,
     progress: bool = True,
     checkpoints: CalibrationCheckpoints | None = None,
+    label_tokens: LabelTokens | None = None,
 ) -> CalibrationResult:
     """Quantize ``unet`` and fit the QCFS network (and its SNN at ``config.timesteps``) to reproduce it.
+
+    A class-conditional ``UNet2DModel`` is calibrated on its own samples of every label; a cross-attention
+    ``UNet2DConditionModel`` needs its ``label_tokens`` (:class:`~spiking_diffusers.LabelTokens`), and half its
+    calibration inputs carry the null token (see :mod:`spiking_diffusers.calibration.conditioning`).
 
     With ``checkpoints``, each phase saves its state there and a run with ``checkpoints.resume`` continues
     from the last one, to the same result as a run never stopped. With ``progress``, the run is timed and
@@ -181,7 +207,7 @@ def calibrate(
     """
     bars: list[CalibrationProgress] = []
     try:
-        return _calibrate(unet, scheduler_config, config, progress, checkpoints, bars)
+        return _calibrate(unet, scheduler_config, config, progress, checkpoints, bars, label_tokens)
     finally:  # an interrupted run's bar goes before its error message, not after it
         for bar in bars:
             bar.close()
@@ -194,18 +220,21 @@ def _calibrate(
     progress: bool,
     checkpoints: CalibrationCheckpoints | None,
     bars: list[CalibrationProgress],
+    label_tokens: LabelTokens | None = None,
 ) -> CalibrationResult:
     config = config or CalibrationConfig()
     config.validate()
     requested = config
-    saved = checkpoints.start(run_fingerprint(unet, scheduler_config, config)) if checkpoints else None
+    conditioning = label_conditioning(unet, label_tokens)
+    fingerprint = run_fingerprint(unet, scheduler_config, config, conditioning)
+    saved = checkpoints.start(fingerprint) if checkpoints else None
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     teacher = unet.eval()
     device = next(unet.parameters()).device
 
     # What the run will cost: timed here, scaled to the budget, shown as one progress bar with an ETA.
-    cached = samples_cached(unet, scheduler_config, config)
+    cached = samples_cached(unet, scheduler_config, config, conditioning)
     costs = _unit_costs(teacher, config, progress)
     budget = None
     if config.budget_minutes:
@@ -242,11 +271,11 @@ def _calibrate(
         return now
 
     tick = time.perf_counter()
-    x0 = calibration_data(unet, scheduler_config, config, False, bar.counter("samples"))
+    x0 = calibration_data(unet, scheduler_config, config, False, bar.counter("samples"), conditioning)
     tick = timed("samples", tick)
     generator = torch.Generator().manual_seed(config.seed)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    data = NoisedBatches(x0, noise_scheduler, generator)
+    data = NoisedBatches(x0, noise_scheduler, generator, conditioning)
 
     qnet = quantize(
         unet,
@@ -259,8 +288,10 @@ def _calibrate(
         offsets=config.offsets,
     )
     qnet.register_to_config(burst=config.resolved_burst)  # what the SNN-aware stage used: conversion's default
+    param = next(unet.parameters())
     stats_batches = [
-        (x.to(device), t.to(device), {}) for x, t in (data.sample(64) for _ in range(config.stats_batches))
+        (x.to(device), t.to(device), move_kwargs(kwargs, param))
+        for x, t, kwargs in (data.sample(64) for _ in range(config.stats_batches))
     ]
     inputs_before = collect_site_inputs(qnet, stats_batches, seed=config.seed)
     groups_before = _group_inputs(qnet, stats_batches, config.seed)
@@ -270,11 +301,11 @@ def _calibrate(
     before = _site_report(qnet, inputs_before, groups_before)
     tick = timed("statistics", tick)
 
-    calibration_set = CalibrationSet.draw(x0, noise_scheduler, config.set_size, generator)
+    calibration_set = CalibrationSet.draw(x0, noise_scheduler, config.set_size, generator, conditioning)
     if config.distill.steps or config.snn.steps:
         calibration_set.label(teacher, on_batch=bar.counter("labels"))
     tick = timed("labels", tick)
-    sweep = _Sweep(config, teacher, x0, noise_scheduler)
+    sweep = _Sweep(config, teacher, x0, noise_scheduler, conditioning)
     sweep.measure("before", qnet)
     bar.advance("sweep", 1, "noise-prediction error sweep (before)")
     sweep_s = time.perf_counter() - tick
@@ -342,13 +373,22 @@ def _calibrate(
     return CalibrationResult(qnet.eval(), report)
 
 
-def run_fingerprint(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig) -> dict[str, Any]:
-    """What a calibration's result depends on: the model, its noise schedule and every setting but the cache."""
+def run_fingerprint(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    config: CalibrationConfig,
+    conditioning: LabelConditioning | None = None,
+) -> dict[str, Any]:
+    """What a calibration's result depends on: the model (and its label conditioning), its noise schedule and
+    every setting but the cache."""
     settings = _settings(config)
     settings.pop("cache_dir")
     if settings["threshold_groups"] == 1:  # as before the setting existed: checkpoints of then still resume
         settings.pop("threshold_groups")
-    return {"model": model_fingerprint(unet), "noise_schedule": dict(scheduler_config), "settings": settings}
+    fingerprint = {"model": model_fingerprint(unet), "noise_schedule": dict(scheduler_config), "settings": settings}
+    if conditioning is not None:
+        fingerprint["conditioning"] = conditioning.fingerprint
+    return fingerprint
 
 
 def load_snn_weights_into_qcfs(snn: SpikingUNet2DModel, qnet: QCFSUNet2DModel) -> None:
@@ -396,12 +436,20 @@ class _Sweep:
     """The report's noise-prediction error sweep: the QCFS network and its SNN at ``config.timesteps``, before
     and after calibration, against the original model on the same noised calibration images."""
 
-    def __init__(self, config: CalibrationConfig, teacher: UNet2DModel, x0: torch.Tensor, noise_scheduler):
+    def __init__(
+        self,
+        config: CalibrationConfig,
+        teacher: UNet2DModel,
+        x0: torch.Tensor,
+        noise_scheduler,
+        conditioning: LabelConditioning | None = None,
+    ):
         self.config = config
         self.report: dict[str, Any] = {}
         if not config.sweep_images:
             return
-        self.inputs = sweep_inputs(x0, noise_scheduler, min(config.sweep_images, len(x0)), config.seed)
+        images = min(config.sweep_images, len(x0))
+        self.inputs = sweep_inputs(x0, noise_scheduler, images, config.seed, conditioning)
         self.reference = predict_noise(teacher, self.inputs)
         self.report = {"timesteps": self.inputs.timesteps.tolist(), "images": self.inputs.samples.shape[1]}
 

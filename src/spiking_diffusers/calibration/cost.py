@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..converter import quantize
 from ..converter.building import spatial_size
+from ..converter.probes import conditioning_kwargs, move_kwargs
 from .distill import _trainable_groups
 
 if TYPE_CHECKING:
@@ -114,9 +115,11 @@ def measure_unit_costs(teacher: UNet2DModel, config: CalibrationConfig) -> UnitC
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, unet_config.in_channels, height, width, generator=generator).to(param.device, param.dtype)
     t = torch.randint(1, 1000, (batch,), generator=generator).to(param.device)
+    # random conditioning (labels, encoder_hidden_states) of a conditional UNet: the timing does not depend on it
+    kwargs = move_kwargs(conditioning_kwargs(dict(unet_config), batch, generator), x)
     with torch.random.fork_rng(devices=[]):
         with torch.no_grad():
-            teacher_s = _timed(lambda: teacher(x, t).sample, param.device) / batch
+            teacher_s = _timed(lambda: teacher(x, t, **kwargs).sample, param.device) / batch
         qnet = quantize(
             teacher,
             levels=config.resolved_levels,
@@ -132,7 +135,7 @@ def measure_unit_costs(teacher: UNet2DModel, config: CalibrationConfig) -> UnitC
         params = [p for group in groups for p in group["params"]]
 
         def step() -> None:
-            loss = student(x, t).sample.float().pow(2).mean()
+            loss = student(x, t, **kwargs).sample.float().pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

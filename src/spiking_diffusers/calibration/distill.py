@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..converter.probes import move_kwargs
 from ..converter.qcfs import MIN_THRESHOLD
 from ..errors import NonFiniteError
 from .data import CalibrationSet, NoisedBatches
@@ -189,12 +190,13 @@ def _restore(
 
 def _draw(
     data: CalibrationSet | NoisedBatches, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A batch ``(x_t, t, target)``; ``target`` is ``None`` where the teacher must compute it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A batch ``(x_t, t, target, kwargs)``; ``target`` is ``None`` where the teacher must compute it, ``kwargs``
+    the inputs' conditioning."""
     if isinstance(data, CalibrationSet):
         return data.sample(batch_size)
-    x_t, timesteps = data.sample(batch_size)
-    return x_t, timesteps, None
+    x_t, timesteps, kwargs = data.sample(batch_size)
+    return x_t, timesteps, None, kwargs
 
 
 def distill(
@@ -242,16 +244,17 @@ def distill(
     for step in bar:
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * _lr_factor(step, settings.steps, settings.warmup_fraction)
-        x_t, timesteps, target = _draw(data, settings.batch_size)  # the whole batch, the same in every process
+        x_t, timesteps, target, kwargs = _draw(data, settings.batch_size)  # the whole batch, in every process
         x_t, timesteps = x_t[share].to(device), timesteps[share].to(device)
+        kwargs = move_kwargs({key: value[share] for key, value in kwargs.items()}, x_t)
         if target is not None:
             target = target[share].to(device)
         if target is None or use_blocks:  # the teacher runs only for what the set does not hold
             with torch.no_grad(), _maybe_record(teacher, use_blocks) as teacher_blocks:
-                output = teacher(x_t, timesteps).sample
+                output = teacher(x_t, timesteps, **kwargs).sample
             target = output if target is None else target
         with _maybe_record(student.unet, use_blocks) as blocks:
-            prediction = student(x_t, timesteps).sample
+            prediction = student(x_t, timesteps, **kwargs).sample
         # This process's part of the whole batch's loss: the parts (and their gradients) sum to the whole.
         output_loss = nn.functional.mse_loss(prediction, target) * fraction
         loss = output_loss

@@ -54,6 +54,14 @@ def noised_probe_batches(
     return batches
 
 
+def move_kwargs(kwargs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward keyword tensors (conditioning) on ``like``'s device, the floating ones (embeddings) in its dtype."""
+    return {
+        key: value.to(like.device, like.dtype) if value.is_floating_point() else value.to(like.device)
+        for key, value in kwargs.items()
+    }
+
+
 def to_device(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:

@@ -2,7 +2,9 @@
 one forward pass (its MAC count does not depend on the input).
 
 With a T schedule (T per denoising step) the counts follow it, and the report states the mean T per UNet
-evaluation, taken from the calls the SNN actually received.
+evaluation, taken from the calls the SNN actually received. A label-conditional SNN samples labels
+``0, 1, ...`` through its ``label_tokens``, with classifier-free guidance when ``guidance_scale`` != 1 (each
+denoising step then evaluates the UNet on twice the batch, and the report counts per UNet evaluation).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from torch import nn
 
 from ..converter.building import spatial_size
 from ..converter.models import SpikingUNet2DModel
+from ..converter.probes import conditioning_kwargs, move_kwargs
+from ..label_tokens import LabelTokens
 from ..pipelines import SpikingDiffusionPipeline, TSchedule
 from ..pipelines.t_schedule import mean_timesteps
 from .accounting import Accounting, OperationCounter, inner_unet
@@ -26,15 +30,20 @@ def count_sampling(
     num_images: int,
     seed: int = 0,
     snn_timesteps: int | str | list[int] | TSchedule | None = None,
+    label_tokens: LabelTokens | None = None,
+    guidance_scale: float = 1.0,
 ) -> Accounting:
     """Count the work of ``snn`` while it samples ``num_images`` images in ``steps`` denoising steps
-    (``snn_timesteps``: a T or a T schedule, as the pipeline takes it)."""
-    return _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps)[0]
+    (``snn_timesteps``: a T or a T schedule, as the pipeline takes it; ``label_tokens`` and ``guidance_scale``
+    for a label-conditional SNN)."""
+    return _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale)[0]
 
 
-def _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps) -> tuple[Accounting, float]:
+def _count_sampling(
+    snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens=None, guidance_scale=1.0
+) -> tuple[Accounting, float]:
     """The counts of a sampling run, and the mean T over its UNet evaluations (weighted by batch size)."""
-    pipe = SpikingDiffusionPipeline(unet=snn, scheduler=scheduler)
+    pipe = SpikingDiffusionPipeline(unet=snn, scheduler=scheduler, label_tokens=label_tokens)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     calls: list[tuple[int, int]] = []  # (T, batch) of every UNet evaluation
@@ -53,21 +62,32 @@ def _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps) -> t
                 num_inference_steps=steps,
                 output_type="pt",
                 spike_steps=snn_timesteps,
+                **_labels(label_tokens, num_images, guidance_scale),
             )
     finally:
         hook.remove()
     return counter.accounting, mean_timesteps([t for t, _ in calls], [b for _, b in calls])
 
 
+def _labels(label_tokens: LabelTokens | None, num_images: int, guidance_scale: float) -> dict:
+    """The pipeline's conditioning arguments: labels ``0, 1, ...`` (and the guidance) with label tokens."""
+    if label_tokens is None:
+        return {"guidance_scale": guidance_scale} if guidance_scale != 1 else {}
+    labels = torch.arange(num_images) % label_tokens.config.num_classes
+    return {"class_labels": labels, "guidance_scale": guidance_scale}
+
+
 @torch.no_grad()
 def count_forward(model: nn.Module, timestep: int = 500) -> Accounting:
-    """Count the work of one forward pass of ``model`` on one random input."""
+    """Count the work of one forward pass of ``model`` on one random input (with random conditioning for a
+    conditional UNet: the work does not depend on its values)."""
     config = inner_unet(model).config
     height, width = spatial_size(config.sample_size)
     param = next(model.parameters())
     sample = torch.randn(1, config.in_channels, height, width, device=param.device, dtype=param.dtype)
+    kwargs = move_kwargs(conditioning_kwargs(dict(config), 1, torch.Generator().manual_seed(0)), sample)
     with OperationCounter(model) as counter:
-        model(sample, torch.tensor([timestep], device=param.device))
+        model(sample, torch.tensor([timestep], device=param.device), **kwargs)
     return counter.accounting
 
 
@@ -80,13 +100,18 @@ def measure_energy(
     seed: int = 0,
     snn_timesteps: int | str | list[int] | TSchedule | None = None,
     energy_model: EnergyModel | None = None,
+    label_tokens: LabelTokens | None = None,
+    guidance_scale: float = 1.0,
 ) -> EnergyReport:
     """The energy report of a spiking UNet against its ANN over one real sampling run of the SNN.
 
     ``snn_timesteps`` overrides the model's T for this run: one T, or a T schedule (T per denoising step;
     the report then states the schedule and its mean T, and every per-step figure is a mean over the steps).
+    ``label_tokens`` and ``guidance_scale``: a label-conditional SNN samples labels 0, 1, ... with them.
     """
-    snn_counts, mean_t = _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps)
+    snn_counts, mean_t = _count_sampling(
+        snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale
+    )
     ann_counts = count_forward(ann)
     if snn_timesteps is None:
         timesteps: int | str = int(snn.config.timesteps)

@@ -7,11 +7,13 @@ each network's prediction eps(x_t, t) is compared with the ANN's: ``||eps - eps_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
+
+from ..converter.probes import move_kwargs
 
 
 def relative_error(prediction: torch.Tensor, reference: torch.Tensor) -> float:
@@ -23,10 +25,12 @@ def relative_error(prediction: torch.Tensor, reference: torch.Tensor) -> float:
 
 @dataclass
 class NoisedInputs:
-    """``samples[k]`` is the clean batch noised to diffusion timestep ``timesteps[k]``."""
+    """``samples[k]`` is the clean batch noised to diffusion timestep ``timesteps[k]``; ``conditions`` holds
+    the conditioning of each of the B images (e.g. ``encoder_hidden_states``), empty for unconditional UNets."""
 
     samples: torch.Tensor  # (K, B, C, H, W)
     timesteps: torch.Tensor  # (K,), int64
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)  # each (B, ...)
 
 
 def noised_inputs(
@@ -48,15 +52,19 @@ def noised_inputs(
 def predict_noise(unet: nn.Module, inputs: NoisedInputs, batch_size: int = 64, **forward_kwargs) -> torch.Tensor:
     """``unet``'s output on every noised input, shape ``(K, B, C, H, W)``, on the CPU in float32.
 
-    ``forward_kwargs`` go to every call (e.g. ``spike_steps=T`` for a spiking UNet).
+    ``forward_kwargs`` go to every call (e.g. ``spike_steps=T`` for a spiking UNet); each image's own
+    ``inputs.conditions`` go with it.
     """
     param = next(unet.parameters())
     out = []
     for x, t in zip(inputs.samples, inputs.timesteps, strict=True):
-        chunks = [
-            unet(chunk.to(param.device, param.dtype), t.to(param.device), **forward_kwargs).sample.float().cpu()
-            for chunk in x.split(batch_size)
-        ]
+        chunks = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start : start + batch_size].to(param.device, param.dtype)
+            conditions = move_kwargs(
+                {key: value[start : start + batch_size] for key, value in inputs.conditions.items()}, chunk
+            )
+            chunks.append(unet(chunk, t.to(param.device), **conditions, **forward_kwargs).sample.float().cpu())
         out.append(torch.cat(chunks))
     return torch.stack(out)
 

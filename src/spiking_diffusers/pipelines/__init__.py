@@ -1,6 +1,5 @@
 """Sampling with spiking UNets: the diffusers pipeline, T schedules and threshold guidance."""
 
-from .label_tokens import LabelTokens
 from .schedulers import SCHEDULERS, check_steps, make_scheduler
 from .spiking_pipeline import SpikingDiffusionPipeline, step_accepts
 from .t_schedule import SCHEDULE_FORM, TSchedule, TScheduleError
@@ -17,7 +16,6 @@ __all__ = [
     "GROUPS",
     "SCHEDULERS",
     "SCHEDULE_FORM",
-    "LabelTokens",
     "SpikingDiffusionPipeline",
     "TSchedule",
     "TScheduleError",

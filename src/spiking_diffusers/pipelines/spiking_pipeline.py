@@ -38,8 +38,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..errors import check_finite
+from ..label_tokens import LabelTokens
 from ..validation import check_int, renamed
-from .label_tokens import LabelTokens
 from .schedulers import check_steps
 from .t_schedule import TSchedule
 from .threshold_guidance import ThresholdScale, is_identity, scaled_thresholds

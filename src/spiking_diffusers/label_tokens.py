@@ -2,7 +2,8 @@
 
 A label-conditional ``UNet2DConditionModel`` needs no text encoder: one learned token per class, plus a null
 token (index ``num_classes``) that stands for "no label" and makes classifier-free guidance possible. It is a
-pipeline component like a text encoder, saved with ``save_pretrained`` next to the UNet.
+pipeline component like a text encoder, saved with ``save_pretrained`` next to the UNet; calibration uses it
+too (to sample the model and to condition its inputs), so it sits at the bottom of the layer cake.
 """
 
 from __future__ import annotations
