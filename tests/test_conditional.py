@@ -378,3 +378,19 @@ def test_calibrate_a_cross_attention_unet_with_its_label_tokens(tmp_path):
         calibrate(unet, dict(DDPMScheduler().config), config, progress=False)
     with pytest.raises(InputError, match="label_tokens apply to cross-attention UNets"):
         calibrate(make_unet(TINY_CONFIGS["attention"]), dict(DDPMScheduler().config), config, label_tokens=tokens)
+
+
+def test_onnx_graphs_take_encoder_hidden_states(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from spiking_diffusers.export.onnx_export import export_qcfs, export_snn, export_step
+
+    qnet = quantize(make_conditional(dtype=torch.float32), levels=4)
+    snn = convert(qnet, spike_steps=2)
+    checks = [export_qcfs(qnet, tmp_path / "qcfs.onnx"), export_snn(snn, tmp_path / "snn.onnx")]
+    assert checks[0].status in ("ok", "float32-sensitive") and not checks[1].failed
+    names = [graph_input.name for graph_input in onnx.load(tmp_path / "snn.onnx").graph.input]
+    assert names == ["sample", "timestep", "encoder_hidden_states"]
+    with pytest.raises(ValueError, match="single-step graph of a conditional UNet"):
+        export_step(snn, tmp_path / "step.onnx")

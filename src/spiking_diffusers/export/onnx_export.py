@@ -6,13 +6,15 @@
 - ``step``: one time step with the state as explicit inputs and outputs (see :mod:`.stepping`).
 
 All graphs take ``sample`` ``(B, C, H, W)`` float32 and ``timestep`` ``(B,)`` int64 (the diffusion
-timestep, as DDPM / DDIM schedulers give it), with a dynamic batch size B. Exported with the TorchScript-based exporter
-(``torch.onnx.export(dynamo=False)``) at opset :data:`OPSET`: the dynamo exporter produces the same
-graphs but took 25x longer on a tiny UNet at T = 4 (51 s against 2 s), most of it decomposing the T
+timestep, as DDPM / DDIM schedulers give it), with a dynamic batch size B; the ``qcfs`` and ``snn`` graphs of a
+cross-attention UNet also take ``encoder_hidden_states`` ``(B, tokens, cross_attention_dim)`` float32 (the
+token count is fixed at export, :data:`~spiking_diffusers.converter.probes.PROBE_TOKENS`). Exported with the
+TorchScript-based exporter (``torch.onnx.export(dynamo=False)``) at opset :data:`OPSET`: the dynamo exporter
+produces the same graphs but took 25x longer on a tiny UNet at T = 4 (51 s against 2 s), most of it decomposing the T
 unrolled neuron loops. Timestep-aware thresholds (K > 1) are in every graph: each picks every sample's row
-of the threshold tables from ``timestep``. Limits: unconditional UNets only (no ``class_labels`` input);
-float32; threshold guidance is baked in at export time; the batched graph's memory grows with T like the
-PyTorch model's.
+of the threshold tables from ``timestep``. Limits: no ``class_labels`` input; no single-step graph of a
+conditional UNet; float32; threshold guidance is baked in at export time; the batched graph's memory grows with
+T like the PyTorch model's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..converter.building import spatial_size
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from ..converter.probes import PROBE_TOKENS
 from ..converter.timestep_groups import schedule_length
 from ..errors import check_finite
 from .stepping import SpikingStep
@@ -46,14 +49,15 @@ UNBATCHED = ("step", "next.step")
 
 
 class _SampleOnly(nn.Module):
-    """``(sample, timestep) -> output``: the diffusers model call as a graph with plain tensor outputs."""
+    """``(sample, timestep[, encoder_hidden_states]) -> output``: the diffusers model call as a graph with plain
+    tensor outputs."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        return self.model(sample, timestep, *conditioning, return_dict=False)[0]
 
 
 @dataclass
@@ -109,14 +113,24 @@ def _float32_cpu(model: nn.Module) -> nn.Module:
     return nn.Module.to(copy.deepcopy(model), device="cpu", dtype=torch.float32).eval()
 
 
-def random_inputs(model: nn.Module, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A normal random ``sample`` and uniform random diffusion timesteps for ``model``."""
+def random_inputs(model: nn.Module, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """A normal random ``sample`` and uniform random diffusion timesteps for ``model`` (and, for a
+    cross-attention UNet, normal random ``encoder_hidden_states``), in :func:`input_names` order."""
     config = model.unet.config
     height, width = spatial_size(config.sample_size)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, config.in_channels, height, width, generator=generator)
-    timestep = torch.randint(1, config.num_train_timesteps or 1000, (batch,), generator=generator)
-    return sample, timestep
+    timestep = torch.randint(1, config.get("num_train_timesteps") or 1000, (batch,), generator=generator)
+    width = config.get("cross_attention_dim")
+    if width is None:
+        return sample, timestep
+    return sample, timestep, torch.randn(batch, PROBE_TOKENS, width, generator=generator)
+
+
+def input_names(model: nn.Module) -> list[str]:
+    """The graph inputs of the ``qcfs`` and ``snn`` graphs of ``model``."""
+    conditional = model.unet.config.get("cross_attention_dim") is not None
+    return ["sample", "timestep"] + (["encoder_hidden_states"] if conditional else [])
 
 
 def _export(module: nn.Module, inputs: tuple, path: Path, input_names: list[str], output_names: list[str]) -> None:
@@ -186,9 +200,10 @@ def _export_and_check(
     name: str, module: nn.Module, model: nn.Module, path: Path, tolerance: float | None, seed: int
 ) -> ExportCheck:
     start = time.perf_counter()
-    _export(module, random_inputs(model, 2, seed), path, ["sample", "timestep"], ["output"])
+    names = input_names(model)
+    _export(module, random_inputs(model, 2, seed), path, names, ["output"])
     seconds = time.perf_counter() - start
-    errors = _compare(path, module, random_inputs(model, 3, seed + 1), ["sample", "timestep"])
+    errors = _compare(path, module, random_inputs(model, 3, seed + 1), names)
     return ExportCheck(name, path, *errors, tolerance, 2, 3, seconds)
 
 
@@ -207,6 +222,10 @@ def export_step(snn: SpikingUNet2DModel, path: Path, seed: int = 0) -> tuple[Exp
     threshold groups a membrane starts at phi times its group's threshold, so the initial state has one row
     per group instead (row g for a sample whose timestep is in group g; see :func:`group_timesteps`).
     """
+    if snn.unet.config.get("cross_attention_dim") is not None:
+        raise ValueError(
+            "The single-step graph of a conditional UNet is not supported yet; export its qcfs and snn graphs."
+        )
     step = SpikingStep(_float32_cpu(snn)).eval()
     input_names, output_names = step_io_names(step)
     sample, timestep = random_inputs(snn, 2, seed)
