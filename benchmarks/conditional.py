@@ -24,12 +24,15 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 
 import spiking_diffusers as sdm
 from spiking_diffusers.converter import QCFSUNet2DConditionModel
-from spiking_diffusers.digits import ASSETS_DIR, DigitClassifier, load_digit_images
+from spiking_diffusers.digits import (
+    SHIPPED_CLASSIFIER_PATH,
+    SHIPPED_CONDITIONAL_PATH,
+    DigitClassifier,
+    load_digit_images,
+)
 from spiking_diffusers.energy.measure import measure_energy
 from spiking_diffusers.evaluation.report import save_grid
 from spiking_diffusers.metrics import DigitFeatures, FrechetDistance, ReferenceStatistics, paired_psnr
-
-DEFAULT_MODEL = ASSETS_DIR / "digits-conditional"
 
 
 def sample(pipe, unet, labels: torch.Tensor, guidance: float, steps: int, batch_size: int) -> torch.Tensor:
@@ -67,7 +70,9 @@ def calibrated(pipe, T: int, save_dir: str | None) -> tuple[QCFSUNet2DConditionM
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--model", default=str(DEFAULT_MODEL), help="The conditional pipeline directory (unet + label_tokens).")
+@click.option(
+    "--model", default=SHIPPED_CONDITIONAL_PATH, help="The conditional pipeline directory (unet + label_tokens)."
+)
 @click.option("--spike-steps", default="4,8", help="SNN time steps T, comma-separated.")
 @click.option("--guidance", default="1,3", help="Guidance scales, comma-separated (1: none).")
 @click.option("--num-images", default=1000, help="Samples per network and guidance (labels 0..9 in turn).")
@@ -80,7 +85,7 @@ def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, 
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.eval()
-    classifier = DigitClassifier.from_pretrained(ASSETS_DIR / "digits-classifier")
+    classifier = DigitClassifier.from_pretrained(SHIPPED_CLASSIFIER_PATH)
     features = DigitFeatures()
     fd = FrechetDistance(features, ReferenceStatistics.from_images(features, load_digit_images(16, "all")))
     labels = torch.arange(num_images) % 10

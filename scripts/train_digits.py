@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spiking_diffusers.digits import (
-    ASSETS_DIR,
     SHIPPED_CLASSIFIER_PATH,
+    SHIPPED_CONDITIONAL_PATH,
     SHIPPED_MODEL_PATH,
     DigitClassifier,
     load_digit_dataset,
@@ -100,7 +100,6 @@ CONDITIONAL_UNET_CONFIG: dict[str, Any] = {
 LABEL_DROPOUT = 0.1
 """Share of training samples whose label is replaced by the null token (classifier-free guidance)."""
 GUIDANCE_SCALE = 3.0
-CONDITIONAL_MODEL_PATH = ASSETS_DIR / "digits-conditional"
 PRESETS = {
     "shipped": (UNET_CONFIG, SCHEDULER_CONFIG),
     # The label-conditional model (UNet2DConditionModel + LabelTokens), shipped as assets/digits-conditional.
@@ -444,7 +443,7 @@ def evaluate(unet: Any, scheduler_config: Any, classifier: DigitClassifier, n: i
     "--ddpm-out",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Where the DDPM goes (default: {SHIPPED_MODEL_PATH}, or {CONDITIONAL_MODEL_PATH} for --preset conditional).",
+    help="Where the DDPM goes (default: the shipped digits-ddpm, or digits-conditional for --preset conditional).",
 )
 @click.option(
     "--samples-png",
@@ -489,7 +488,7 @@ def main(
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     conditional = preset == "conditional"
-    ddpm_out = ddpm_out or Path(CONDITIONAL_MODEL_PATH if conditional else SHIPPED_MODEL_PATH)
+    ddpm_out = ddpm_out or Path(SHIPPED_CONDITIONAL_PATH if conditional else SHIPPED_MODEL_PATH)
     name = "digits_conditional_samples.png" if conditional else "digits_samples.png"
     samples_png = samples_png or REPO_ROOT / "docs" / name
 

@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "ASSETS_DIR",
     "SHIPPED_CLASSIFIER_PATH",
+    "SHIPPED_CONDITIONAL_PATH",
     "SHIPPED_MODEL_PATH",
     "DigitClassifier",
     "load_digit_dataset",
@@ -39,6 +40,10 @@ ASSETS_DIR: Path = Path(__file__).resolve().parent / "assets"
 # Plain strings, not Paths: diffusers' ``from_pretrained`` accepts only ``str``.
 SHIPPED_MODEL_PATH: str = str(ASSETS_DIR / "digits-ddpm")
 """The shipped ``DDPMPipeline`` directory (16x16, 1 channel, 1000-step DDPM scheduler)."""
+
+SHIPPED_CONDITIONAL_PATH: str = str(ASSETS_DIR / "digits-conditional")
+"""The shipped label-conditional ``SpikingDiffusionPipeline`` directory (a ``UNet2DConditionModel`` and its
+``LabelTokens``; 16x16, 1 channel, classifier-free guidance against the null token)."""
 
 SHIPPED_CLASSIFIER_PATH: str = str(ASSETS_DIR / "digits-classifier")
 """The shipped :class:`DigitClassifier` directory (``config.json`` + ``model.safetensors``)."""
