@@ -59,7 +59,7 @@ def test_convert_google_layout_writes_a_loadable_spiking_pipeline(snn_dir):
     assert type(pipe) is SpikingDiffusionPipeline
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     unet = SpikingUNet2DModel.from_pretrained(snn_dir, subfolder="unet")
-    assert (unet.config.timesteps, unet.config.levels, unet.config.burst) == (2, 4, 2)  # default: burst B = 2, L = BT
+    assert (unet.config.timesteps, unet.config.levels, unet.config.burst) == (2, 8, 4)  # default: burst B = 4, L = BT
     report = json.loads((snn_dir / "conversion.json").read_text())
     calibration = json.loads((snn_dir / "calibration_report.json").read_text())
     assert len(calibration["loss_curves"]["distill"]) == 3 and (snn_dir / "calibration.png").is_file()

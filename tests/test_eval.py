@@ -54,7 +54,7 @@ def test_sdm_eval_writes_report_table_and_grid(ann_dir, cache_dir, tmp_path) -> 
 
     report = json.loads((out / "report.json").read_text())
     names = [row["name"] for row in report["variants"]]
-    assert names == ["ANN", "QCFS L=2", "SNN T=1", "QCFS L=4", "SNN T=2"]  # default: burst B = 2, L = BT
+    assert names == ["ANN", "QCFS L=4", "SNN T=1", "QCFS L=8", "SNN T=2"]  # default: burst B = 4, L = BT
     assert report["noise_timesteps"] == [1, 500, 999]
     assert report["settings"]["scheduler"] == "ddim" and report["settings"]["num_images"] == 6
     assert report["settings"]["real_reference_images"] == 1797
@@ -69,7 +69,7 @@ def test_sdm_eval_writes_report_table_and_grid(ann_dir, cache_dir, tmp_path) -> 
     assert any("1000" in warning for warning in report["warnings"])
 
     table = (out / "report.md").read_text()
-    assert "| SNN T=2 | 4 | 2 |" in table and "FD / ANN" in table  # L = BT with the default burst B = 2
+    assert "| SNN T=2 | 8 | 2 |" in table and "FD / ANN" in table  # L = BT with the default burst B = 4
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Wrote" in result.output
 

@@ -50,10 +50,10 @@ from .data import (
 from .distill import DistillHistory, DistillSettings, distill
 from .sweep import error_sweep, sweep_inputs
 
-DEFAULT_BURST = 2
-"""Spikes per time step of the default (plain IF) neurons: B = 2 reaches 2T levels in T steps. Measured to
-beat one spike per step at the same T by 3 dB of paired PSNR on both digits DDPMs, for about 8 % more energy
-(benchmarks/low_t.py; docs/calibration.md, "Burst neurons")."""
+DEFAULT_BURST = 4
+"""Spikes per time step of the default (plain IF) neurons: B = 4 reaches 4T levels in T steps. Measured on both
+digits DDPMs at T = 4: 5 dB of paired PSNR over one spike per step and 2 dB over B = 2, for 25 % and 16 % more
+energy (benchmarks/low_t.py; docs/calibration.md, "Burst neurons")."""
 
 
 @dataclass
