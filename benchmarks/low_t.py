@@ -11,15 +11,15 @@ Rows (``--rows``, comma-separated keys):
 
 - ``before``: the previous default: plain IF neurons (one spike per step), 2000 distillation steps;
 - ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
-- ``default``: today's default, burst neurons (B = 2, L = 2T) through the SNN-aware stage;
+- ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage;
+- ``burst2`` / ``burst3``: burst neurons with B = 2 (the previous default) / B = 3;
 - ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
   channel (SiLU's negative lobe) / K = 4 timestep-aware thresholds / signed IF / residual spikes (signed
   encoders in front of the real-valued layers; issue 13);
 - ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
   to burst neurons (B = 2) afterwards (the first burst measurement);
-- ``default_offsets`` / ``default_residual``: the default + offsets / + residual spikes (burst encoders);
-- ``burst3`` / ``burst4`` / ``burst4_residual``: more spikes per step (B = 3, 4; L = B x T), the last with
-  residual spikes;
+- ``default_offsets`` / ``default_residual`` / ``burst2_residual``: the default + offsets / + residual spikes
+  (burst encoders) / B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
@@ -71,7 +71,9 @@ RECIPES = {
         dataclasses.replace(PLAIN, distill=dataclasses.replace(PLAIN.distill, steps=2000)),
     ),
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
-    "default": Recipe("default: burst B = 2 (L = 2T)", DEFAULT),
+    "default": Recipe("default: burst B = 4 (L = 4T)", DEFAULT),
+    "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(DEFAULT, burst=2)),
+    "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(DEFAULT, burst=3)),
     "offsets": Recipe("plain + offsets", dataclasses.replace(PLAIN, offsets=True)),
     "groups4": Recipe("plain + K = 4 threshold groups", dataclasses.replace(PLAIN, threshold_groups=4)),
     "burst2_after": Recipe("plain, L = 2T, burst B = 2 after", dataclasses.replace(PLAIN, burst=2), burst_after=2),
@@ -85,10 +87,8 @@ RECIPES = {
         burst_after=2,
     ),
     "default_residual": Recipe("default + residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
-    "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(DEFAULT, burst=3)),
-    "burst4": Recipe("burst B = 4 (L = 4T)", dataclasses.replace(DEFAULT, burst=4)),
-    "burst4_residual": Recipe(
-        "burst B = 4 + residual spikes", dataclasses.replace(DEFAULT, burst=4, residual_spikes=True)
+    "burst2_residual": Recipe(
+        "burst B = 2 + residual spikes", dataclasses.replace(DEFAULT, burst=2, residual_spikes=True)
     ),
 }
 
@@ -195,7 +195,7 @@ def markdown(rows: list[dict]) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--model", default=None, help="ANN directory (default: the shipped digits DDPM).")
-@click.option("--rows", default="before,default,offsets,groups4,burst2,signed,schedule", help="Which rows, in order.")
+@click.option("--rows", default="before,burst2,default,offsets,groups4,signed,schedule", help="Which rows, in order.")
 @click.option("-T", "--spike-steps", "timesteps", default=4, help="SNN time steps T of every row.")
 @click.option("--schedule", default="4,12x2", help="The T schedule of the schedule row.")
 @click.option("--num-images", default=1000, help="Samples per network.")
