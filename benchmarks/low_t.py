@@ -11,15 +11,15 @@ Rows (``--rows``, comma-separated keys):
 
 - ``before``: the previous default: plain IF neurons (one spike per step), 2000 distillation steps;
 - ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
-- ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage;
-- ``burst2`` / ``burst3``: burst neurons with B = 2 (the previous default) / B = 3;
+- ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage, with residual spikes
+  (burst encoders);
+- ``burst4`` / ``burst2`` / ``burst3``: burst neurons with B = 4, 2 (a previous default) or 3, no residual spikes;
 - ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
   channel (SiLU's negative lobe) / K = 4 timestep-aware thresholds / signed IF / residual spikes (signed
   encoders in front of the real-valued layers; issue 13);
 - ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
   to burst neurons (B = 2) afterwards (the first burst measurement);
-- ``default_offsets`` / ``default_residual`` / ``burst2_residual``: the default + offsets / + residual spikes
-  (burst encoders) / B = 2 + residual spikes;
+- ``default_offsets`` / ``burst2_residual``: B = 4 + offsets / B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
@@ -64,20 +64,22 @@ class Recipe:
     calibrated_as: str | None = None  # the row whose saved QCFS network this one reuses
 
 
-PLAIN = dataclasses.replace(DEFAULT, burst=1)
+PLAIN = dataclasses.replace(DEFAULT, burst=1, residual_spikes=False)
+BURST = dataclasses.replace(DEFAULT, residual_spikes=False)  # burst neurons, real values on the residual stream
 RECIPES = {
     "before": Recipe(
         "before: plain IF, 2000 steps",
         dataclasses.replace(PLAIN, distill=dataclasses.replace(PLAIN.distill, steps=2000)),
     ),
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
-    "default": Recipe("default: burst B = 4 (L = 4T)", DEFAULT),
-    "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(DEFAULT, burst=2)),
-    "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(DEFAULT, burst=3)),
+    "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes", DEFAULT),
+    "burst4": Recipe("burst B = 4 (L = 4T)", BURST),
+    "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(BURST, burst=2)),
+    "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(BURST, burst=3)),
     "offsets": Recipe("plain + offsets", dataclasses.replace(PLAIN, offsets=True)),
     "groups4": Recipe("plain + K = 4 threshold groups", dataclasses.replace(PLAIN, threshold_groups=4)),
     "burst2_after": Recipe("plain, L = 2T, burst B = 2 after", dataclasses.replace(PLAIN, burst=2), burst_after=2),
-    "default_offsets": Recipe("default + offsets", dataclasses.replace(DEFAULT, offsets=True)),
+    "default_offsets": Recipe("burst B = 4 + offsets", dataclasses.replace(BURST, offsets=True)),
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
     "residual": Recipe("plain + residual spikes", dataclasses.replace(PLAIN, residual_spikes=True)),
@@ -86,7 +88,6 @@ RECIPES = {
         dataclasses.replace(PLAIN, burst=2, residual_spikes=True),
         burst_after=2,
     ),
-    "default_residual": Recipe("default + residual spikes", dataclasses.replace(DEFAULT, residual_spikes=True)),
     "burst2_residual": Recipe(
         "burst B = 2 + residual spikes", dataclasses.replace(DEFAULT, burst=2, residual_spikes=True)
     ),

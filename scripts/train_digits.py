@@ -99,7 +99,11 @@ CONDITIONAL_UNET_CONFIG: dict[str, Any] = {
 }
 LABEL_DROPOUT = 0.1
 """Share of training samples whose label is replaced by the null token (classifier-free guidance)."""
-GUIDANCE_SCALE = 3.0
+GUIDANCE_SCALE = 1.5
+"""The guidance of the sample grid: on the shipped model (DDIM 50, 1000 samples) w = 1 already draws the asked-for
+digit 98.6 % of the time (FD 0.60) and w = 1.5 98.8 % (FD 2.30), while w = 3 over-saturates this small model
+(31.8 %, FD 40)."""
+EVAL_GUIDANCE = (1.0, GUIDANCE_SCALE, 3.0)
 PRESETS = {
     "shipped": (UNET_CONFIG, SCHEDULER_CONFIG),
     # The label-conditional model (UNet2DConditionModel + LabelTokens), shipped as assets/digits-conditional.
@@ -363,12 +367,12 @@ def conditional_samples(
 
 
 def evaluate_conditional(pipe: Any, classifier: DigitClassifier, n: int, seed: int) -> dict[str, Any]:
-    """FD to the real digits and conditional accuracy (classifier agrees with the requested label),
-    without guidance and with :data:`GUIDANCE_SCALE`."""
+    """FD to the real digits and conditional accuracy (classifier agrees with the requested label) at each
+    guidance scale of :data:`EVAL_GUIDANCE` (1: none)."""
     with torch.no_grad():
         real = classifier.features(load_digit_images(IMAGE_SIZE, "all")).double().numpy()
     metrics: dict[str, Any] = {"n_samples": n, "sampler": "DDIM 50 steps, eta 0"}
-    for scale in (1.0, GUIDANCE_SCALE):
+    for scale in EVAL_GUIDANCE:
         samples, labels = conditional_samples(pipe, n, seed, scale)
         with torch.no_grad():
             features = classifier.features(samples).double().numpy()

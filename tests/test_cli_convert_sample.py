@@ -59,13 +59,15 @@ def test_convert_google_layout_writes_a_loadable_spiking_pipeline(snn_dir):
     assert type(pipe) is SpikingDiffusionPipeline
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     unet = SpikingUNet2DModel.from_pretrained(snn_dir, subfolder="unet")
-    assert (unet.config.timesteps, unet.config.levels, unet.config.burst) == (2, 8, 4)  # default: burst B = 4, L = BT
+    config = unet.config  # default: burst B = 4, L = BT, residual spikes
+    assert (config.timesteps, config.levels, config.burst, config.residual_spikes) == (2, 8, 4, True)
     report = json.loads((snn_dir / "conversion.json").read_text())
     calibration = json.loads((snn_dir / "calibration_report.json").read_text())
     assert len(calibration["loss_curves"]["distill"]) == 3 and (snn_dir / "calibration.png").is_file()
     assert sum(report["summary"]["sites"].values()) == len(unet.sites())
     assert report["summary"]["sites"]["time-embedding IF"] > 0
-    assert report["summary"]["nonlinear_ops"] == {"Attention": 4, "GroupNorm": 17}
+    # residual spikes split each attention at its projections: its GroupNorm and its core are compensated apart
+    assert report["summary"]["nonlinear_ops"] == {"AttentionCore": 4, "GroupNorm": 21}
     assert [row["t"] for row in report["fidelity"]] == [50, 250, 500, 750, 950]
     assert all(np.isfinite(row["snn_vs_ann"]) for row in report["fidelity"])
 

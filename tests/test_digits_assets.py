@@ -12,6 +12,7 @@ pytest.importorskip("sklearn")
 
 from spiking_diffusers.digits import (
     SHIPPED_CLASSIFIER_PATH,
+    SHIPPED_CONDITIONAL_PATH,
     SHIPPED_MODEL_PATH,
     DigitClassifier,
     load_digit_dataset,
@@ -124,3 +125,24 @@ def test_classifier_save_load_roundtrip(tmp_path: Path) -> None:
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     assert torch.equal(model(x), loaded(x))
     assert torch.equal(model.features(x), loaded.features(x))
+
+
+def test_shipped_conditional_model_draws_the_digit_it_is_asked_for(classifier: DigitClassifier) -> None:
+    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    from spiking_diffusers import LabelTokens, SpikingDiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(SHIPPED_CONDITIONAL_PATH)
+    assert isinstance(pipe, SpikingDiffusionPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.label_tokens, LabelTokens) and pipe.label_tokens.config.num_classes == 10
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(20) % 10
+    generators = [torch.Generator().manual_seed(i) for i in range(20)]
+    images = pipe(batch_size=20, generator=generators, num_inference_steps=10, output_type="pt",
+                  class_labels=labels, guidance_scale=1.5).images * 2 - 1  # fmt: skip
+    with torch.no_grad():
+        predicted = classifier.predict_proba(images).argmax(-1)
+    assert (predicted == labels).float().mean() >= 0.8
+    info = json.loads((Path(SHIPPED_CONDITIONAL_PATH) / "training.json").read_text())
+    assert info["preset"] == "conditional" and info["eval"]["guidance_1"]["conditional_accuracy"] > 0.95

@@ -245,7 +245,8 @@ def residual_spikes_option() -> Callable:
         default=None,
         help="Quantize an ANN with signed spike encoders in front of the layers that read real values (the "
         "shortcut, down- and up-sampling convolutions on the residual stream, the attention projections), so "
-        "that the SNN feeds them spikes [default: off for an ANN; a QCFS or spiking model keeps its own].",
+        "that the SNN feeds them spikes [default: on for an ANN that is calibrated, off with --no-calibrate; a QCFS or "
+        "spiking model keeps its own].",
     )
 
 
@@ -353,7 +354,8 @@ def calibration_config(
         return None
     config = CalibrationConfig(num_samples=calibration_samples, budget_minutes=budget_minutes)
     config.neuron = neuron or config.neuron
-    config.residual_spikes = bool(residual_spikes)
+    if residual_spikes is not None:  # else the recipe's default (on where supported)
+        config.residual_spikes = residual_spikes
     config.threshold_groups = threshold_groups or config.threshold_groups
     config.burst = burst
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)

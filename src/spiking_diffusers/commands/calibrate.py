@@ -200,7 +200,7 @@ def build_config(
         per_channel=per_channel,
         neuron=neuron,
         burst=burst,
-        residual_spikes=bool(residual_spikes),
+        residual_spikes=residual_spikes,  # None: the recipe's default (on for a UNet2DModel)
         threshold_groups=threshold_groups,
         offsets=bool(offsets),
         threshold_init=threshold_init,

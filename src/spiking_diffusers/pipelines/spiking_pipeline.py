@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..converter.building import spatial_size
@@ -65,7 +65,7 @@ class SpikingDiffusionPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel,
+        unet: UNet2DModel | UNet2DConditionModel | QCFSUNet2DModel | SpikingUNet2DModel,
         scheduler: SchedulerMixin,
         label_tokens: LabelTokens | None = None,
     ):
