@@ -5,12 +5,13 @@ converted (IF neurons, compensated GroupNorm / attention, batched execution) and
 every layer's work is counted (``spiking_diffusers.energy``). The cifar10 architecture has random weights:
 its firing rates are those of an untrained network, its operation counts those of the real model.
 
-With ``--residual-spikes`` the QCFS networks carry signed input encoders on the convolutions that read the
-residual stream and on the attention projections (``quantize(..., residual_spikes=True)``), so the spiking
-networks feed those layers spikes.
+``--burst B`` quantizes at L = B x T and converts to burst neurons (and burst encoders), as the default recipe
+does with B = 4. With ``--residual-spikes`` the QCFS networks carry signed input encoders on the convolutions
+that read the residual stream and on the attention projections (``quantize(..., residual_spikes=True)``), so the
+spiking networks feed those layers spikes.
 
     python benchmarks/energy.py [--steps 20] [--num-images 2] [--timesteps 4 8] [--models digits cifar10]
-                                [--residual-spikes]
+                                [--residual-spikes] [--burst 4]
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--num-images", default=2, help="Images sampled while counting.")
 @click.option("--output", default=None, type=click.Path(), help="Also write the rows as JSON here.")
 @click.option("--residual-spikes/--no-residual-spikes", default=False, help="Spike encoders on real-input layers.")
-def main(models, timesteps, steps, num_images, output, residual_spikes) -> None:
+@click.option("--burst", default=1, help="Spikes per step B of the neurons and encoders (L = B x T).")
+def main(models, timesteps, steps, num_images, output, residual_spikes, burst) -> None:
     torch.set_num_threads(1)
     rows = []
     for name in models:
@@ -91,9 +93,8 @@ def main(models, timesteps, steps, num_images, output, residual_spikes) -> None:
         ann, scheduler_config = model
         for T in timesteps:
             start = time.perf_counter()
-            snn = convert(
-                calibrate_or_quantize(ann, levels=T, timesteps=T, residual_spikes=residual_spikes).qnet, timesteps=T
-            )
+            qnet = calibrate_or_quantize(ann, levels=burst * T, timesteps=T, residual_spikes=residual_spikes).qnet
+            snn = convert(qnet, spike_steps=T, burst=burst)
             scheduler = make_scheduler("ddim", scheduler_config)
             report = measure_energy(snn, ann, scheduler, steps, num_images=num_images, seed=0)
             rows.append(row(name, report, residual_spikes))
