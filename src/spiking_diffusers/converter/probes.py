@@ -66,8 +66,8 @@ def to_device(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, dict]], device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Move ``(sample, timestep, kwargs)`` batches to a device; samples (and float kwargs) to ``dtype``."""
-
-    def move(value):
-        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
-
-    return [(move(x), t.to(device), {k: move(v) for k, v in kw.items()}) for x, t, kw in batches]
+    moved = []
+    for x, t, kw in batches:
+        x = x.to(device, dtype)
+        moved.append((x, t.to(device), move_kwargs(kw, x)))
+    return moved
