@@ -25,14 +25,18 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 import spiking_diffusers as sdm
 from spiking_diffusers.converter import QCFSUNet2DConditionModel
 from spiking_diffusers.digits import (
-    SHIPPED_CLASSIFIER_PATH,
     SHIPPED_CONDITIONAL_PATH,
-    DigitClassifier,
     load_digit_images,
 )
 from spiking_diffusers.energy.measure import measure_energy
 from spiking_diffusers.evaluation.report import save_grid
-from spiking_diffusers.metrics import DigitFeatures, FrechetDistance, ReferenceStatistics, paired_psnr
+from spiking_diffusers.metrics import (
+    ConditionalAccuracy,
+    DigitFeatures,
+    FrechetDistance,
+    ReferenceStatistics,
+    paired_psnr,
+)
 
 
 def sample(pipe, unet, labels: torch.Tensor, guidance: float, steps: int, batch_size: int) -> torch.Tensor:
@@ -85,7 +89,6 @@ def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, 
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.eval()
-    classifier = DigitClassifier.from_pretrained(SHIPPED_CLASSIFIER_PATH)
     features = DigitFeatures()
     fd = FrechetDistance(features, ReferenceStatistics.from_images(features, load_digit_images(16, "all")))
     labels = torch.arange(num_images) % 10
@@ -96,9 +99,10 @@ def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, 
         snns[T] = (sdm.convert(qnet, spike_steps=T), seconds)
         click.echo(f"calibrated at T = {T} in {seconds:.0f} s on {torch.get_num_threads()} thread(s)", err=True)
 
+    judge = ConditionalAccuracy()
+
     def accuracy(images: torch.Tensor) -> float:
-        with torch.no_grad():
-            return (classifier.predict_proba(images).argmax(-1) == labels).float().mean().item()
+        return judge(images, labels)
 
     rows, pictures = [], {}
     for scale in (float(g) for g in guidance.split(",")):

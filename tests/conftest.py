@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 _TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1)
 
@@ -111,3 +112,54 @@ def save_digit_sized_models(root: Path) -> dict[str, Path]:
     snn = convert(quantize(unet, levels=2), timesteps=2)
     SpikingDiffusionPipeline(unet=snn, scheduler=DDPMScheduler()).save_pretrained(root / "snn")
     return {"ann": root / "ann", "snn": root / "snn", "cache": root / "cache"}
+
+
+# --- conditional (Stable-Diffusion-style) UNets --------------------------------------------------------
+
+CROSS = 12
+
+
+def make_conditional(seed: int = 0, dtype=torch.float64, **overrides) -> UNet2DConditionModel:
+    """A tiny Stable-Diffusion-style UNet: cross-attention down, mid and up blocks, GEGLU feed-forwards."""
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).to(dtype).eval()
+
+
+def tiny_text_encoder(root: Path):
+    """A CLIP text encoder with random weights and a tokenizer over a tiny local vocabulary (no download)."""
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=CROSS, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.CLIPTextModel(config).eval(), tokenizer
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A one-level VAE with random weights, latent channels 4 (the tiny Stable Diffusion pipeline's)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4, norm_num_groups=8, sample_size=8,
+    ).eval()  # fmt: skip

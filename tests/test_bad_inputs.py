@@ -112,6 +112,11 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     )  # fmt: skip
     conditional.save_pretrained(root / "conditional")
     paths["conditional"] = root / "conditional"
+    unsupported = root / "unet3d"
+    conditional.save_pretrained(unsupported)
+    config = json.loads((unsupported / "config.json").read_text())
+    (unsupported / "config.json").write_text(json.dumps(config | {"_class_name": "UNet3DConditionModel"}))
+    paths["unet3d"] = unsupported
     paths["two_channels"] = _save_pipeline(make_unet(dict(UNET, in_channels=2, out_channels=2)).float(), root / "c2")
 
     snn = convert(quantize(unet, levels=2), timesteps=2)
@@ -195,7 +200,7 @@ MODEL_CASES = [
     ("not a diffusers model", ["--model", "{not_model}"], 2, "is not a diffusers model"),
     ("truncated safetensors", ["--model", "{truncated}"], 1, "Could not load the weights"),
     ("corrupted safetensors", ["--model", "{corrupt}"], 1, "Could not load the weights"),
-    ("UNet2DConditionModel", ["--model", "{conditional}"], 2, "holds a UNet2DConditionModel"),
+    ("unsupported UNet class", ["--model", "{unet3d}"], 2, "holds a UNet3DConditionModel"),
     ("NaN weights", ["--model", "{nan}"], 1, "non-finite weights"),
     ("Inf weights", ["--model", "{inf}"], 1, "non-finite weights"),
     ("output is a file", ["--output", "{file}"], 2, "is a file"),
@@ -225,6 +230,22 @@ CASES += [
 CASES += [(command, "L = 0", ["-L", "0"], 2, f"0 {T_RANGE}") for command in WITH_LEVELS]
 CASES += [(command, "L = 10^5", ["-L", "100000"], 2, f"100000 {T_RANGE} (L levels take") for command in WITH_LEVELS]
 CASES += [("eval", "T list with 0", ["-T", "2,0"], 2, "expected integers >= 1")]
+CASES += [  # a cross-attention UNet without label tokens is conditioned on text: the commands take no prompts
+    ("convert", "calibrate a text-conditioned UNet", ["--model", "{conditional}", "--calibrate"], 2, "needs prompts"),
+    ("calibrate", "calibrate a text-conditioned UNet", ["--model", "{conditional}"], 2, "needs prompts"),
+    *[
+        (command, "text-conditioned UNet", ["--model", "{conditional}"], 2, "conditioned on text")
+        for command in ("sample", "eval", "energy")
+    ],
+    *[
+        (command, "guidance without label tokens", ["--guidance-scale", "2"], 2, "needs a label-conditional model")
+        for command in ("sample", "eval", "energy")
+    ],
+    *[
+        (command, "labels for an unconditional model", ["--class-labels", "1"], 2, "takes no class labels")
+        for command in ("sample", "eval")
+    ],
+]
 CASES += [
     ("sample", "T = 0", ["--model", "{snn}", "--snn-timesteps", "0"], 2, f"0 {T_RANGE}"),
     ("sample", "T = 10^6", ["--model", "{snn}", "--snn-timesteps", "1000000"], 2, f"1000000 {T_RANGE}"),

@@ -5,22 +5,19 @@ pipeline, and the errors for inputs the models refuse."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.attention import FeedForward
 
-from conftest import TINY_CONFIGS, make_unet, relative_error
+from conftest import CROSS, TINY_CONFIGS, make_conditional, make_unet, relative_error, tiny_text_encoder, tiny_vae
 from spiking_diffusers import (
     CalibrationConfig,
     LabelTokens,
@@ -43,27 +40,6 @@ from spiking_diffusers.converter.sites import iter_site_specs
 from spiking_diffusers.converter.temporal import TemporalOp
 from spiking_diffusers.energy.accounting import GROUPNORM_OPS, OperationCounter
 from spiking_diffusers.errors import InputError
-
-CROSS = 12
-
-
-def make_conditional(seed: int = 0, dtype=torch.float64, **overrides) -> UNet2DConditionModel:
-    """A tiny Stable-Diffusion-style UNet: cross-attention down, mid and up blocks, GEGLU feed-forwards."""
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config).to(dtype).eval()
 
 
 def inputs(unet, batch: int = 2, tokens: int = 5, seed: int = 0) -> tuple:
@@ -158,30 +134,9 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
     assert torch.equal(run(snn.to_qcfs(), unet), run(qnet, unet))
 
 
-def _tiny_text_encoder(root):
-    """A CLIP text encoder with random weights and a tokenizer over a tiny local vocabulary (no download)."""
-    transformers = pytest.importorskip("transformers")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=CROSS, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.CLIPTextModel(config).eval(), tokenizer
-
-
 def test_stock_stable_diffusion_pipeline_samples_with_the_spiking_unet_and_reloads(tmp_path):
-    text_encoder, tokenizer = _tiny_text_encoder(tmp_path)
-    vae = AutoencoderKL(
-        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4, norm_num_groups=8, sample_size=8,
-    ).eval()  # fmt: skip
+    text_encoder, tokenizer = tiny_text_encoder(tmp_path)
+    vae = tiny_vae()
     snn = convert(quantize(make_conditional(dtype=torch.float32), levels=4), spike_steps=4)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=snn, scheduler=DDIMScheduler(),

@@ -385,6 +385,13 @@ def conversion_source(
         offsets = resolve_offsets(offsets, loaded)
     if residual_spikes is not None:
         residual_spikes = resolve_residual_spikes(residual_spikes, loaded)
+    if calibration is not None and loaded.kind == "ann" and loaded.text_conditioned:
+        raise CommandError(
+            f"{loaded.source}: calibrating a text-conditioned UNet needs prompts, which the commands do not take "
+            "yet; pass --no-calibrate (percentile thresholds on random encoder_hidden_states), or calibrate in "
+            "Python (docs/conditional.md).",
+            2,
+        )
     try:
         source = qcfs_network(
             loaded.unet,
@@ -398,6 +405,7 @@ def conversion_source(
             progress=distributed.is_main_process(),
             threshold_groups=threshold_groups,
             offsets=offsets,
+            label_tokens=loaded.label_tokens,
         )
     except ConversionSourceError as err:
         raise CommandError(f"{loaded.source}: {err} Leave the option out to use the model's own.", 2) from err
@@ -437,6 +445,66 @@ def check_scheduler_steps(scheduler: Any, steps: int, option: str) -> None:
 def option_given(name: str) -> bool:
     """Whether the running command's option ``name`` was passed on the command line (not left at its default)."""
     return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
+def class_labels_option() -> Callable:
+    """``--class-labels 0,1,...``: the labels of a class- or label-conditional model, image i taking label
+    ``i mod count`` (see :func:`resolve_class_labels`)."""
+    return click.option(
+        "--class-labels",
+        default=None,
+        metavar="C[,C...]",
+        help="Conditional models: image i gets label C[i mod count] [default: every class in turn, 0, 1, ...].",
+    )
+
+
+def num_classes(loaded: LoadedModel) -> int | None:
+    """How many class labels ``loaded`` takes: its label tokens' classes, or a class-conditional UNet's
+    ``num_class_embeds``; ``None`` for a model without labels."""
+    if loaded.label_tokens is not None:
+        return int(loaded.label_tokens.config.num_classes)
+    config = loaded.unet.config
+    own = config.get("unet_config", config)  # a QCFS or spiking model keeps the original's config
+    count = own.get("num_class_embeds")
+    return int(count) if count else None
+
+
+def resolve_class_labels(value: str | None, loaded: LoadedModel, option: str = "--class-labels") -> list[int] | None:
+    """The labels to cycle through for ``loaded``: ``value`` checked against its classes, every class in turn
+    when not given, ``None`` for a model that takes none. A text-conditioned model is a usage error (the
+    commands take no prompts)."""
+    if loaded.text_conditioned:
+        raise CommandError(
+            f"{loaded.source} is conditioned on text (a cross-attention UNet without label tokens): the commands "
+            "take no prompts; sample it with diffusers' DiffusionPipeline.from_pretrained (docs/conditional.md).",
+            2,
+        )
+    count = num_classes(loaded)
+    if count is None:
+        if value is not None:
+            raise CommandError(f"{option}: {loaded.source} is unconditional; it takes no class labels.", 2)
+        return None
+    if value is None:
+        return list(range(count))
+    try:
+        labels = [int(item) for item in value.split(",") if item.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from err
+    if not labels or min(labels) < 0 or max(labels) >= count:
+        raise click.BadParameter(
+            f"expected labels in 0..{count - 1} ({loaded.source} has {count} classes), got {value!r}", param_hint=option
+        )
+    return labels
+
+
+def check_guidance(scales: list[float], loaded: LoadedModel, option: str = "--guidance-scale") -> None:
+    """Classifier-free guidance (a scale other than 1) needs a null condition: label tokens."""
+    if any(scale != 1 for scale in scales) and loaded.label_tokens is None:
+        raise CommandError(
+            f"{option}: classifier-free guidance needs a label-conditional model (a cross-attention UNet with "
+            f"label_tokens, whose null token is the unconditional input); {loaded.source} has none. Leave it at 1.",
+            2,
+        )
 
 
 def parse_float_list(value: str, name: str, positive: bool = True) -> list[float]:

@@ -2,8 +2,11 @@
 
 Two layouts are met in practice: a saved pipeline (``model_index.json`` with ``unet/`` and ``scheduler/``)
 and the google/ddpm-* repositories (the UNet's ``config.json`` and weights at the root, beside
-``scheduler_config.json``). Both load here, for an original ``UNet2DModel`` and for this package's QCFS and
-spiking models. Every expected mistake raises :class:`ModelLoadError` with one line that says what to do.
+``scheduler_config.json``). Both load here, for an original ``UNet2DModel`` or ``UNet2DConditionModel`` and
+for this package's QCFS and spiking versions of them. A pipeline's conditioning comes along: its
+``label_tokens`` (a label-conditional model) are loaded; other components (a Stable Diffusion pipeline's
+``text_encoder``, ``tokenizer``, ``vae``...) are only named, for ``sdm-convert`` to copy. Every expected mistake
+raises :class:`ModelLoadError` with one line that says what to do.
 """
 
 from __future__ import annotations
@@ -16,12 +19,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
-from .converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from .converter.models import (
+    QCFSUNet2DConditionModel,
+    QCFSUNet2DModel,
+    SpikingUNet2DConditionModel,
+    SpikingUNet2DModel,
+)
 from .errors import SdmError
+from .label_tokens import LabelTokens
 
-UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, QCFSUNet2DModel, SpikingUNet2DModel)}
+UNET_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        UNet2DModel,
+        QCFSUNet2DModel,
+        SpikingUNet2DModel,
+        UNet2DConditionModel,
+        QCFSUNet2DConditionModel,
+        SpikingUNet2DConditionModel,
+    )
+}
+CONDITIONAL_CLASSES = (UNet2DConditionModel, QCFSUNet2DConditionModel, SpikingUNet2DConditionModel)
+OWN_COMPONENTS = ("unet", "scheduler", "label_tokens")
+"""The pipeline components the commands load themselves; any other one is carried along unchanged."""
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -37,11 +59,29 @@ class ModelLoadError(SdmError, ValueError):
 
 @dataclass
 class LoadedModel:
-    """A UNet (original, QCFS or spiking), its scheduler, and where they came from."""
+    """A UNet (original, QCFS or spiking), its scheduler, where they came from, and its conditioning.
+
+    ``label_tokens`` is a label-conditional pipeline's class-label encoder (else ``None``); ``components``
+    names the pipeline's other components (a Stable Diffusion pipeline's ``text_encoder``, ``vae``...), which
+    are not loaded; ``root`` is the directory the model was read from.
+    """
 
     unet: UNet2DModel | QCFSUNet2DModel | SpikingUNet2DModel
     scheduler: SchedulerMixin
     source: str
+    label_tokens: LabelTokens | None = None
+    components: tuple[str, ...] = ()
+    root: Path | None = None
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the UNet is a cross-attention (``UNet2DConditionModel``-family) UNet."""
+        return isinstance(self.unet, CONDITIONAL_CLASSES)
+
+    @property
+    def text_conditioned(self) -> bool:
+        """A cross-attention UNet whose conditioning comes from outside this package (a text encoder)."""
+        return self.cross_attention and self.label_tokens is None
 
     @property
     def kind(self) -> str:
@@ -199,9 +239,8 @@ def load_model(model: str | None = None, device: str | torch.device = "cpu") -> 
     class_name = config.get("_class_name", "UNet2DModel")
     if not isinstance(class_name, str) or class_name not in UNET_CLASSES:
         raise ModelLoadError(
-            f"{root} holds a {class_name}; the commands take unconditional UNet2DModel diffusion models (and this "
-            "package's QCFS / spiking versions of them). Convert a UNet2DConditionModel with the Python API "
-            "(spiking_diffusers.quantize / convert; see docs/conditional.md)."
+            f"{root} holds a {class_name}; the commands take UNet2DModel and UNet2DConditionModel diffusion models "
+            "(and this package's QCFS / spiking versions of them)."
         )
     if not any((unet_dir / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(f"{unet_dir} has no weights ({' or '.join(WEIGHT_FILES)}).")
@@ -222,7 +261,44 @@ def load_model(model: str | None = None, device: str | torch.device = "cpu") -> 
         ) from err
     _check_loading_info(unet, info, unet_dir)
     _check_finite_weights(unet, unet_dir)
-    return LoadedModel(unet.to(device).eval(), scheduler, str(root))
+    components = _components(root) if unet_dir != root else ()
+    label_tokens = _label_tokens(root, unet) if "label_tokens" in components else None
+    if label_tokens is not None:
+        label_tokens = label_tokens.to(device).eval()
+    others = tuple(name for name in components if name not in OWN_COMPONENTS)
+    return LoadedModel(unet.to(device).eval(), scheduler, str(root), label_tokens, others, root)
+
+
+def _components(root: Path) -> tuple[str, ...]:
+    """The component names of a saved pipeline (the entries of ``model_index.json`` that name a class)."""
+    index = _read_json(root / "model_index.json")
+    return tuple(
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1] is not None
+    )
+
+
+def _label_tokens(root: Path, unet: torch.nn.Module) -> LabelTokens:
+    """A label-conditional pipeline's ``LabelTokens``, checked to fit the UNet's cross-attention width."""
+    directory = root / "label_tokens"
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{root}/model_index.json names label_tokens but {directory}/config.json is missing.")
+    try:
+        with _diffusers_quiet():
+            tokens = LabelTokens.from_pretrained(directory)
+    except Exception as err:
+        raise ModelLoadError(
+            f"Could not load the label tokens in {directory}: {_root_cause(err)[:300]}. Save the pipeline again."
+        ) from err
+    width = getattr(unet.config, "cross_attention_dim", None)
+    if tokens.config.dim != width:
+        raise ModelLoadError(
+            f"{directory} holds label tokens of width {tokens.config.dim}, but the UNet's cross_attention_dim is "
+            f"{width}: they belong to different models."
+        )
+    _check_finite_weights(tokens, directory)
+    return tokens
 
 
 def _names(keys: list[str]) -> str:

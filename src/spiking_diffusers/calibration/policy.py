@@ -14,6 +14,7 @@ from typing import Any
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, quantize
+from ..label_tokens import LabelTokens
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 
 
@@ -29,6 +30,7 @@ def calibrate_or_quantize(
     residual_spikes: bool | None = None,
     threshold_groups: int | None = None,
     offsets: bool | None = None,
+    label_tokens: LabelTokens | None = None,
 ) -> CalibrationResult:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN, with the
     calibration report (``{}`` when only the percentile init ran).
@@ -40,6 +42,7 @@ def calibrate_or_quantize(
     convolutions and attention projections (``None``: as ``calibration`` says, else no). ``threshold_groups``
     is K, the timestep-aware thresholds per site (``None``: as ``calibration`` says, else 1); ``offsets`` gives
     the activation units an input shift and an output offset (``None``: as ``calibration`` says, else no).
+    ``label_tokens`` condition a label-conditional cross-attention UNet's calibration.
     """
     if residual_spikes is None:
         residual_spikes = calibration.residual_spikes if calibration else False
@@ -70,7 +73,7 @@ def calibrate_or_quantize(
         offsets=offsets,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
-    return calibrate(unet, scheduler_config, config, progress=progress)
+    return calibrate(unet, scheduler_config, config, progress=progress, label_tokens=label_tokens)
 
 
 def default_levels(timesteps: int, calibration: CalibrationConfig | None) -> int:
@@ -111,6 +114,7 @@ def qcfs_network(
     progress: bool = True,
     threshold_groups: int | None = None,
     offsets: bool | None = None,
+    label_tokens: LabelTokens | None = None,
 ) -> QCFSSource:
     """The one path from a loaded UNet to the QCFS network that every command converts.
 
@@ -122,7 +126,7 @@ def qcfs_network(
     ``levels``, ``per_channel``, ``residual_spikes``, ``threshold_groups`` and ``offsets`` that conflict with a QCFS or
     spiking model's own raise :class:`ConversionSourceError`; ``None`` means "as the model has it" (for an
     ANN: L = T, per-layer thresholds unless ``calibration`` says per channel, no residual spikes, K as
-    ``calibration`` says or 1).
+    ``calibration`` says or 1). ``label_tokens`` condition a label-conditional UNet's calibration.
     """
     if isinstance(unet, SpikingUNet2DModel | QCFSUNet2DModel):
         qnet = unet.to_qcfs() if isinstance(unet, SpikingUNet2DModel) else unet
@@ -152,6 +156,7 @@ def qcfs_network(
         residual_spikes=residual_spikes,
         threshold_groups=threshold_groups,
         offsets=offsets,
+        label_tokens=label_tokens,
     )
     level = result.qnet.config.levels
     if calibration is None:

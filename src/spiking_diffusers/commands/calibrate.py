@@ -144,7 +144,8 @@ Examples:
 @calibration_budget_option()
 @device_option()
 def main(model, output, overwrite, device, checkpoint_every, resume, **options) -> None:
-    """Calibrate a diffusers UNet2DModel for conversion into a spiking network."""
+    """Calibrate a diffusers UNet2DModel (or a label-conditional UNet2DConditionModel) for conversion into a
+    spiking network."""
     check_output(
         output, overwrite, {"--model": model, "--image-dir": options["image_dir"], "--cache-dir": options["cache_dir"]}
     )
@@ -162,6 +163,12 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         raise CommandError("--snn-train tsm needs --tsm.", 2)
     if loaded.kind != "ann":
         raise CommandError(f"{loaded.source} is already a {loaded.kind.upper()} model; calibrate the original.", 2)
+    if loaded.text_conditioned:
+        raise CommandError(
+            f"{loaded.source}: calibrating a text-conditioned UNet needs prompts, which the commands do not take yet; "
+            "convert it with sdm-convert --no-calibrate, or see docs/conditional.md.",
+            2,
+        )
     resolve_threshold_groups(config.threshold_groups, loaded)  # K must fit the model's schedule
     checkpoints = CalibrationCheckpoints(checkpoint_dir(output), checkpoint_every, resume)
     if resume and not checkpoints.exists():
@@ -170,8 +177,18 @@ def main(model, output, overwrite, device, checkpoint_every, resume, **options) 
         click.echo(f"Discarding the checkpoint in {checkpoints.directory} (--resume would continue it).", err=True)
     try:
         with atomic_directory(output, overwrite=overwrite) as staging:
-            result = calibrate(loaded.unet, dict(loaded.scheduler.config), config, is_main_process(), checkpoints)
-            SpikingDiffusionPipeline(unet=result.qnet, scheduler=loaded.scheduler).save_pretrained(staging)
+            result = calibrate(
+                loaded.unet,
+                dict(loaded.scheduler.config),
+                config,
+                is_main_process(),
+                checkpoints,
+                label_tokens=loaded.label_tokens,
+            )
+            pipe = SpikingDiffusionPipeline(
+                unet=result.qnet, scheduler=loaded.scheduler, label_tokens=loaded.label_tokens
+            )
+            pipe.save_pretrained(staging)
             write_calibration_report(result.report, staging)
     except KeyboardInterrupt as err:
         if not checkpoints.exists():

@@ -7,6 +7,7 @@ The output directory is a saved ``SpikingDiffusionPipeline`` (``model_index.json
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from ..converter.models import THRESHOLD_FORMS
 from ..converter.neurons import NEURON_TYPES
 from ..converter.summary import conversion_summary
 from ..converter.temporal import NONLINEAR_MODES
-from ..loading import load_model
+from ..loading import LoadedModel, load_model
 from ..metrics import fidelity_check
 from ..pipelines import SpikingDiffusionPipeline
 
@@ -57,7 +58,8 @@ Examples:
 
 
 @sdm_command("sdm-convert", epilog=EXAMPLES)
-@model_option("Hub id or local directory of a UNet2DModel (either layout) or of a calibrated QCFS model; "
+@model_option("Hub id or local directory of a UNet2DModel or UNet2DConditionModel (either layout, or a whole "
+              "Stable Diffusion pipeline) or of a calibrated QCFS model; "
               "default: the digits DDPM shipped in the package.")  # fmt: skip
 @output_options("Directory for the spiking pipeline.")
 @click.option(
@@ -123,7 +125,7 @@ def main(
     seed,
     device,
 ) -> None:
-    """Convert a diffusers UNet2DModel into an integrate-and-fire spiking network."""
+    """Convert a diffusers UNet2DModel or UNet2DConditionModel into an integrate-and-fire spiking network."""
     check_output(output, overwrite, {"--model": model, "--reference": reference})
     device = get_device(device)
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -164,14 +166,17 @@ def main(
         qnet, ann, calibration_report = source.qnet, source.ann, source.calibration_report
         if reference is not None:
             ann = _reference_ann(reference, qnet, device)
-        snn = convert(
-            qnet,
-            spike_steps=timesteps,
-            neuron=neuron,
-            nonlinear_mode=nonlinear_mode,
-            threshold_form=threshold_form,
-            burst=burst,
-        )
+        try:
+            snn = convert(
+                qnet,
+                spike_steps=timesteps,
+                neuron=neuron,
+                nonlinear_mode=nonlinear_mode,
+                threshold_form=threshold_form,
+                burst=burst,
+            )
+        except ValueError as err:  # a setting this network cannot take (e.g. unit thresholds on a conditional UNet)
+            raise CommandError(f"{loaded.source}: {err}", 2) from err
         report = {
             "source": loaded.source,
             "source_kind": loaded.kind,
@@ -192,13 +197,48 @@ def main(
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
-            "fidelity": fidelity_check(snn, qnet, dict(loaded.scheduler.config), ann=ann, seed=seed),
+            "fidelity": fidelity_check(
+                snn, qnet, dict(loaded.scheduler.config), ann=ann, seed=seed, conditions=_label_conditions(loaded)
+            ),
         }
-        SpikingDiffusionPipeline(unet=snn, scheduler=loaded.scheduler).save_pretrained(staging)
+        save_spiking_pipeline(loaded, snn, Path(staging))
         (Path(staging) / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         if calibration_report:
             write_calibration_report(calibration_report, staging)
     _print_report(report, output)
+
+
+def _label_conditions(loaded: LoadedModel, count: int = 4) -> dict[str, torch.Tensor] | None:
+    """The fidelity check's conditioning for a label-conditional model: labels 0, 1, ... as its tokens."""
+    tokens = loaded.label_tokens
+    if tokens is None:
+        return None
+    with torch.no_grad():
+        return {"encoder_hidden_states": tokens(torch.arange(count) % tokens.config.num_classes)}
+
+
+def save_spiking_pipeline(loaded: LoadedModel, snn: torch.nn.Module, directory: Path) -> None:
+    """Save ``snn`` as the pipeline ``loaded`` came in: a ``SpikingDiffusionPipeline`` (with the label tokens of
+    a label-conditional model), or, for a pipeline with other components (Stable Diffusion's text encoder,
+    tokenizer, VAE...), a copy of it with only the UNet replaced, which ``DiffusionPipeline.from_pretrained``
+    loads as the original pipeline class."""
+    if not loaded.components:
+        pipe = SpikingDiffusionPipeline(unet=snn, scheduler=loaded.scheduler, label_tokens=loaded.label_tokens)
+        pipe.save_pretrained(directory)
+        return
+    skip = {"unet", ".sdm-output.json", "conversion.json", REPORT_FILE, PLOT_FILE}
+    for entry in loaded.root.iterdir():
+        if entry.name in skip or entry.name.startswith(".cache"):
+            continue
+        target = directory / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target)
+        else:
+            shutil.copy2(entry, target)
+    snn.save_pretrained(directory / "unet")
+    index = json.loads((loaded.root / "model_index.json").read_text())
+    index["unet"] = [type(snn).__module__, type(snn).__name__]
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _reference_ann(reference: str, qnet: QCFSUNet2DModel, device: torch.device) -> UNet2DModel:

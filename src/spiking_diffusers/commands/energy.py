@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import click
-from diffusers import UNet2DModel
 
 from ..calibration.calibrate import CalibrationConfig
 from ..cli import (
@@ -23,6 +22,7 @@ from ..cli import (
     atomic_directory,
     calibration_config,
     calibration_options,
+    check_guidance,
     check_output,
     check_scheduler_steps,
     check_t_schedule,
@@ -33,6 +33,7 @@ from ..cli import (
     option_given,
     output_options,
     residual_spikes_option,
+    resolve_class_labels,
     sdm_command,
 )
 from ..converter import convert
@@ -73,10 +74,18 @@ Examples:
 @click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the sampling run and the threshold probes.")
 @residual_spikes_option()
 @calibration_options
+@click.option(
+    "--guidance-scale",
+    default=1.0,
+    type=FiniteFloat(0),
+    help="Label-conditional models: classifier-free guidance of the counted run (1: none; else two UNet "
+    "evaluations per step, both counted). Labels 0, 1, ... in turn.",
+)
 @device_option()
 def main(
     model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
-    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget, device,
+    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget, guidance_scale,
+    device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
@@ -88,6 +97,8 @@ def main(
     calibration = calibration_config(
         calibrate, calibration_samples, calibration_steps, snn_steps, budget_minutes=calibration_budget
     )
+    resolve_class_labels(None, loaded)  # a text-conditioned model has no conditioning to sample with here
+    check_guidance([guidance_scale], loaded)
     snn, ann, snn_timesteps, measured = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     report = measure_energy(
         snn,
@@ -98,6 +109,8 @@ def main(
         seed=seed,
         snn_timesteps=snn_timesteps,
         energy_model=EnergyModel(mac_pj=mac_pj, ac_pj=ac_pj),
+        label_tokens=loaded.label_tokens,
+        guidance_scale=guidance_scale,
     )
     settings = {
         "source": loaded.source,
@@ -114,6 +127,7 @@ def main(
         "steps": steps,
         "num_images": num_images,
         "seed": seed,
+        "guidance_scale": guidance_scale if loaded.label_tokens is not None else None,
     }
     with atomic_directory(output, overwrite=overwrite) as staging:
         _write(report, settings, Path(staging))
@@ -147,10 +161,11 @@ def _networks(
         if residual_spikes is not None and residual_spikes != bool(snn.config.residual_spikes):
             raise CommandError(f"--residual-spikes: {loaded.source} is a spiking model; it keeps its own setting.", 2)
         click.echo(f"Measuring a spiking model as given ({loaded.source})")
-        ann = UNet2DModel.from_config(snn.config.unet_config).to(snn.device).eval()
+        ann = snn.unet_class.from_config(snn.config.unet_config).to(snn.device).eval()
         return snn, ann, timesteps if option_given("timesteps") else None, "a spiking model, as given"
     source = conversion_source(loaded, base, calibration, levels=levels, residual_spikes=residual_spikes, seed=seed)
-    ann = source.ann or UNet2DModel.from_config(source.qnet.config.unet_config).to(loaded.unet.device).eval()
+    qnet = source.qnet
+    ann = source.ann or qnet.unet_class.from_config(qnet.config.unet_config).to(loaded.unet.device).eval()
     return convert(source.qnet, spike_steps=base), ann, schedule, source.description
 
 

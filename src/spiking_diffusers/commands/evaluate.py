@@ -11,20 +11,25 @@ from ..cli import (
     atomic_directory,
     calibration_config,
     calibration_options,
+    check_guidance,
     check_output,
     check_scheduler_steps,
     check_t_schedule,
+    class_labels_option,
     device_option,
     get_device,
     model_option,
     output_options,
+    parse_float_list,
     residual_spikes_option,
+    resolve_class_labels,
     resolve_threshold_groups,
     sdm_command,
     threshold_groups_option,
 )
 from ..converter.neurons import NEURON_TYPES
 from ..converter.temporal import EXECUTION_MODES
+from ..digits import SHIPPED_CONDITIONAL_PATH
 from ..distributed import is_main_process
 from ..evaluation import (
     GRID_PNG,
@@ -48,6 +53,7 @@ Examples:
   sdm-eval --timesteps 4,8 --levels 8 --num-images 200 --fd-splits 4 --output eval-l8
   sdm-eval --model digits-calibrated --output eval-cal     # a calibrated QCFS model vs the shipped ANN
   sdm-eval --model digits-calibrated -T 4,8 --t-schedule 4,16x3 --output eval-sched   # + a T schedule (mean 5.8)
+  sdm-eval --model digits-conditional -T 4,8 --guidance-scale 1,3 --output eval-cond   # + conditional accuracy
   sdm-eval --model my-ddpm --real-images real/ --inception-weights weights-inception-2015-12-05-6726825d.pth \\
       --output eval-fid
 """
@@ -73,7 +79,8 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     "--reference-model",
     default=None,
     metavar="ID_OR_DIR",
-    help="The original ANN, when --model is a QCFS or spiking model [default: the shipped digits DDPM].",
+    help="The original ANN, when --model is a QCFS or spiking model [default: the shipped digits DDPM, or for a "
+    "conditional model the shipped conditional digits model].",
 )
 @output_options("Directory for report.json, report.md, grid.png.")
 @click.option(
@@ -130,6 +137,14 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
     help="Cache of real-data FD statistics [$SDM_CACHE_DIR or ~/.cache/spiking-diffusers].",
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@class_labels_option()
+@click.option(
+    "--guidance-scale",
+    "guidance_scales",
+    default="1",
+    metavar="W[,W...]",
+    help="Label-conditional models: classifier-free guidance scales to sample every network at (1: none).",
+)
 @residual_spikes_option()
 @threshold_groups_option()
 @calibration_options
@@ -168,12 +183,23 @@ def main(
         calibration_budget,
     )
     options["progress"] = options["progress"] and is_main_process()
-    config = EvaluationConfig(**options, calibration=calibration)
+    guidance_scales = list(dict.fromkeys(parse_float_list(options.pop("guidance_scales"), "--guidance-scale")))
+    class_labels = options.pop("class_labels")
     loaded = load_model(model, torch_device)
+    check_guidance(guidance_scales, loaded)
+    config = EvaluationConfig(
+        **options,
+        calibration=calibration,
+        class_labels=resolve_class_labels(class_labels, loaded) if class_labels is not None else None,
+        guidance_scales=guidance_scales,
+    )
+    resolve_class_labels(class_labels, loaded)  # a text-conditioned model or labels for an unconditional one: refused
     resolve_threshold_groups(options["threshold_groups"], loaded)  # fits an ANN's schedule, or is the model's own
     check_scheduler_steps(make_scheduler(options["scheduler"], loaded.scheduler.config), options["steps"], "--steps")
     reference = None
     if loaded.kind != "ann":
+        if reference_model is None and loaded.cross_attention:
+            reference_model = SHIPPED_CONDITIONAL_PATH
         reference = load_model(reference_model, torch_device)
         if reference.kind != "ann":
             raise CommandError(f"--reference-model {reference.source} is a {reference.kind.upper()} model.", 2)
@@ -184,6 +210,7 @@ def main(
                 reference.unet if reference else None,
                 dict(loaded.scheduler.config),
                 config,
+                loaded.label_tokens,
             )
         except (VariantError, FeatureExtractorError) as err:
             raise CommandError(str(err), exit_code=2) from err

@@ -101,6 +101,16 @@ def main(
             )
         graphs = [name for name in graphs if name != "qcfs"]
         click.echo("qcfs skipped: a spiking model holds no QCFS network (pass the original or the QCFS model).")
+    if loaded.cross_attention and "step" in graphs:
+        if option_given("which"):
+            raise CommandError(
+                f"--which step: {loaded.source} is a conditional UNet, whose single-step graph is not supported yet; "
+                "export its qcfs and snn graphs.",
+                2,
+            )
+        graphs = [name for name in graphs if name != "step"]
+        click.echo("step skipped: the single-step graph of a conditional UNet is not supported yet.")
+    graph_inputs = ["sample", "timestep"] + (["encoder_hidden_states"] if loaded.cross_attention else [])
     checks: list[ExportCheck] = []
     manifest = {
         "source": loaded.source,
@@ -113,10 +123,10 @@ def main(
         staging = Path(staging)
         if "qcfs" in graphs:
             checks.append(export_qcfs(qnet, staging / "qcfs.onnx", seed))
-            manifest["graphs"]["qcfs"] = _entry(checks[-1], ["sample", "timestep"], ["output"])
+            manifest["graphs"]["qcfs"] = _entry(checks[-1], graph_inputs, ["output"])
         if "snn" in graphs:
             checks.append(export_snn(snn, staging / f"snn_T{snn.config.timesteps}.onnx", seed))
-            manifest["graphs"]["snn"] = _entry(checks[-1], ["sample", "timestep"], ["output"])
+            manifest["graphs"]["snn"] = _entry(checks[-1], graph_inputs, ["output"])
             manifest["graphs"]["snn"]["timesteps"] = snn.config.timesteps
         if "step" in graphs:
             check, initial = export_step(snn, staging / "snn_step.onnx", seed)

@@ -28,14 +28,17 @@ from ..cli import (
     FiniteFloat,
     TScheduleParam,
     atomic_directory,
+    check_guidance,
     check_output,
     check_scheduler_steps,
     check_t_schedule,
+    class_labels_option,
     device_option,
     get_device,
     model_option,
     output_options,
     parse_float_list,
+    resolve_class_labels,
     sdm_command,
 )
 from ..digits import load_digit_images
@@ -55,6 +58,7 @@ Examples:
   sdm-sample --model digits-snn --threshold-scale 0.99,0.995,1.0,1.005 --output sweep   # threshold guidance
   sdm-sample --model digits-snn --threshold-scale down=0.99,up=0.995 --snn-timesteps 8 --output grouped
   sdm-sample --model digits-snn --steps 20 --snn-timesteps 4,16x3 --output scheduled   # T schedule: mean T 5.8
+  sdm-sample --model digits-conditional-snn --class-labels 3,7 --guidance-scale 1.5 --output threes-and-sevens
 """
 
 
@@ -124,8 +128,9 @@ def mean_paired_psnr(images: np.ndarray, reference: np.ndarray) -> float:
     return float(psnr.clamp(max=100.0).mean())
 
 
-def save_images(images: np.ndarray, directory: Path) -> None:
-    """Each image as ``00000.png``... and all of them as ``grid.png`` (tiles enlarged to at least 64 px)."""
+def save_images(images: np.ndarray, directory: Path, columns: int | None = None) -> None:
+    """Each image as ``00000.png``... and all of them as ``grid.png`` (tiles enlarged to at least 64 px;
+    ``columns`` per row, else a square grid)."""
     directory.mkdir(parents=True, exist_ok=True)
     pixels = (images * 255).round().astype(np.uint8)
     if pixels.shape[-1] == 1:
@@ -133,7 +138,7 @@ def save_images(images: np.ndarray, directory: Path) -> None:
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(directory / f"{i:05d}.png")
     count, height, width = pixels.shape[:3]
-    columns = math.ceil(math.sqrt(count))
+    columns = min(columns or math.ceil(math.sqrt(count)), count)
     rows = math.ceil(count / columns)
     grid = np.zeros((rows * (height + 2) + 2, columns * (width + 2) + 2, *pixels.shape[3:]), dtype=np.uint8)
     for i, image in enumerate(pixels):
@@ -151,9 +156,11 @@ def generate(
     batch_size: int,
     seed: int,
     progress: tqdm,
+    class_labels: list[int] | None = None,
     **call_kwargs,
 ) -> np.ndarray:
-    """``num_images`` images (N, H, W, C in [0, 1]), image ``i`` from a generator seeded ``seed + i``.
+    """``num_images`` images (N, H, W, C in [0, 1]), image ``i`` from a generator seeded ``seed + i`` (and, for
+    a conditional model, with label ``class_labels[i mod count]``).
 
     Under ``accelerate launch`` each process samples its share of the batches and every process gets all
     images back: the same images as one process makes (see :mod:`spiking_diffusers.distributed`).
@@ -161,6 +168,8 @@ def generate(
     batches = []
     for indices in my_batches(num_images, batch_size):
         generators = [torch.Generator().manual_seed(seed + i) for i in indices]
+        if class_labels is not None:
+            call_kwargs["class_labels"] = torch.tensor([class_labels[i % len(class_labels)] for i in indices])
         images = pipe(batch_size=len(indices), generator=generators, output_type="np", **call_kwargs).images
         batches.append(torch.from_numpy(images))
         progress.update(len(indices))
@@ -197,6 +206,13 @@ def generate(
     "3 steps and 4 for the others; TxK items whose counts add up to --steps give every step (8x10,16x10).",
 )
 @click.option("--eta", default=0.0, type=FiniteFloat(0, 1), help="Noise of DDIM-type samplers (ddim only).")
+@class_labels_option()
+@click.option(
+    "--guidance-scale",
+    default=1.0,
+    type=FiniteFloat(0),
+    help="Classifier-free guidance of a label-conditional model (1: none).",
+)
 @device_option()
 def main(
     model,
@@ -210,6 +226,8 @@ def main(
     threshold_scales,
     snn_timesteps,
     eta,
+    class_labels,
+    guidance_scale,
     device,
 ) -> None:
     """Sample images from a diffusion model (ANN, QCFS or spiking), optionally sweeping threshold guidance."""
@@ -227,7 +245,13 @@ def main(
                 f"{'a QCFS model' if loaded.kind == 'qcfs' else 'an ANN'}.",
                 exit_code=2,
             )
-        pipe = SpikingDiffusionPipeline(unet=loaded.unet, scheduler=make_scheduler(scheduler, loaded.scheduler.config))
+        labels = resolve_class_labels(class_labels, loaded)
+        check_guidance([guidance_scale], loaded)
+        pipe = SpikingDiffusionPipeline(
+            unet=loaded.unet,
+            scheduler=make_scheduler(scheduler, loaded.scheduler.config),
+            label_tokens=loaded.label_tokens,
+        )
         check_scheduler_steps(pipe.scheduler, steps, "--steps")
         if eta and not step_accepts(pipe.scheduler, "eta"):
             raise CommandError(f"--eta applies to the ddim scheduler, not to {scheduler}.", exit_code=2)
@@ -237,11 +261,12 @@ def main(
         with tqdm(total=share * len(settings), desc="images", unit="img", disable=not is_main_process()) as progress:
             for scale in settings:
                 images = generate(
-                    pipe, num_images, batch_size, seed, progress,
+                    pipe, num_images, batch_size, seed, progress, labels,
                     num_inference_steps=steps, eta=eta, threshold_scale=scale, spike_steps=snn_timesteps,
+                    **({"guidance_scale": guidance_scale} if guidance_scale != 1 else {}),
                 )  # fmt: skip
                 subdir = f"scale-{scale_label(scale)}" if len(settings) > 1 else "."
-                save_images(images, Path(staging) / subdir)
+                save_images(images, Path(staging) / subdir, len(labels) if labels else None)
                 results.append({"scale": scale, "dir": subdir, "images": images})
         if loaded.kind == "snn" and snn_timesteps is None:
             snn_timesteps = mean_timesteps = int(loaded.unet.config.timesteps)
@@ -249,7 +274,7 @@ def main(
             sweep = _score_sweep(results) | {
                 "model": loaded.source, "scheduler": scheduler, "steps": steps, "num_images": num_images,
                 "seed": seed, "snn_timesteps": _json_t(snn_timesteps), "mean_snn_timesteps": mean_timesteps,
-                "eta": eta,
+                "eta": eta, "class_labels": labels, "guidance_scale": guidance_scale,
             }  # fmt: skip
             (Path(staging) / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
     if len(settings) > 1:
@@ -257,6 +282,10 @@ def main(
     kind = loaded.kind.upper()
     if loaded.kind == "snn":
         kind += f", T = {snn_timesteps}, mean T {mean_timesteps:g} per denoising step"
+    if labels is not None:
+        kind += f", labels {','.join(map(str, labels))} in turn" + (
+            f", guidance {guidance_scale:g}" if guidance_scale != 1 else ""
+        )
     click.echo(f"Wrote {num_images * len(settings)} images ({kind}, {scheduler}, {steps} steps) to {output}")
 
 

@@ -44,22 +44,32 @@ def markdown_table(report: dict) -> str:
     """The main table: one row per network."""
     splits = report["settings"]["fd_splits"]
     split_cols = f" | FD, {splits} splits | FD / ANN, {splits} splits" if splits > 1 else ""
+    rows = report["variants"]
+    guided = any(row.get("guidance_scale") is not None for row in rows)
+    judged = any(row.get("conditional_accuracy") is not None for row in rows)
     lines = [
-        f"| network | L | T | mean T | FD | FD / ANN{split_cols} | PSNR vs ANN (dB) | noise-pred. rel. error | "
-        "s / image |",
-        "|---|---|---|---|---|---" + ("|---|---" if splits > 1 else "") + "|---|---|---|",
-    ]
-    for row in report["variants"]:
+        "| network | L | T | mean T" + (" | guidance" if guided else "")
+        + f" | FD | FD / ANN{split_cols} | PSNR vs ANN (dB)"
+        + (" | cond. accuracy | accuracy / ANN" if judged else "") + " | noise-pred. rel. error | s / image |",
+        "|---|---|---|---" + ("|---" if guided else "") + "|---|---" + ("|---|---" if splits > 1 else "") + "|---"
+        + ("|---|---" if judged else "") + "|---|---|",
+    ]  # fmt: skip
+    for row in rows:
         mean_t = row.get("mean_timesteps")
         cells = [row["name"], str(row["levels"] or "-"), str(row["timesteps"] or "-")]
-        cells += ["-" if mean_t is None else f"{mean_t:g}", _fmt(row["fd"])]
-        cells.append(_fmt(row["fd_ratio"]))
+        cells.append("-" if mean_t is None else f"{mean_t:g}")
+        if guided:
+            cells.append(f"{row['guidance_scale']:g}")
+        cells += [_fmt(row["fd"]), _fmt(row["fd_ratio"])]
         if splits > 1:
             cells += [
                 _pm(row["fd_split_mean"], row["fd_split_std"]),
                 _pm(row["fd_ratio_split_mean"], row["fd_ratio_split_std"]),
             ]
-        cells += [_pm(row["psnr_mean"], row["psnr_std"], 1), _fmt(row["noise_error_mean"], 3)]
+        cells.append(_pm(row["psnr_mean"], row["psnr_std"], 1))
+        if judged:
+            cells += [_fmt(row.get("conditional_accuracy"), 3), _fmt(row.get("accuracy_ratio"), 3)]
+        cells.append(_fmt(row["noise_error_mean"], 3))
         cells.append(f"{row['seconds_per_image']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -69,9 +79,10 @@ def noise_error_table(report: dict) -> str:
     """Relative noise-prediction error against the ANN, one column per diffusion timestep."""
     timesteps = report["noise_timesteps"]
     lines = ["| network | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---" * (len(timesteps) + 1) + "|"]
-    for row in report["variants"]:
-        if row["noise_error"] is not None:
-            lines.append(f"| {row['name']} | " + " | ".join(f"{e:.3f}" for e in row["noise_error"]) + " |")
+    first_guidance = report["variants"][0].get("guidance_scale")
+    for row in report["variants"]:  # guidance changes sampling, not the sweep: the first scale's rows suffice
+        if row["noise_error"] is not None and row.get("guidance_scale") == first_guidance:
+            lines.append(f"| {row['network']} | " + " | ".join(f"{e:.3f}" for e in row["noise_error"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,10 @@ Measured for each network (docs/evaluation.md, "Measuring honestly"):
 - the relative error of its noise prediction against the ANN's on fixed noised real images, at
   timesteps spread over the diffusion schedule (a T-schedule variant at each timestep with the T of the
   sampling run's denoising step nearest to it);
-- for a spiking network, its mean T per denoising step (what energy and latency pay; a T schedule's mean).
+- for a spiking network, its mean T per denoising step (what energy and latency pay; a T schedule's mean);
+- for a class- or label-conditional model, sampled with labels in turn at each classifier-free guidance
+  scale: the conditional accuracy (the share of samples the shipped digit classifier assigns to their label)
+  and its ratio to the ANN's at the same guidance.
 
 The real reference for the digit model is all 1797 digits, not the 359 of the held-out split: the DDPM
 was trained on all of them, and a 128-dimensional covariance wants as many samples as there are. The
@@ -31,10 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.calibrate import CalibrationConfig
+from ..calibration.conditioning import label_conditioning
 from ..calibration.data import default_cache_dir, load_image_folder
 from ..converter.building import spatial_size
-from ..digits import load_digit_images
+from ..digits import load_digit_dataset
+from ..label_tokens import LabelTokens
 from ..metrics import (
+    ConditionalAccuracy,
     DigitFeatures,
     FeatureExtractorError,
     FrechetDistance,
@@ -60,7 +66,8 @@ class EvaluationConfig:
     """Every setting of an evaluation run (all of them go into the report). ``residual_spikes`` is how an ANN
     is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking model keeps its own, as it
     does its ``threshold_groups`` (K timestep-aware thresholds per site; ``None``: as ``calibration`` says,
-    else 1)."""
+    else 1). A conditional model draws image ``i`` with label ``class_labels[i mod count]``, once per
+    classifier-free guidance scale in ``guidance_scales``."""
 
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     t_schedules: list[TSchedule | str] = field(default_factory=list)
@@ -83,6 +90,8 @@ class EvaluationConfig:
     calibration: CalibrationConfig | None = None
     residual_spikes: bool | None = None
     threshold_groups: int | None = None
+    class_labels: list[int] | None = None
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -94,9 +103,14 @@ class EvaluationResult:
 
 
 def evaluate(
-    model: nn.Module, reference: UNet2DModel | None, scheduler_config: dict, config: EvaluationConfig
+    model: nn.Module,
+    reference: UNet2DModel | None,
+    scheduler_config: dict,
+    config: EvaluationConfig,
+    label_tokens: LabelTokens | None = None,
 ) -> EvaluationResult:
-    """Evaluate ``model`` (ANN, QCFS or SNN; see :func:`prepare_variants`) as described in the module doc."""
+    """Evaluate ``model`` (ANN, QCFS or SNN; see :func:`prepare_variants`) as described in the module doc;
+    ``label_tokens`` are a label-conditional cross-attention model's class-label encoder."""
     if config.num_images < 2 or config.num_images // max(config.fd_splits, 1) < 2:
         raise ValueError("Every Fréchet distance needs at least 2 images: raise --num-images or lower --fd-splits.")
     for schedule in config.t_schedules:  # a schedule that does not fit the steps fails before any work
@@ -106,7 +120,7 @@ def evaluate(
             raise VariantError(f"{err} (steps: {config.steps})") from err
     shape = _sample_shape(model)  # the metric and its real images first: a mistake there fails before any work
     extractor, extractor_name = _feature_extractor(config, shape)
-    real, real_name = _real_images(config, shape)
+    real, real_labels, real_name = _real_images(config, shape)
     variants = prepare_variants(
         model,
         reference,
@@ -119,30 +133,66 @@ def evaluate(
         config.residual_spikes,
         config.t_schedules,
         config.threshold_groups,
+        label_tokens,
     )
     device = next(model.parameters()).device
     extractor = extractor.to(device)
     frechet = FrechetDistance(extractor, reference_statistics(extractor, real, config.cache_dir or default_cache_dir()))
 
-    noise = _noise_prediction_errors(variants, real, scheduler_config, config)
+    conditioning = label_conditioning(variants[0].unet, label_tokens)
+    labels = _sample_labels(config, conditioning)
+    accuracy = _accuracy_judge(shape, conditioning, config)
+    noise = _noise_prediction_errors(variants, real, real_labels, conditioning, scheduler_config, config)
     samples: dict[str, torch.Tensor] = {}
     rows = []
-    for variant in variants:
-        scheduler = make_scheduler(config.scheduler, scheduler_config)
-        images, seconds = sample_variant(
-            variant, scheduler, config.num_images, config.steps, config.seed, config.batch_size, config.progress
-        )
-        samples[variant.name] = images
-        rows.append(_measure(variant, images, samples["ANN"], frechet, config) | noise[variant.name])
-        rows[-1].update(sampling_seconds=seconds, seconds_per_image=seconds / config.num_images)
-    _add_ratios(rows)
+    for scale in config.guidance_scales:
+        group = []
+        for variant in variants:
+            scheduler = make_scheduler(config.scheduler, scheduler_config)
+            images, seconds = sample_variant(
+                variant, scheduler, config.num_images, config.steps, config.seed, config.batch_size, config.progress,
+                labels, scale, label_tokens,
+            )  # fmt: skip
+            name = variant.name if len(config.guidance_scales) == 1 else f"{variant.name} w={scale:g}"
+            samples[name] = images
+            row = _measure(variant, images, group[0]["images"] if group else images, frechet, config)
+            row.update(noise[variant.name], name=name, network=variant.name)
+            row["guidance_scale"] = scale if labels is not None else None
+            row["conditional_accuracy"] = None if accuracy is None else accuracy(images, labels)
+            row.update(sampling_seconds=seconds, seconds_per_image=seconds / config.num_images)
+            group.append(row | {"images": images})
+        rows += [{key: value for key, value in row.items() if key != "images"} for row in group]
+        _add_ratios(rows[-len(group) :])
     report = {
         "settings": _settings(config, extractor_name, real_name, len(real), str(device)),
         "noise_timesteps": noise["timesteps"],
         "variants": rows,
-        "warnings": _warnings(config),
+        "warnings": _warnings(config, conditioning is not None and accuracy is None),
     }
     return EvaluationResult(report, samples)
+
+
+def _sample_labels(config: EvaluationConfig, conditioning) -> torch.Tensor | None:
+    """The label of every sample (``class_labels`` in turn; every class in turn by default), ``None`` for an
+    unconditional model; a :class:`VariantError` for labels or guidance the model cannot take."""
+    if conditioning is None:
+        if config.class_labels is not None or any(scale != 1 for scale in config.guidance_scales):
+            raise VariantError("class labels and classifier-free guidance apply to conditional models only.")
+        return None
+    if any(scale != 1 for scale in config.guidance_scales) and conditioning.null_label is None:
+        raise VariantError("classifier-free guidance needs a null condition: a cross-attention UNet with label tokens.")
+    cycle = config.class_labels if config.class_labels is not None else list(range(conditioning.num_classes))
+    if not cycle or min(cycle) < 0 or max(cycle) >= conditioning.num_classes:
+        raise VariantError(f"class labels must lie in 0..{conditioning.num_classes - 1}, got {cycle}.")
+    return torch.tensor([cycle[i % len(cycle)] for i in range(config.num_images)])
+
+
+def _accuracy_judge(shape: tuple[int, int, int], conditioning, config: EvaluationConfig) -> ConditionalAccuracy | None:
+    """The conditional-accuracy metric, where the shipped digit classifier can judge this model's labels."""
+    if conditioning is None or config.real_images:
+        return None
+    judge = ConditionalAccuracy()
+    return judge if judge.applies(shape, conditioning.num_classes) else None
 
 
 def _sample_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -160,30 +210,44 @@ def _feature_extractor(config: EvaluationConfig, shape: tuple[int, int, int]) ->
     return extractor, name
 
 
-def _real_images(config: EvaluationConfig, shape: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+def _real_images(
+    config: EvaluationConfig, shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """The real reference images, their labels where known (the digits), and a description."""
     channels, height, width = shape
     if config.real_images:
         if height != width:
             raise FeatureExtractorError("--real-images supports square sample sizes only.")
         images = load_image_folder(config.real_images, height, channels)
-        return images, f"images in {Path(config.real_images).resolve()}"
+        return images, None, f"images in {Path(config.real_images).resolve()}"
     if channels != 1 or height != width:
         raise FeatureExtractorError(
             f"The built-in real reference is the 1-channel digits; this model makes {'x'.join(map(str, shape))} "
             "images. Pass --real-images DIR with real images of its domain."
         )
-    return load_digit_images(size=height, split="all"), f"scikit-learn digits, all, at {height}x{width}"
+    images, labels = load_digit_dataset(size=height, split="all")
+    return images, labels, f"scikit-learn digits, all, at {height}x{width}"
 
 
 def _noise_prediction_errors(
-    variants: list[Variant], real: torch.Tensor, scheduler_config: dict, config: EvaluationConfig
+    variants: list[Variant],
+    real: torch.Tensor,
+    real_labels: torch.Tensor | None,
+    conditioning,
+    scheduler_config: dict,
+    config: EvaluationConfig,
 ) -> dict:
-    """Per variant, the relative noise-prediction error against the ANN at each swept timestep."""
+    """Per variant, the relative noise-prediction error against the ANN at each swept timestep. A conditional
+    model sees each real image with its own label where the labels are known and fit, else labels in turn."""
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(config.seed))
-    clean = real[order[: config.noise_images]]
+    picked = order[: config.noise_images]
     inputs = noised_inputs(
-        clean, DDPMScheduler.from_config(dict(scheduler_config)), config.noise_timesteps, config.seed
+        real[picked], DDPMScheduler.from_config(dict(scheduler_config)), config.noise_timesteps, config.seed
     )
+    if conditioning is not None:
+        fits = real_labels is not None and int(real_labels.max()) < conditioning.num_classes
+        labels = real_labels[picked] if fits else conditioning.pool_labels(len(picked))
+        inputs.conditions = conditioning.kwargs(labels)
     out: dict = {"timesteps": inputs.timesteps.tolist()}
     reference = None
     for variant in tqdm(variants, desc="noise-prediction sweep", disable=not config.progress, leave=False):
@@ -241,10 +305,13 @@ def _measure(
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """FD / FD(ANN) on the whole set and per split (paired: split k of each network used the same noise)."""
+    """FD / FD(ANN) on the whole set and per split (paired: split k of each network used the same noise), and
+    conditional accuracy / the ANN's, against the ANN row that leads ``rows`` (the same guidance)."""
     ann = rows[0]
     for row in rows:
         row["fd_ratio"] = row["fd"] / ann["fd"]
+        accuracy, ann_accuracy = row.get("conditional_accuracy"), ann.get("conditional_accuracy")
+        row["accuracy_ratio"] = accuracy / ann_accuracy if accuracy is not None and ann_accuracy else None
         row["fd_split_mean"] = row["fd_split_std"] = row["fd_ratio_split_mean"] = row["fd_ratio_split_std"] = None
         if row["fd_splits"]:
             fds = np.asarray(row["fd_splits"])
@@ -261,8 +328,13 @@ def _settings(config: EvaluationConfig, extractor: str, real: str, num_real: int
     return settings
 
 
-def _warnings(config: EvaluationConfig) -> list[str]:
+def _warnings(config: EvaluationConfig, accuracy_missing: bool = False) -> list[str]:
     warnings = []
+    if accuracy_missing:
+        warnings.append(
+            "No conditional accuracy: the shipped digit classifier judges 1x16x16 samples of 10-class models "
+            "against the built-in digits only."
+        )
     if config.num_images < MIN_FD_SAMPLES:
         warnings.append(
             f"FD from {config.num_images} < {MIN_FD_SAMPLES} samples is noisy and biased upwards; compare networks "

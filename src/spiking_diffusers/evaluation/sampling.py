@@ -18,6 +18,7 @@ from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from ..distributed import gather_batches, my_batches
+from ..label_tokens import LabelTokens
 from ..pipelines import SpikingDiffusionPipeline
 from .variants import Variant
 
@@ -39,9 +40,17 @@ def sample_variant(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    label_tokens: LabelTokens | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """``num_images`` images of ``variant`` in ``[-1, 1]`` (CPU, float32) and the wall time in seconds."""
-    pipe = SpikingDiffusionPipeline(unet=variant.unet, scheduler=scheduler)
+    """``num_images`` images of ``variant`` in ``[-1, 1]`` (CPU, float32) and the wall time in seconds.
+
+    A conditional model draws image ``i`` with label ``class_labels[i]`` (through ``label_tokens`` for a
+    cross-attention UNet) and classifier-free guidance ``guidance_scale``.
+    """
+    pipe = SpikingDiffusionPipeline(unet=variant.unet, scheduler=scheduler, label_tokens=label_tokens)
+    conditioning = {} if guidance_scale == 1 else {"guidance_scale": guidance_scale}
     pipe.set_progress_bar_config(leave=False, desc="denoising", disable=not progress)
     images = []
     start = time.perf_counter()
@@ -49,12 +58,15 @@ def sample_variant(
     total = sum(len(indices) for indices in batches)
     with tqdm(total=total, desc=f"sampling {variant.name}", unit="img", disable=not progress) as bar:
         for indices in batches:
+            if class_labels is not None:
+                conditioning["class_labels"] = class_labels[list(indices)]
             out = pipe(
                 batch_size=len(indices),
                 generator=image_generators(seed, indices),
                 num_inference_steps=steps,
                 output_type="pt",
                 **variant.forward_kwargs,
+                **conditioning,
             ).images
             images.append(out.float().cpu() * 2 - 1)
             bar.update(len(indices))

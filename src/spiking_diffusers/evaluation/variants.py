@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ..calibration.calibrate import CalibrationConfig
 from ..calibration.policy import default_levels, qcfs_network
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert
 from ..converter.building import unet_config_dict
+from ..label_tokens import LabelTokens
 from ..pipelines.t_schedule import TSchedule
 
 
@@ -79,6 +80,7 @@ def prepare_variants(
     residual_spikes: bool | None = None,
     t_schedules: list[TSchedule | str] | None = None,
     threshold_groups: int | None = None,
+    label_tokens: LabelTokens | None = None,
 ) -> list[Variant]:
     """ANN first, then for each T in ``timesteps``: the QCFS network (L = ``levels``, else B x T of the
     recipe) and the SNN at T; then an SNN for each of ``t_schedules`` (non-constant T schedules; a constant
@@ -93,7 +95,7 @@ def prepare_variants(
     is how an ANN is quantized (``None``: as ``calibration`` says, else off); a QCFS or spiking ``model``
     keeps its own, and asking for the other setting is a :class:`VariantError`; so is ``threshold_groups`` (K
     timestep-aware thresholds per site; ``None``: as ``calibration`` says, else 1). A QCFS network shared by
-    several T appears once.
+    several T appears once. ``label_tokens`` condition a label-conditional ANN's calibration.
     """
     schedules, timesteps = _split_schedules(t_schedules, list(timesteps or []))
     if (not timesteps and not schedules) or (timesteps and min(timesteps) < 1):
@@ -123,6 +125,7 @@ def prepare_variants(
                 calibration=calibration,
                 residual_spikes=residual_spikes,
                 threshold_groups=threshold_groups,
+                label_tokens=label_tokens,
             ).qnet
             snns[level] = convert(qnets[level], spike_steps=t, neuron=neuron or "if", execution=execution)
             variants.append(Variant(f"QCFS L={level}", "qcfs", qnets[level], levels=level))
@@ -208,7 +211,7 @@ def _check_threshold_groups(model: QCFSUNet2DModel | SpikingUNet2DModel, request
 
 def _checked_reference(model, reference: UNet2DModel | None) -> UNet2DModel:
     kind = type(model).__name__
-    if not isinstance(reference, UNet2DModel):
+    if not isinstance(reference, UNet2DModel | UNet2DConditionModel):
         raise VariantError(f"A {kind} does not contain the original network; pass the ANN as the reference model.")
     ours = json.loads(json.dumps(dict(model.config.unet_config), sort_keys=True, default=str))
     theirs = json.loads(json.dumps(unet_config_dict(reference), sort_keys=True, default=str))

@@ -1,6 +1,8 @@
 """Sample-quality metrics that run offline: Fréchet distance on classifier (or Inception) features,
-paired PSNR, and the relative error of noise predictions across the diffusion schedule."""
+paired PSNR, the relative error of noise predictions across the diffusion schedule, and the conditional
+accuracy of class-conditional samples."""
 
+from .accuracy import ConditionalAccuracy
 from .features import DigitFeatures, FeatureExtractorError, InceptionFeatures
 from .fidelity import FIDELITY_FRACTIONS, fidelity_check
 from .frechet import FrechetDistance, ReferenceStatistics, extract_features, frechet_distance, reference_statistics
@@ -9,6 +11,7 @@ from .psnr import paired_psnr
 
 __all__ = [
     "FIDELITY_FRACTIONS",
+    "ConditionalAccuracy",
     "DigitFeatures",
     "FeatureExtractorError",
     "FrechetDistance",

@@ -28,13 +28,15 @@ def fidelity_check(
     num_samples: int = 4,
     seed: int = 0,
     progress: bool = True,
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Relative error ``||eps - eps_ann|| / ||eps_ann||`` of the QCFS and the spiking noise prediction.
 
     The inputs are ``num_samples`` fixed-seed images (smooth random patterns in [-1, 1]) noised by the
     model's own schedule at the :data:`FIDELITY_FRACTIONS` of its training steps. The reference is
     ``ann``, or, when the original is not at hand (a calibrated QCFS model), ``qnet`` with its original
-    activations (``as_ann``).
+    activations (``as_ann``). A conditional UNet gets ``conditions`` (keyword tensors, one row per sample;
+    e.g. a label-conditional model's label tokens), else random class labels / ``encoder_hidden_states``.
     """
     param = next(snn.parameters())
     config = qnet.config.unet_config
@@ -47,9 +49,10 @@ def fidelity_check(
     )
     x0 = torch.nn.functional.interpolate(coarse * 2 - 1, size=(height, width), mode="bilinear", align_corners=False)
     noise = torch.randn(x0.shape, generator=generator)
+    random_conditions = conditioning_kwargs(config, num_samples, generator)  # drawn always: same noise either way
     kwargs = {
         key: value.to(param.device, param.dtype) if value.is_floating_point() else value.to(param.device)
-        for key, value in conditioning_kwargs(config, num_samples, generator).items()
+        for key, value in (random_conditions if conditions is None else conditions).items()
     }
 
     rows = []
