@@ -83,6 +83,14 @@ Examples:
     help="GroupNorm and attention: expectation-compensated or applied per time step.",
 )
 @click.option(
+    "--nonlinear-steps",
+    "-E",
+    default=None,
+    type=BoundedInt("timesteps", low=2),
+    help="Compute the compensated real-valued ops (GroupNorm, attention, ...) at E of the T time steps only, "
+    "holding their value in between: exact in the mean, E/T of their cost [default: every step].",
+)
+@click.option(
     "--threshold-form",
     type=click.Choice(THRESHOLD_FORMS),
     default="lambda",
@@ -111,6 +119,7 @@ def main(
     neuron,
     burst,
     nonlinear_mode,
+    nonlinear_steps,
     threshold_form,
     per_channel,
     residual_spikes,
@@ -174,6 +183,7 @@ def main(
                 nonlinear_mode=nonlinear_mode,
                 threshold_form=threshold_form,
                 burst=burst,
+                nonlinear_steps=nonlinear_steps,
             )
         except ValueError as err:  # a setting this network cannot take (e.g. unit thresholds on a conditional UNet)
             raise CommandError(f"{loaded.source}: {err}", 2) from err
@@ -190,6 +200,7 @@ def main(
                 "neuron": neuron,
                 "burst": int(snn.config.burst),
                 "nonlinear_mode": nonlinear_mode,
+                "nonlinear_steps": nonlinear_steps,
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
                 "threshold_groups": int(qnet.config.threshold_groups),
@@ -258,6 +269,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         + (", residual spikes" if settings.get("residual_spikes") else "")
         + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
         + (", offsets" if settings.get("offsets") else "")
+        + (f", real-valued ops at {steps} of the T steps" if (steps := settings.get("nonlinear_steps")) else "")
     )
     if report["calibrated_here"]:
         click.echo(f"  calibration report: {REPORT_FILE}, plot: {PLOT_FILE}")

@@ -333,9 +333,11 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         burst: int = 1,
         threshold_groups: int = 1,
         offsets: bool = False,
+        nonlinear_steps: int | None = None,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
+        _check_nonlinear_steps(nonlinear_steps, nonlinear_mode)
         _check_choice("nonlinear_mode", nonlinear_mode, NONLINEAR_MODES)
         _check_choice("execution", execution, EXECUTION_MODES)
         _check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
@@ -361,6 +363,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         )
         install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
+        for module in self.temporal_modules:
+            if isinstance(module, TemporalOp):
+                module.evaluations = nonlinear_steps
 
     @classmethod
     def from_qcfs(
@@ -377,6 +382,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         burst: int | None = None,
         threshold_groups: int | None = None,
         timesteps: int | None = None,
+        nonlinear_steps: int | None = None,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
@@ -392,7 +398,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         Residual spikes follow ``qnet``: its signed input encoders (if it was quantized with ``residual_spikes=True``)
         become ternary IF neurons with their calibrated thresholds. So do timestep-aware thresholds: the neurons take
         ``qnet``'s tables of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K =
-        1).
+        1). ``nonlinear_steps`` = E >= 2 computes the compensated real-valued ops (GroupNorm, LayerNorm, attention,
+        gate products) at E of the T steps only, holding their value in between (still exact in the mean; see
+        :class:`~.temporal.TemporalOp`); ``None``: at every step.
         """
         timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
         timesteps = 8 if timesteps is None else timesteps
@@ -440,6 +448,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             burst=burst,
             threshold_groups=groups,
             offsets=config.get("offsets", False),
+            nonlinear_steps=nonlinear_steps,
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
@@ -641,11 +650,12 @@ class SpikingUNet2DConditionModel(SpikingUNet2DModel):
         offsets: bool = False,
         cross_attention_dim: int | None = None,
         time_cond_proj_dim: int | None = None,
+        nonlinear_steps: int | None = None,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, timesteps, neuron, nonlinear_mode, execution, threshold_form,
             time_embedding, sample_size, in_channels, out_channels, tsm, residual_spikes, analog_sites, burst,
-            threshold_groups, offsets,
+            threshold_groups, offsets, nonlinear_steps,
         )  # fmt: skip
 
     def forward(
@@ -746,6 +756,18 @@ def _check_settings(unet_config: Any, levels: Any, phi: Any) -> None:
         raise TypeError(f"unet_config must be the dict of a UNet2DModel's config, got {type(unet_config).__name__}.")
     check_int(levels, "levels", "levels")
     check_float(phi, "phi", 0, 1)
+
+
+def _check_nonlinear_steps(nonlinear_steps: Any, nonlinear_mode: str) -> None:
+    """``nonlinear_steps``: ``None`` or a whole number >= 2, with compensated non-linear ops only."""
+    if nonlinear_steps is None:
+        return
+    check_int(nonlinear_steps, "nonlinear_steps", low=2)
+    if nonlinear_mode != "compensated":
+        raise ValueError(
+            f"nonlinear_steps={nonlinear_steps} holds compensated ops between evaluations; nonlinear_mode="
+            f"{nonlinear_mode!r} has none. Use nonlinear_mode='compensated' or leave nonlinear_steps out."
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

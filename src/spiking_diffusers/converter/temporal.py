@@ -63,6 +63,16 @@ class TemporalModule(nn.Module):
         return x.reshape(self.num_steps, -1, *x.shape[1:])
 
 
+def evaluated_steps(num_steps: int, evaluations: int | None) -> list[int]:
+    """The 1-based time steps at which a held op computes ``f``: every step for ``None`` (or ``evaluations``
+    >= ``num_steps``), else ``evaluations`` >= 2 steps spread evenly from the first to the last."""
+    if evaluations is None or evaluations >= num_steps:
+        return list(range(1, num_steps + 1))
+    if evaluations < 2:
+        raise ValueError(f"evaluations must be at least 2 (the first and the last step), got {evaluations}.")
+    return sorted({round(1 + k * (num_steps - 1) / (evaluations - 1)) for k in range(evaluations)})
+
+
 class TemporalOp(TemporalModule):
     """Wraps an op that is not linear in its input (GroupNorm, attention) for the spiking network.
 
@@ -70,24 +80,78 @@ class TemporalOp(TemporalModule):
     step ``t`` emits ``t * f(m_t) - (t - 1) * f(m_{t-1})``, so the outputs up to ``T`` sum to
     ``T * f(mean input)``: exact in the mean. ``"per_step"`` applies ``f`` to each step's input (what the
     SDM reference code does): cheaper in state, biased. Either way the op passes real values, not spikes.
+
+    ``evaluations = E < T`` (compensated only) computes ``f`` at E of the T steps (the first, the last and
+    evenly between): a step in between re-emits the last value, and each evaluation at step ``t`` emits
+    ``t * f(m_t)`` minus everything emitted before. The outputs still sum to ``T * f(mean input)``, at E / T
+    of the op's cost.
     """
 
-    def __init__(self, op: nn.Module, method: str = "compensated"):
+    def __init__(self, op: nn.Module, method: str = "compensated", evaluations: int | None = None):
         super().__init__()
         if method not in NONLINEAR_MODES:
             raise ValueError(f"Unknown non-linear op mode {method!r}; choose one of {NONLINEAR_MODES}.")
         self.op = op
         self.method = method
+        self.evaluations = evaluations
         self.recompute = isinstance(op, nn.GroupNorm)
         self.register_memory("input_sum")
         self.register_memory("output_sum")
+        self.register_memory("held")
+
+    def evaluated_steps(self) -> list[int]:
+        """The 1-based time steps at which ``f`` is computed: all of them, or ``evaluations`` spread evenly
+        from the first step to the last (see :func:`evaluated_steps`)."""
+        return evaluated_steps(self.num_steps, self.evaluations)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.method == "per_step":
             return self.op(x, *args, **kwargs)
+        if self.evaluations is not None and self.evaluations < self.num_steps:
+            if self.execution == "batched":
+                return self._held_batched(x, *args, **kwargs)
+            return self._held_step(x, *args, **kwargs)
         if self.execution == "batched":
             return self._compensated_batched(x, *args, **kwargs)
         return self._compensated_step(x, *args, **kwargs)
+
+    def _held_batched(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        steps = self.split_time(x)
+        evaluated = self.evaluated_steps()
+        sums = steps.cumsum(0)
+        means = torch.stack([sums[t - 1] / t for t in evaluated])
+        index = torch.tensor(evaluated, device=x.device) - 1
+
+        def at_evaluated(value):  # time-folded extra inputs (e.g. cross-attention's context): those steps only
+            if torch.is_tensor(value) and value.dim() and value.shape[0] == x.shape[0]:
+                return self.split_time(value)[index].flatten(0, 1)
+            return value
+
+        args = tuple(at_evaluated(value) for value in args)
+        kwargs = {key: at_evaluated(value) for key, value in kwargs.items()}
+        values = self.op(means.flatten(0, 1), *args, **kwargs)
+        values = values.reshape(len(evaluated), -1, *values.shape[1:])
+        outputs, emitted, held = [], None, None
+        for t in range(1, self.num_steps + 1):
+            if t in evaluated:
+                held = values[evaluated.index(t)]
+                out = held * t if emitted is None else held * t - emitted
+            else:  # step 1 is always evaluated, so a value is held
+                out = held
+            emitted = out if emitted is None else emitted + out
+            outputs.append(out)
+        return torch.stack(outputs).flatten(0, 1)
+
+    def _held_step(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.step += 1
+        self.input_sum = x.clone() if self.input_sum is None else self.input_sum + x
+        if self.step in self.evaluated_steps():
+            self.held = self.op(self.input_sum / self.step, *args, **kwargs)
+            out = self.held * self.step if self.output_sum is None else self.held * self.step - self.output_sum
+        else:  # step 1 is always evaluated, so a value is held
+            out = self.held
+        self.output_sum = out if self.output_sum is None else self.output_sum + out
+        return out
 
     def _compensated_batched(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         steps = self.split_time(x)

@@ -62,6 +62,10 @@ COMPENSATION_OPS = 4
 """MAC-equivalents per input element of expectation compensation: running sum, divide by t, multiply the
 op's output by t, subtract the previous total (see ``TemporalOp``)."""
 
+HELD_OPS = 2
+"""MAC-equivalents per input element of a held step of a ``TemporalOp`` with fewer evaluations than time
+steps: the running input sum and the running sum of what was emitted (the held value is re-emitted as is)."""
+
 _SPIKE_TAG = "_sdm_spike_source"
 
 
@@ -285,8 +289,16 @@ class OperationCounter(TorchFunctionMode):
         rate.elements += out.numel()
 
     def _compensation(self, op: TemporalOp, args) -> None:
-        if op.method == "compensated":
-            self._layer("compensation").macs += COMPENSATION_OPS * args[0].numel()
+        if op.method != "compensated":
+            return
+        evaluated = op.evaluated_steps()
+        if op.execution == "batched":  # all T steps in one call
+            per_step = args[0].numel() // op.num_steps
+            held = op.num_steps - len(evaluated)
+            macs = per_step * (COMPENSATION_OPS * len(evaluated) + HELD_OPS * held)
+        else:  # one step per call; the op counts its steps itself, after this hook
+            macs = args[0].numel() * (COMPENSATION_OPS if op.step + 1 in evaluated else HELD_OPS)
+        self._layer("compensation").macs += macs
 
     # -- handlers: one per intercepted function ------------------------------------------------------------
 
