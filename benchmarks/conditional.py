@@ -10,6 +10,7 @@ spike-driven share of a counted sampling run with the same guidance.
 
     OMP_NUM_THREADS=2 python benchmarks/conditional.py [--model DIR] [--spike-steps 4,8] [--guidance 1,3]
                                                        [--num-images 1000] [--grid PATH] [--save-dir DIR]
+                                                       [--residual-spikes]
 """
 
 from __future__ import annotations
@@ -55,14 +56,18 @@ def sample(pipe, unet, labels: torch.Tensor, guidance: float, steps: int, batch_
     return torch.cat(out)
 
 
-def calibrated(pipe, T: int, save_dir: str | None) -> tuple[QCFSUNet2DConditionModel, float]:
-    """The QCFS network of the default recipe at T (reused from ``save_dir`` when saved there) and its seconds."""
-    saved = Path(save_dir) / f"conditional-qcfs-T{T}" if save_dir else None
+def calibrated(
+    pipe, T: int, save_dir: str | None, residual_spikes: bool = False
+) -> tuple[QCFSUNet2DConditionModel, float]:
+    """The QCFS network of the default recipe at T (with residual spikes if asked; reused from ``save_dir`` when
+    saved there) and its seconds."""
+    name = f"conditional-qcfs-T{T}" + ("-residual" if residual_spikes else "")
+    saved = Path(save_dir) / name if save_dir else None
     if saved is not None and (saved / "calibration_seconds.json").is_file():
         seconds = json.loads((saved / "calibration_seconds.json").read_text())["seconds"]
         return QCFSUNet2DConditionModel.from_pretrained(saved).eval(), seconds
     start = time.perf_counter()
-    config = sdm.CalibrationConfig(timesteps=T)
+    config = sdm.CalibrationConfig(timesteps=T, residual_spikes=residual_spikes)
     result = sdm.calibrate(
         pipe.unet, dict(pipe.scheduler.config), config, progress=False, label_tokens=pipe.label_tokens
     )
@@ -83,9 +88,10 @@ def calibrated(pipe, T: int, save_dir: str | None) -> tuple[QCFSUNet2DConditionM
 @click.option("--steps", default=20, help="DDIM steps.")
 @click.option("--batch-size", default=100)
 @click.option("--save-dir", default=None, help="Save (and reuse) the calibrated QCFS networks here.")
+@click.option("--residual-spikes", is_flag=True, help="Calibrate with residual spikes (spike-fed projections).")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Save a class x network grid here.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON here.")
-def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, grid, output) -> None:
+def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, residual_spikes, grid, output) -> None:
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.eval()
@@ -95,7 +101,7 @@ def main(model, spike_steps, guidance, num_images, steps, batch_size, save_dir, 
     Ts = [int(t) for t in spike_steps.split(",")]
     snns = {}
     for T in Ts:
-        qnet, seconds = calibrated(pipe, T, save_dir)
+        qnet, seconds = calibrated(pipe, T, save_dir, residual_spikes)
         snns[T] = (sdm.convert(qnet, spike_steps=T), seconds)
         click.echo(f"calibrated at T = {T} in {seconds:.0f} s on {torch.get_num_threads()} thread(s)", err=True)
 

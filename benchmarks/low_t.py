@@ -21,6 +21,7 @@ Rows (``--rows``, comma-separated keys):
   to burst neurons (B = 2) afterwards (the first burst measurement);
 - ``default_offsets`` / ``burst2_residual``: B = 4 + offsets / B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
+- ``held3``: the default network with its real-valued ops computed at 3 of the T steps (``nonlinear_steps``);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -62,6 +63,7 @@ class Recipe:
     schedule: bool = False
     timesteps: int | None = None
     calibrated_as: str | None = None  # the row whose saved QCFS network this one reuses
+    nonlinear_steps: int | None = None  # E: the real-valued ops computed at E of the T steps
 
 
 PLAIN = dataclasses.replace(DEFAULT, burst=1, residual_spikes=False)
@@ -82,6 +84,9 @@ RECIPES = {
     "default_offsets": Recipe("burst B = 4 + offsets", dataclasses.replace(BURST, offsets=True)),
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
+    "held3": Recipe(
+        "default, real-valued ops at 3 of the T steps", DEFAULT, calibrated_as="default", nonlinear_steps=3
+    ),
     "residual": Recipe("plain + residual spikes", dataclasses.replace(PLAIN, residual_spikes=True)),
     "residual_burst2_after": Recipe(
         "plain + residual spikes, L = 2T, burst B = 2 after",
@@ -135,7 +140,9 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
             qnet.save_pretrained(saved)
             (saved / "calibration_seconds.json").write_text(json.dumps({"seconds": calibration_seconds}))
     burst = recipe.burst_after if recipe.burst_after > 1 else None  # None: as calibrated
-    snn = SpikingUNet2DModel.from_qcfs(qnet, spike_steps=T, neuron=calibration.neuron, burst=burst)
+    snn = SpikingUNet2DModel.from_qcfs(
+        qnet, spike_steps=T, neuron=calibration.neuron, burst=burst, nonlinear_steps=recipe.nonlinear_steps
+    )
     config = EvaluationConfig(
         timesteps=[] if recipe.schedule else [T],
         t_schedules=[schedule] if recipe.schedule else [],

@@ -5,6 +5,7 @@ pipeline, and the errors for inputs the models refuse."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -36,9 +37,11 @@ from spiking_diffusers.calibration.distill import DistillSettings
 from spiking_diffusers.converter.building import swap_replaced_modules
 from spiking_diffusers.converter.gated import GatedGELU, GateProduct, ProjectedGELU
 from spiking_diffusers.converter.neurons import IFNeuron
+from spiking_diffusers.converter.residual_spikes import input_encoders
 from spiking_diffusers.converter.sites import iter_site_specs
 from spiking_diffusers.converter.temporal import TemporalOp
 from spiking_diffusers.energy.accounting import GROUPNORM_OPS, OperationCounter
+from spiking_diffusers.energy.measure import count_forward
 from spiking_diffusers.errors import InputError
 
 
@@ -192,8 +195,30 @@ def test_options_that_need_a_weight_layer_after_every_site_are_refused():
         convert(qnet, spike_steps=2, threshold_form="unit")
     with pytest.raises(ValueError, match=r"offsets=True.*ff"):
         quantize(unet, levels=4, offsets=True)
-    with pytest.raises(ValueError, match="residual_spikes=True is supported for UNet2DModel only"):
-        quantize(unet, levels=4, residual_spikes=True)
+
+
+def test_residual_spikes_feed_every_transformer_projection_spikes():
+    unet = make_conditional()
+    qnet = quantize(unet, levels=8, residual_spikes=True)
+    with qnet.as_ann():  # the split attention and the encoded layers compute the original exactly
+        assert torch.equal(run(qnet, unet), run(unet, unet))
+    encoders = set(input_encoders(qnet.unet))
+    block = "down_blocks.0.attentions.0"
+    for layer in ("proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"):
+        assert f"{block}.{layer}.encoder" in encoders
+    for attn in ("attn1", "attn2"):
+        assert {f"{block}.transformer_blocks.0.{attn}.{side}_encoder" for side in ("input", "output")} <= encoders
+    snn = convert(qnet, spike_steps=8)
+    batched = run(snn, unet)
+    snn.set_execution("stepwise")
+    assert torch.equal(run(snn, unet), batched)
+    errors = []  # the SNN tends to its QCFS network as T = L grows, as without residual spikes
+    for steps in (4, 64):
+        qnet = quantize(unet, levels=steps, residual_spikes=True)
+        errors.append(relative_error(run(convert(qnet, spike_steps=steps), unet), run(qnet, unet)))
+    assert errors[1] < 0.2 < errors[0]
+    with_spikes, without = count_forward(snn), count_forward(convert(quantize(unet, levels=8), spike_steps=8))
+    assert with_spikes.macs < 0.5 * without.macs  # the projections read spikes: accumulates, not MACs
 
 
 def test_from_qcfs_picks_the_class_of_the_qcfs_model():
@@ -329,6 +354,11 @@ def test_calibrate_a_cross_attention_unet_with_its_label_tokens(tmp_path):
     again = calibrate(unet, dict(DDPMScheduler().config), config, progress=False, label_tokens=tokens)
     first, second = result.qnet.state_dict(), again.qnet.state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)  # bit-identical for the same seed
+    residual = calibrate(
+        unet, dict(DDPMScheduler().config), dataclasses.replace(config, residual_spikes=True), progress=False,
+        label_tokens=tokens,
+    ).qnet  # fmt: skip
+    assert residual.config.residual_spikes and len(input_encoders(residual.unet)) > 0
     with pytest.raises(InputError, match="needs its LabelTokens"):
         calibrate(unet, dict(DDPMScheduler().config), config, progress=False)
     with pytest.raises(InputError, match="label_tokens apply to cross-attention UNets"):

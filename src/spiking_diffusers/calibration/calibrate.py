@@ -379,8 +379,9 @@ def _calibrate(
 
 def resolve_residual_spikes(requested: bool | None, unet: torch.nn.Module) -> bool:
     """Residual spikes as asked for, or by default (``None``) on for a ``UNet2DModel``: with burst neurons they
-    cost no quality and cut the SNN's energy below the ANN's on both digits DDPMs (docs/energy.md); a
-    ``UNet2DConditionModel`` cannot have them yet."""
+    cost no quality and cut the SNN's energy below the ANN's on both digits DDPMs (docs/energy.md). A
+    ``UNet2DConditionModel`` takes them when asked (``True``) and is calibrated without them by default
+    (see docs/conditional.md for what they cost there)."""
     return bool(requested) if requested is not None else type(unet) is UNet2DModel
 
 

@@ -21,7 +21,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.upsampling import FirUpsample2D, Upsample2D
 from torch import nn
 
-from .encoded_attention import AttentionCore
+from .encoded_attention import AttentionCore, CrossAttentionCore
 from .gated import GatedGELU, GateProduct, ProjectedGELU
 from .registry import SiteSpec, UnsupportedModuleError, register_block
 
@@ -139,10 +139,13 @@ for _block in (
     blocks.CrossAttnDownBlock2D,
     blocks.CrossAttnUpBlock2D,
     blocks.UNetMidBlock2DCrossAttn,
-    FeedForward,
 ):
     register_block(_block, "block")
-register_block(Transformer2DModel, "block", check=_transformer_check)
+# The feed-forward's output layer reads GEGLU's gate product (real values); with residual spikes it gets an encoder.
+register_block(FeedForward, "block", encoded_inputs=lambda ff: ["net.2"] if isinstance(ff.net[2], nn.Linear) else [])
+register_block(
+    Transformer2DModel, "block", check=_transformer_check, encoded_inputs=lambda model: ["proj_in", "proj_out"]
+)
 register_block(BasicTransformerBlock, "block", check=_transformer_block_check)
 
 
@@ -158,8 +161,9 @@ def _projected_sites(block: ProjectedGELU) -> list[SiteSpec]:
 
 register_block(GEGLU, "block", replace=lambda geglu: GatedGELU(geglu.proj))
 register_block(GELU, "block", replace=lambda gelu: ProjectedGELU(gelu.proj, gelu.approximate))
-register_block(GatedGELU, "block", sites=_gated_sites)
-register_block(ProjectedGELU, "block", sites=_projected_sites)
+# Their input projection reads the block's LayerNorm output (real values): an encoder with residual spikes.
+register_block(GatedGELU, "block", sites=_gated_sites, encoded_inputs=lambda block: ["proj"])
+register_block(ProjectedGELU, "block", sites=_projected_sites, encoded_inputs=lambda block: ["proj"])
 
 
 # --- resampling -----------------------------------------------------------------------------------------
@@ -242,6 +246,7 @@ register_block(nn.LayerNorm, "nonlinear", absorb_threshold=_layer_norm_absorb)
 # compensated op sees them as they are, with the running mean of its spiking input as the query side.
 register_block(Attention, "nonlinear", check=_attention_check)
 register_block(AttentionCore, "nonlinear")
+register_block(CrossAttentionCore, "nonlinear")
 register_block(GateProduct, "nonlinear")
 
 

@@ -89,11 +89,6 @@ def build_qcfs_unet(
 
     install_units(unet, make_unit)
     if residual_spikes:
-        if unet_class is not UNet2DModel:
-            raise ValueError(
-                f"residual_spikes=True is supported for UNet2DModel only, not yet for {unet_class.__name__}; "
-                "leave the option out."
-            )
         install_input_encoders(unet, levels, phi, per_channel)
     if threshold_groups > 1:
         make_threshold_tables(unet, threshold_groups)

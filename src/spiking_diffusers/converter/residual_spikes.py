@@ -6,6 +6,8 @@ spikes to every weight layer that otherwise reads real values at each time step:
 - the convolutions that read the residual stream (``encoded_inputs`` of each block's handler in
   :mod:`~spiking_diffusers.converter.blocks`) become :class:`EncodedConv2d`:
   the same convolution, same weights and state-dict keys, whose input first passes ``<layer>.encoder``;
+  the linear layers of a transformer block that read real values (its ``proj_in`` / ``proj_out``, a
+  feed-forward's input projection and its output layer after the gate product) become :class:`EncodedLinear`;
 - every ``Attention`` is split at its projections (:mod:`~.encoded_attention`), with encoders
   ``<attention>.input_encoder`` (before ``to_q/to_k/to_v``) and ``<attention>.output_encoder`` (before
   ``to_out``).
@@ -61,25 +63,48 @@ class EncodedConv2d(nn.Conv2d):
         return super().forward(self.encoder(x))
 
 
+class EncodedLinear(nn.Linear):
+    """A linear layer on token-major ``(..., C)`` inputs that reads them through a spike encoder (``self.encoder``,
+    channels last); like :class:`EncodedConv2d`, a subclass that keeps the weights' state-dict keys."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, encoder: nn.Module) -> EncodedLinear:
+        """An ``EncodedLinear`` that shares ``linear``'s parameters, with ``encoder`` in front."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.encoder = encoder
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.encoder(x))
+
+
 def iter_residual_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """Yield ``(parent_name, parent, attribute)`` for every registered residual-reading convolution."""
+    """Yield ``(parent_name, parent, attribute)`` for every registered layer that reads real values (a
+    handler may name a layer inside a child, ``net.2``: the parent is then that child)."""
     for name, module in model.named_modules():
         handler = handler_for(module)
-        for attr in handler.encoded_inputs(module) if handler else []:
-            yield name, module, attr
+        for path in handler.encoded_inputs(module) if handler else []:
+            inner, _, attr = path.rpartition(".")
+            parent = module.get_submodule(inner) if inner else module
+            yield ".".join(part for part in (name, inner) if part), parent, attr
 
 
 def install_input_encoders(model: nn.Module, levels: int, phi: float, per_channel: bool) -> None:
-    """Put a :class:`SignedQCFS` encoder in front of every residual-reading convolution of ``model`` and
+    """Put a :class:`SignedQCFS` encoder in front of every layer of ``model`` that reads real values and
     split every attention at its projections."""
     for attn in [module for module in model.modules() if isinstance(module, Attention)]:
         encode_attention(attn, levels, phi, per_channel)
     for _, parent, attr in list(iter_residual_layers(model)):
-        conv = getattr(parent, attr)
-        encoded = EncodedConv2d.wrap(conv, SignedQCFS(conv.in_channels, levels, phi, per_channel))
+        layer = getattr(parent, attr)
+        if isinstance(layer, nn.Linear):  # token-major input: channels last
+            unit = SignedQCFS(layer.in_features, levels, phi, per_channel, channels_last=True)
+            encoded = EncodedLinear.wrap(layer, unit)
+        else:
+            encoded = EncodedConv2d.wrap(layer, SignedQCFS(layer.in_channels, levels, phi, per_channel))
         # Downsample2D may hold the same convolution under two names (`conv` and `Conv2d_0`).
         for name, child in list(parent.named_children()):
-            if child is conv:
+            if child is layer:
                 setattr(parent, name, encoded)
 
 
@@ -108,6 +133,11 @@ def fold_encoder_thresholds(model: nn.Module) -> None:
     for module in model.modules():
         if is_encoded(module) and isinstance(module.input_encoder, TernaryIFEncoder):
             fold_attention_thresholds(module)
+        elif isinstance(module, EncodedLinear) and isinstance(module.encoder, TernaryIFEncoder):
+            lam = module.encoder.threshold.detach().clone()
+            module.weight.mul_(lam.reshape(1, -1) if lam.numel() > 1 else lam.reshape(()))
+            module.encoder.input_gain.div_(lam)
+            module.encoder.threshold.fill_(1.0)
         elif isinstance(module, EncodedConv2d) and isinstance(module.encoder, TernaryIFEncoder):
             lam = module.encoder.threshold.detach().clone()
             module.weight.mul_(lam.reshape(1, -1, 1, 1) if lam.numel() > 1 else lam.reshape(()))
