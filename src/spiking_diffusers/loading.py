@@ -45,6 +45,8 @@ CONDITIONAL_CLASSES = (UNet2DConditionModel, QCFSUNet2DConditionModel, SpikingUN
 OWN_COMPONENTS = ("unet", "scheduler", "label_tokens")
 """The pipeline components the commands load themselves; any other one is carried along unchanged."""
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DOWNLOADED = ("json", "safetensors", "bin", "txt", "model")
+"""File types fetched from the hub, at the top and one folder down: configs, weights, tokenizer files."""
 
 
 class ModelLoadError(SdmError, ValueError):
@@ -131,7 +133,7 @@ def _download(repo_id: str) -> Path:
         return Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"],
+                allow_patterns=[f"{folder}*.{ext}" for folder in ("", "*/") for ext in DOWNLOADED],
                 local_files_only=_offline(),
             )
         )
