@@ -190,10 +190,10 @@ def main(
     config = EvaluationConfig(
         **options,
         calibration=calibration,
-        class_labels=resolve_class_labels(class_labels, loaded) if class_labels is not None else None,
+        # every class in turn by default; a text-conditioned model or labels for an unconditional one are refused
+        class_labels=resolve_class_labels(class_labels, loaded),
         guidance_scales=guidance_scales,
     )
-    resolve_class_labels(class_labels, loaded)  # a text-conditioned model or labels for an unconditional one: refused
     resolve_threshold_groups(options["threshold_groups"], loaded)  # fits an ANN's schedule, or is the model's own
     check_scheduler_steps(make_scheduler(options["scheduler"], loaded.scheduler.config), options["steps"], "--steps")
     reference = None
