@@ -21,6 +21,7 @@ Rows (``--rows``, comma-separated keys):
   to burst neurons (B = 2) afterwards (the first burst measurement);
 - ``default_offsets`` / ``burst2_residual``: B = 4 + offsets / B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
+- ``default_schedule``: the default network sampled with the T schedule ``--schedule``;
 - ``held3``: the default network with its real-valued ops computed at 3 of the T steps (``nonlinear_steps``);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
@@ -84,6 +85,7 @@ RECIPES = {
     "default_offsets": Recipe("burst B = 4 + offsets", dataclasses.replace(BURST, offsets=True)),
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
+    "default_schedule": Recipe("default, T schedule", DEFAULT, schedule=True, calibrated_as="default"),
     "held3": Recipe(
         "default, real-valued ops at 3 of the T steps", DEFAULT, calibrated_as="default", nonlinear_steps=3
     ),
