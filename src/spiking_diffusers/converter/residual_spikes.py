@@ -133,13 +133,9 @@ def fold_encoder_thresholds(model: nn.Module) -> None:
     for module in model.modules():
         if is_encoded(module) and isinstance(module.input_encoder, TernaryIFEncoder):
             fold_attention_thresholds(module)
-        elif isinstance(module, EncodedLinear) and isinstance(module.encoder, TernaryIFEncoder):
-            lam = module.encoder.threshold.detach().clone()
-            module.weight.mul_(lam.reshape(1, -1) if lam.numel() > 1 else lam.reshape(()))
-            module.encoder.input_gain.div_(lam)
-            module.encoder.threshold.fill_(1.0)
-        elif isinstance(module, EncodedConv2d) and isinstance(module.encoder, TernaryIFEncoder):
-            lam = module.encoder.threshold.detach().clone()
-            module.weight.mul_(lam.reshape(1, -1, 1, 1) if lam.numel() > 1 else lam.reshape(()))
+        elif isinstance(module, EncodedConv2d | EncodedLinear) and isinstance(module.encoder, TernaryIFEncoder):
+            lam = module.encoder.threshold.detach().clone()  # per input channel: dim 1 of either weight
+            per_channel = lam.reshape(1, -1, *([1] * (module.weight.dim() - 2)))
+            module.weight.mul_(per_channel if lam.numel() > 1 else lam.reshape(()))
             module.encoder.input_gain.div_(lam)
             module.encoder.threshold.fill_(1.0)
