@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest workers of `make test`: CI has two cores; each worker runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint format demo bench
 
@@ -26,7 +28,7 @@ format: setup
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The main job on the model shipped in the package: calibrate + convert it (T = 4), then sample a grid.
 demo: setup

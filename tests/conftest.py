@@ -81,6 +81,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker runs torch on one thread: two workers of two threads each on CI's two
+    cores would oversubscribe them, which is several times slower than one thread each."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Calibration samples and metric statistics go to a per-run cache, never the user's."""

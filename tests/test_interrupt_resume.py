@@ -153,7 +153,7 @@ def _assert_untouched(out: Path) -> None:
 def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir, tmp_path):
     """A real process stopped by SIGTERM right after its first checkpoint; then --resume in-process."""
     cache = tmp_path / "cache"
-    args = ["--model", ann_dir, "-T", "2", "--num-samples", "8", "--sampler-steps", "2", "--distill-steps", "150",
+    args = ["--model", ann_dir, "-T", "2", "--num-samples", "8", "--sampler-steps", "2", "--distill-steps", "60",
             "--snn-steps", "3", "--batch-size", "4", "--snn-batch-size", "4", "--threshold-init", "percentile",
             "--cache-dir", cache, "--checkpoint-every", "5", "--overwrite"]  # fmt: skip
     out = tmp_path / "out"
@@ -170,7 +170,7 @@ def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir
     assert "Traceback" not in stderr
     _assert_untouched(out)
     steps_done = torch.load(checkpoint, weights_only=True)["step"]
-    assert 5 <= steps_done < 150
+    assert 5 <= steps_done < 60
 
     runner = CliRunner()
     resumed = runner.invoke(calibrate_cmd.main, [*map(str, args), "--output", str(out), "--resume"])
@@ -184,7 +184,7 @@ def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir
     curves = [
         json.loads((d / "calibration_report.json").read_text())["loss_curves"] for d in (out, tmp_path / "reference")
     ]
-    assert curves[0] == curves[1] and len(curves[0]["distill"]) == 150
+    assert curves[0] == curves[1] and len(curves[0]["distill"]) == 60
 
 
 def test_sigint_mid_conversion_keeps_the_previous_output(ann_dir, tmp_path):
