@@ -22,7 +22,8 @@ Rows (``--rows``, comma-separated keys):
 - ``default_offsets`` / ``burst2_residual``: B = 4 + offsets / B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - ``default_schedule``: the default network sampled with the T schedule ``--schedule``;
-- ``held3``: the default network with its real-valued ops computed at 3 of the T steps (``nonlinear_steps``);
+- ``heldE`` (e.g. ``held3``): the default network with its real-valued ops computed at E of the T steps
+  (``nonlinear_steps``);
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -86,9 +87,6 @@ RECIPES = {
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
     "default_schedule": Recipe("default, T schedule", DEFAULT, schedule=True, calibrated_as="default"),
-    "held3": Recipe(
-        "default, real-valued ops at 3 of the T steps", DEFAULT, calibrated_as="default", nonlinear_steps=3
-    ),
     "residual": Recipe("plain + residual spikes", dataclasses.replace(PLAIN, residual_spikes=True)),
     "residual_burst2_after": Recipe(
         "plain + residual spikes, L = 2T, burst B = 2 after",
@@ -102,11 +100,19 @@ RECIPES = {
 
 
 def recipe_for(key: str) -> Recipe:
-    """The recipe of a ``--rows`` key: a name of :data:`RECIPES`, optionally ``@T``."""
+    """The recipe of a ``--rows`` key: a name of :data:`RECIPES` or ``heldE``, optionally ``@T``."""
     name, _, at = key.partition("@")
-    if name not in RECIPES or (at and not at.isdigit()):
-        raise click.BadParameter(f"unknown row {key!r}; choose from {list(RECIPES)}, each optionally @T.", "--rows")
-    recipe = RECIPES[name]
+    held = name.startswith("held") and name[4:].isdigit() and int(name[4:]) >= 2
+    if (name not in RECIPES and not held) or (at and not at.isdigit()):
+        raise click.BadParameter(
+            f"unknown row {key!r}; choose from {list(RECIPES)} or heldE (E >= 2), each optionally @T.", "--rows"
+        )
+    if held:
+        steps = int(name[4:])
+        label = f"default, real-valued ops at {steps} of the T steps"
+        recipe = Recipe(label, DEFAULT, calibrated_as="default", nonlinear_steps=steps)
+    else:
+        recipe = RECIPES[name]
     return dataclasses.replace(recipe, timesteps=int(at), label=f"{recipe.label}, T = {at}") if at else recipe
 
 
@@ -118,8 +124,9 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
     if recipe.burst_after > 1:  # calibrated as a plain-IF network at T = L
         calibration = dataclasses.replace(calibration, burst=1, timesteps=levels)
     scheduler_config = dict(loaded.scheduler.config)
+    at = f"-T{recipe.timesteps}" if recipe.timesteps else ""
     saved = (
-        Path(options["save_dir"]) / f"qcfs-{recipe.calibrated_as or key.replace('@', '-T')}"
+        Path(options["save_dir"]) / f"qcfs-{recipe.calibrated_as or key.partition('@')[0]}{at}"
         if options["save_dir"]
         else None
     )
