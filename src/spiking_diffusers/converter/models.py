@@ -306,7 +306,10 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     all factors 1 give exactly the network without it. With ``residual_spikes`` the convolutions that read
     the residual stream and the attention projections are fed by ternary IF encoders (spikes +-lambda).
     With ``offsets`` (from the QCFS network) each neuron subtracts its input shift from its input current and
-    the layer it feeds adds the output offset's constant bias map, still reading spikes.
+    the layer it feeds adds the output offset's constant bias map, still reading spikes. ``delta_spikes``
+    marks a network meant to run with delta spikes across denoising steps: each weight layer receives the
+    change of its input spikes from the previous UNet evaluation and keeps its T input currents, which gives
+    the same outputs; the energy count (``spiking_diffusers.energy``) follows it.
     """
 
     config_name = "config.json"
@@ -334,9 +337,11 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         threshold_groups: int = 1,
         offsets: bool = False,
         nonlinear_steps: int | None = None,
+        delta_spikes: bool = False,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
+        _check_flag("delta_spikes", delta_spikes)
         _check_nonlinear_steps(nonlinear_steps, nonlinear_mode)
         _check_choice("nonlinear_mode", nonlinear_mode, NONLINEAR_MODES)
         _check_choice("execution", execution, EXECUTION_MODES)
@@ -383,6 +388,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         threshold_groups: int | None = None,
         timesteps: int | None = None,
         nonlinear_steps: int | None = None,
+        delta_spikes: bool = False,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
@@ -400,7 +406,9 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         ``qnet``'s tables of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K =
         1). ``nonlinear_steps`` = E >= 2 computes the compensated real-valued ops (GroupNorm, LayerNorm, attention,
         gate products) at E of the T steps only, holding their value in between (still exact in the mean; see
-        :class:`~.temporal.TemporalOp`); ``None``: at every step.
+        :class:`~.temporal.TemporalOp`); ``None``: at every step. ``delta_spikes`` records that the links from
+        neurons to weight layers send the change of each time step's spikes from the previous UNet evaluation
+        (the layers keep their T input currents): the same outputs, fewer accumulates in the energy count.
         """
         timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
         timesteps = 8 if timesteps is None else timesteps
@@ -449,6 +457,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             threshold_groups=groups,
             offsets=config.get("offsets", False),
             nonlinear_steps=nonlinear_steps,
+            delta_spikes=delta_spikes,
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
@@ -507,6 +516,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
                     break
             state[key] = value
         return state
+
+    def set_delta_spikes(self, delta_spikes: bool) -> None:
+        """Record whether the links to weight layers send delta spikes (recorded in the config; the outputs
+        do not change, the energy count does)."""
+        _check_flag("delta_spikes", delta_spikes)
+        self.register_to_config(delta_spikes=delta_spikes)
 
     def set_execution(self, execution: str) -> None:
         """Switch between ``"batched"`` and ``"stepwise"`` simulation (recorded in the config)."""
@@ -651,11 +666,12 @@ class SpikingUNet2DConditionModel(SpikingUNet2DModel):
         cross_attention_dim: int | None = None,
         time_cond_proj_dim: int | None = None,
         nonlinear_steps: int | None = None,
+        delta_spikes: bool = False,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, timesteps, neuron, nonlinear_mode, execution, threshold_form,
             time_embedding, sample_size, in_channels, out_channels, tsm, residual_spikes, analog_sites, burst,
-            threshold_groups, offsets, nonlinear_steps,
+            threshold_groups, offsets, nonlinear_steps, delta_spikes,
         )  # fmt: skip
 
     def forward(
@@ -773,3 +789,8 @@ def _check_nonlinear_steps(nonlinear_steps: Any, nonlinear_mode: str) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")

@@ -24,6 +24,13 @@ Counting rules:
   MAC-equivalents per element: GroupNorm and LayerNorm ``GROUPNORM_OPS``, softmax ``SOFTMAX_OPS``, GEGLU's
   gate product one per output element (real values times real values, in the ANN and the SNN alike), and
   the expectation compensation of a ``TemporalOp`` ``COMPENSATION_OPS`` per input element.
+- Delta spikes (``delta_spikes=True``, a spiking model's option): a link from a neuron to a weight layer
+  transmits, at each time step, the *change* of the neuron's spike count from the same time step of the
+  previous UNet evaluation (signed spikes), and the layer keeps its T input currents of that evaluation and
+  adds the weights times the change: ``W k_n = W k_{n-1} + W (k_n - k_{n-1})``, exact because the layer is
+  linear. A spike-driven layer then costs ``|k_n - k_{n-1}|`` accumulates per synapse instead of ``|k_n|``;
+  the first evaluation of a counted run, and any whose input shape differs from the last one's, count in
+  full. The simulation computes ``W k_n`` directly (the same function), so only the count changes here.
 - Not counted, in the SNN and the ANN alike: biases, residual additions, activation functions (ANN) and
   membrane updates (SNN), the sinusoidal time embedding, nearest / average resampling. The output offsets
   of a model with ``offsets`` are bias maps of the consumer layers (model constants, computed once per input
@@ -161,14 +168,21 @@ def spike_indicator(x: torch.Tensor) -> torch.Tensor | None:
     Raises if a tensor tagged as spikes holds anything but whole multiples of its neuron's spike amplitude
     (it was changed in place).
     """
+    counts = signed_spike_counts(x)
+    return None if counts is None else counts.abs()
+
+
+def signed_spike_counts(x: torch.Tensor) -> torch.Tensor | None:
+    """The signed spike count at each entry of a tagged spike tensor (negative for a signed neuron's negative
+    spikes), as float64; ``None`` for a real-valued tensor. Checked as in :func:`spike_indicator`."""
     neuron = getattr(x, _SPIKE_TAG, None)
     if neuron is None:
         return None
     amplitude = neuron.amplitude(x).detach()
     finite = x.isfinite()  # a diverging network is reported by the sampler, not counted here
-    counts = torch.where(finite, (x.abs() / amplitude).round(), 0)
-    off = finite & ((x.abs() - counts * amplitude).abs() > 1e-4 * amplitude)
-    if bool(off.any()) or bool((counts > neuron.spikes_per_step).any()):
+    counts = torch.where(finite, (x / amplitude).round(), 0)
+    off = finite & ((x - counts * amplitude).abs() > 1e-4 * amplitude)
+    if bool(off.any()) or bool((counts.abs() > neuron.spikes_per_step).any()):
         raise RuntimeError(
             "A tensor tagged as spikes holds values other than whole multiples of +-lambda (changed in place?)."
         )
@@ -205,12 +219,17 @@ class OperationCounter(TorchFunctionMode):
 
     ``model`` is a ``UNet2DModel``, :class:`~spiking_diffusers.QCFSUNet2DModel`,
     :class:`~spiking_diffusers.SpikingUNet2DModel` or any module whose first argument is a batch; the
-    result accumulates in ``c.accounting``.
+    result accumulates in ``c.accounting``. With ``delta_spikes`` each spike-driven layer costs the change of
+    its input spikes from its call at the same place in the previous model forward (see the module's notes).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, delta_spikes: bool = False):
         super().__init__()
         self.model = model
+        self.delta_spikes = bool(delta_spikes)
+        # Delta spikes: each spike-driven layer call's input counts, by (layer, op, call number in the forward).
+        self._previous: dict[tuple[str, str, int], torch.Tensor] = {}
+        self._calls: dict[tuple[str, str], int] = {}
         self.unet = inner_unet(model)
         self.accounting = Accounting()
         self._names = module_names(self.unet)
@@ -280,6 +299,7 @@ class OperationCounter(TorchFunctionMode):
         sample = args[0] if args else kwargs["sample"]
         self.accounting.sample_forwards += sample.shape[0]
         self._stack.clear()
+        self._calls.clear()
 
     def _tag_spikes(self, neuron: IFNeuron | TernaryIFEncoder, args, out: torch.Tensor) -> None:
         setattr(out, _SPIKE_TAG, neuron)
@@ -303,7 +323,7 @@ class OperationCounter(TorchFunctionMode):
     # -- handlers: one per intercepted function ------------------------------------------------------------
 
     def _weight_layer(self, op: str, x: torch.Tensor, out: torch.Tensor, fan_in: int, acs: Callable) -> None:
-        indicator = spike_indicator(x)
+        indicator = self._transmitted(op, x) if self.delta_spikes else spike_indicator(x)
         layer = self._layer(op, spike_driven=indicator is not None)
         if indicator is None:
             layer.macs += out.numel() * fan_in
@@ -311,6 +331,21 @@ class OperationCounter(TorchFunctionMode):
         layer.acs += acs(indicator)
         layer.input_spikes += round(float(indicator.sum()))
         layer.input_elements += x.numel()
+
+    def _transmitted(self, op: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Delta spikes: the spikes a layer receives at this call, ``|k - k_previous|``, where ``k_previous`` is
+        its input at the same call of the previous forward (``|k|`` without one of the same shape)."""
+        counts = signed_spike_counts(x)
+        if counts is None:
+            return None
+        layer = (self._stack[-1] if self._stack else "(top level)", op)
+        call = self._calls[layer] = self._calls.get(layer, -1) + 1
+        key = (*layer, call)
+        previous = self._previous.get(key)
+        self._previous[key] = counts.to(torch.int16)  # |k| <= 2 B: small whole numbers
+        if previous is None or previous.shape != counts.shape:
+            return counts.abs()
+        return (counts - previous).abs()
 
     def _conv2d(self, args, kwargs, out) -> None:
         x, weight = args[0], _argument(args, kwargs, 1, "weight")

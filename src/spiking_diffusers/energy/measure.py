@@ -32,15 +32,23 @@ def count_sampling(
     snn_timesteps: int | str | list[int] | TSchedule | None = None,
     label_tokens: LabelTokens | None = None,
     guidance_scale: float = 1.0,
+    delta_spikes: bool | None = None,
 ) -> Accounting:
     """Count the work of ``snn`` while it samples ``num_images`` images in ``steps`` denoising steps
     (``snn_timesteps``: a T or a T schedule, as the pipeline takes it; ``label_tokens`` and ``guidance_scale``
-    for a label-conditional SNN)."""
-    return _count_sampling(snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale)[0]
+    for a label-conditional SNN; ``delta_spikes``: count delta spikes, default: as the model says)."""
+    return _count_sampling(
+        snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale, delta_spikes
+    )[0]
+
+
+def uses_delta_spikes(snn: nn.Module, delta_spikes: bool | None = None) -> bool:
+    """Whether a count of ``snn`` uses delta spikes: ``delta_spikes`` if given, else the model's setting."""
+    return bool(getattr(snn.config, "delta_spikes", False)) if delta_spikes is None else bool(delta_spikes)
 
 
 def _count_sampling(
-    snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens=None, guidance_scale=1.0
+    snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens=None, guidance_scale=1.0, delta_spikes=None
 ) -> tuple[Accounting, float]:
     """The counts of a sampling run, and the mean T over its UNet evaluations (weighted by batch size)."""
     pipe = SpikingDiffusionPipeline(unet=snn, scheduler=scheduler, label_tokens=label_tokens)
@@ -55,7 +63,7 @@ def _count_sampling(
 
     hook = snn.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        with OperationCounter(snn) as counter:
+        with OperationCounter(snn, delta_spikes=uses_delta_spikes(snn, delta_spikes)) as counter:
             pipe(
                 batch_size=num_images,
                 generator=generator,
@@ -102,15 +110,19 @@ def measure_energy(
     energy_model: EnergyModel | None = None,
     label_tokens: LabelTokens | None = None,
     guidance_scale: float = 1.0,
+    delta_spikes: bool | None = None,
 ) -> EnergyReport:
     """The energy report of a spiking UNet against its ANN over one real sampling run of the SNN.
 
     ``snn_timesteps`` overrides the model's T for this run: one T, or a T schedule (T per denoising step;
     the report then states the schedule and its mean T, and every per-step figure is a mean over the steps).
     ``label_tokens`` and ``guidance_scale``: a label-conditional SNN samples labels 0, 1, ... with them.
+    ``delta_spikes`` counts the spike-driven layers with delta spikes (changes from the previous UNet
+    evaluation, see :mod:`.accounting`); default: as the model's ``delta_spikes`` setting says.
     """
+    delta = uses_delta_spikes(snn, delta_spikes)
     snn_counts, mean_t = _count_sampling(
-        snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale
+        snn, scheduler, steps, num_images, seed, snn_timesteps, label_tokens, guidance_scale, delta
     )
     ann_counts = count_forward(ann)
     if snn_timesteps is None:
@@ -119,4 +131,6 @@ def measure_energy(
         schedule = TSchedule.coerce(snn_timesteps)
         constant = schedule.constant_timesteps
         timesteps = constant if constant is not None else str(schedule)
-    return build_report(snn_counts, ann_counts, timesteps, num_images, energy_model, mean_timesteps=mean_t)
+    return build_report(
+        snn_counts, ann_counts, timesteps, num_images, energy_model, mean_timesteps=mean_t, delta_spikes=delta
+    )

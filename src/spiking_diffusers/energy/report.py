@@ -66,7 +66,8 @@ class LayerRow:
 class EnergyReport:
     """SNN against ANN, per denoising step per image unless a name says otherwise. ``timesteps`` is the T of
     the run, or the text form of its T schedule (``"4,16x3"``); ``mean_timesteps`` the mean T per denoising
-    step (T itself without a schedule)."""
+    step (T itself without a schedule). ``delta_spikes``: the spike-driven layers were counted with delta
+    spikes (changes from the previous UNet evaluation)."""
 
     rows: list[LayerRow]
     site_rates: dict[str, float]
@@ -74,6 +75,7 @@ class EnergyReport:
     unet_evaluations_per_image: float
     energy_model: EnergyModel
     mean_timesteps: float | None = None
+    delta_spikes: bool = False
 
     def __post_init__(self) -> None:
         if self.mean_timesteps is None:
@@ -150,6 +152,7 @@ class EnergyReport:
             "spike_driven_fraction": self.spike_driven_fraction,
             "weight_layer_spike_driven_fraction": self.weight_layer_spike_fraction,
             "mean_input_firing_rate": self.mean_firing_rate,
+            "delta_spikes": self.delta_spikes,
         }
 
     def to_dict(self) -> dict:
@@ -177,6 +180,7 @@ def build_report(
     num_images: int,
     energy_model: EnergyModel | None = None,
     mean_timesteps: float | None = None,
+    delta_spikes: bool = False,
 ) -> EnergyReport:
     """Join the SNN's and the ANN's counts layer by layer, normalised per UNet evaluation per image.
 
@@ -215,6 +219,7 @@ def build_report(
         unet_evaluations_per_image=snn.sample_forwards / num_images,
         energy_model=energy_model,
         mean_timesteps=mean_timesteps,
+        delta_spikes=delta_spikes,
     )
 
 
@@ -244,10 +249,16 @@ def format_table(report: EnergyReport, max_rows: int = 40) -> str:
 def format_summary(report: EnergyReport) -> str:
     """Totals, with the spike-driven share of the work first."""
     t = report.totals()
+    coding = (
+        "delta spikes (changes from the previous UNet evaluation; each layer keeps its T input currents)"
+        if report.delta_spikes
+        else "every spike sent as fired"
+    )
     return "\n".join(
         [
             f"Spike-driven share of operations: {t['spike_driven_fraction']:.1%} of ACs + MACs "
             f"({t['weight_layer_spike_driven_fraction']:.1%} of conv / linear work)",
+            f"Spikes counted: {coding}",
             f"Mean input firing rate of spike-driven layers: {t['mean_input_firing_rate']:.3f} spikes / neuron / step",
             f"Per denoising step ({t_description(report)}): SNN {t['snn_acs_per_step'] / 1e6:.2f} M ACs + "
             f"{t['snn_macs_per_step'] / 1e6:.2f} M MACs = {t['snn_energy_mj_per_step']:.4f} mJ; "
