@@ -59,8 +59,9 @@ def test_convert_google_layout_writes_a_loadable_spiking_pipeline(snn_dir):
     assert type(pipe) is SpikingDiffusionPipeline
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     unet = SpikingUNet2DModel.from_pretrained(snn_dir, subfolder="unet")
-    config = unet.config  # default: burst B = 4, L = BT, residual spikes
+    config = unet.config  # default: burst B = 4, L = BT, residual spikes, delta spikes
     assert (config.timesteps, config.levels, config.burst, config.residual_spikes) == (2, 8, 4, True)
+    assert config.delta_spikes is True
     report = json.loads((snn_dir / "conversion.json").read_text())
     calibration = json.loads((snn_dir / "calibration_report.json").read_text())
     assert len(calibration["loss_curves"]["distill"]) == 3 and (snn_dir / "calibration.png").is_file()
@@ -89,10 +90,14 @@ def test_convert_pipeline_layout_with_options_prints_the_summary(models, tmp_pat
 
 def test_convert_with_burst_neurons_quantizes_an_ann_at_b_times_t_levels(models, tmp_path):
     out = tmp_path / "snn"
-    result = invoke(convert, "--model", models["pipeline"], "-T", 2, "--burst", 3, "--no-calibrate", "--output", out)
+    result = invoke(
+        convert, "--model", models["pipeline"], "-T", 2, "--burst", 3, "--no-calibrate", "--no-delta-spikes",
+        "--output", out,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = SpikingUNet2DModel.from_pretrained(out / "unet").config
-    assert (config.timesteps, config.levels, config.burst) == (2, 6, 3)
+    assert (config.timesteps, config.levels, config.burst, config.delta_spikes) == (2, 6, 3, False)
+    assert json.loads((out / "conversion.json").read_text())["settings"]["delta_spikes"] is False
     signed = invoke(
         convert, "--model", models["pipeline"], "--burst", 2, "--neuron", "signed_if", "--output", tmp_path / "x"
     )

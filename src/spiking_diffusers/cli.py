@@ -329,6 +329,17 @@ def offsets_option() -> Callable:
     )
 
 
+def delta_spikes_option() -> Callable:
+    """``--delta-spikes/--no-delta-spikes``; ``None`` when not given (each command says what it then does)."""
+    return click.option(
+        "--delta-spikes/--no-delta-spikes",
+        default=None,
+        help="Links from neurons to weight layers send the change of each time step's spikes from the previous "
+        "UNet evaluation; each layer keeps its T input currents. Same samples, far fewer accumulates over a "
+        "sampling run [default: on; a spiking model given to sdm-energy keeps its own].",
+    )
+
+
 def resolve_offsets(requested: bool | None, loaded: LoadedModel) -> bool:
     """The offsets setting for ``loaded`` (see :func:`_resolve_model_flag`)."""
     return _resolve_model_flag(requested, loaded, "offsets", "offsets", "offsets")

@@ -25,6 +25,7 @@ from ..cli import (
     calibration_options,
     check_output,
     conversion_source,
+    delta_spikes_option,
     device_option,
     get_device,
     model_option,
@@ -100,6 +101,7 @@ Examples:
 @residual_spikes_option()
 @threshold_groups_option()
 @offsets_option()
+@delta_spikes_option()
 @calibration_options
 @click.option(
     "--reference",
@@ -125,6 +127,7 @@ def main(
     residual_spikes,
     threshold_groups,
     offsets,
+    delta_spikes,
     calibrate,
     calibration_samples,
     calibration_steps,
@@ -184,6 +187,7 @@ def main(
                 threshold_form=threshold_form,
                 burst=burst,
                 nonlinear_steps=nonlinear_steps,
+                delta_spikes=delta_spikes is not False,
             )
         except ValueError as err:  # a setting this network cannot take (e.g. unit thresholds on a conditional UNet)
             raise CommandError(f"{loaded.source}: {err}", 2) from err
@@ -201,6 +205,7 @@ def main(
                 "burst": int(snn.config.burst),
                 "nonlinear_mode": nonlinear_mode,
                 "nonlinear_steps": nonlinear_steps,
+                "delta_spikes": bool(snn.config.delta_spikes),
                 "threshold_form": threshold_form,
                 "residual_spikes": bool(qnet.config.residual_spikes),
                 "threshold_groups": int(qnet.config.threshold_groups),
@@ -270,6 +275,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
         + (", offsets" if settings.get("offsets") else "")
         + (f", real-valued ops at {steps} of the T steps" if (steps := settings.get("nonlinear_steps")) else "")
+        + (", delta spikes" if settings.get("delta_spikes") else "")
     )
     if report["calibrated_here"]:
         click.echo(f"  calibration report: {REPORT_FILE}, plot: {PLOT_FILE}")

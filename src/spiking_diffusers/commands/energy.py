@@ -27,6 +27,7 @@ from ..cli import (
     check_scheduler_steps,
     check_t_schedule,
     conversion_source,
+    delta_spikes_option,
     device_option,
     get_device,
     model_option,
@@ -73,6 +74,7 @@ Examples:
 @click.option("--rows", default=30, type=click.IntRange(min=1), help="Table rows to print (all go to energy.json).")
 @click.option("--seed", default=0, type=BoundedInt("seed"), help="Seed of the sampling run and the threshold probes.")
 @residual_spikes_option()
+@delta_spikes_option()
 @calibration_options
 @click.option(
     "--guidance-scale",
@@ -84,8 +86,8 @@ Examples:
 @device_option()
 def main(
     model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
-    residual_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget, guidance_scale,
-    device,
+    residual_spikes, delta_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget,
+    guidance_scale, device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
@@ -111,6 +113,7 @@ def main(
         energy_model=EnergyModel(mac_pj=mac_pj, ac_pj=ac_pj),
         label_tokens=loaded.label_tokens,
         guidance_scale=guidance_scale,
+        delta_spikes=delta_spikes if delta_spikes is not None or loaded.kind == "snn" else True,
     )
     settings = {
         "source": loaded.source,
@@ -123,6 +126,7 @@ def main(
         "nonlinear_mode": snn.config.nonlinear_mode,
         "threshold_form": snn.config.threshold_form,
         "residual_spikes": bool(snn.config.residual_spikes),
+        "delta_spikes": report.delta_spikes,
         "scheduler": scheduler,
         "steps": steps,
         "num_images": num_images,

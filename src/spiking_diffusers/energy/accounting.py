@@ -28,9 +28,12 @@ Counting rules:
   transmits, at each time step, the *change* of the neuron's spike count from the same time step of the
   previous UNet evaluation (signed spikes), and the layer keeps its T input currents of that evaluation and
   adds the weights times the change: ``W k_n = W k_{n-1} + W (k_n - k_{n-1})``, exact because the layer is
-  linear. A spike-driven layer then costs ``|k_n - k_{n-1}|`` accumulates per synapse instead of ``|k_n|``;
-  the first evaluation of a counted run, and any whose input shape differs from the last one's, count in
-  full. The simulation computes ``W k_n`` directly (the same function), so only the count changes here.
+  linear. A spike-driven layer then costs ``|k_n - k_{n-1}|`` accumulates per synapse instead of ``|k_n|``.
+  Where the change holds more spikes than ``k_n`` itself (an input that changed a lot), that sample's input
+  at that time step is sent in full after the layer clears the currents it kept: the count is the smaller
+  of the two, per sample and time step. The first evaluation of a counted run, and any whose input shape
+  differs from the last one's, count in full. The simulation computes ``W k_n`` directly (the same
+  function), so only the count changes here.
 - Not counted, in the SNN and the ANN alike: biases, residual additions, activation functions (ANN) and
   membrane updates (SNN), the sinusoidal time embedding, nearest / average resampling. The output offsets
   of a model with ``offsets`` are bias maps of the consumer layers (model constants, computed once per input
@@ -342,10 +345,15 @@ class OperationCounter(TorchFunctionMode):
         call = self._calls[layer] = self._calls.get(layer, -1) + 1
         key = (*layer, call)
         previous = self._previous.get(key)
-        self._previous[key] = counts.to(torch.int16)  # |k| <= 2 B: small whole numbers
+        self._previous[key] = counts.to(torch.int16)  # |k| <= B: small whole numbers
+        full = counts.abs()
         if previous is None or previous.shape != counts.shape:
-            return counts.abs()
-        return (counts - previous).abs()
+            return full
+        # Each sample's input at each time step (a row of the batch, time folded in or not) goes the cheaper
+        # way: as the change, or in full after the layer clears the currents it kept.
+        delta = (counts - previous).abs()
+        cheaper = delta.flatten(1).sum(1) < full.flatten(1).sum(1)
+        return torch.where(cheaper.reshape(-1, *[1] * (counts.dim() - 1)), delta, full)
 
     def _conv2d(self, args, kwargs, out) -> None:
         x, weight = args[0], _argument(args, kwargs, 1, "weight")
