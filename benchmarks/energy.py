@@ -10,8 +10,11 @@ does with B = 4. With ``--residual-spikes`` the QCFS networks carry signed input
 that read the residual stream and on the attention projections (``quantize(..., residual_spikes=True)``), so the
 spiking networks feed those layers spikes.
 
+``--delta-spikes`` counts every run a second time with delta spikes (changes from the previous UNet
+evaluation; the same samples): a second row per model and T.
+
     python benchmarks/energy.py [--steps 20] [--num-images 2] [--timesteps 4 8] [--models digits cifar10]
-                                [--residual-spikes] [--burst 4]
+                                [--residual-spikes] [--burst 4] [--delta-spikes]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def row(name: str, report: EnergyReport, residual_spikes: bool) -> dict:
     totals = report.totals()
     shares = {name: snn / report.snn_energy_pj for name, (snn, _) in report.breakdown_pj().items()}
     label = f"{name}, residual spikes" if residual_spikes else name
+    label += ", delta spikes" if report.delta_spikes else ""
     return {"model": label, "residual_spikes": residual_spikes, **totals, "snn_energy_share_by_class": shares}
 
 
@@ -82,7 +86,8 @@ def markdown(rows: list[dict]) -> str:
 @click.option("--output", default=None, type=click.Path(), help="Also write the rows as JSON here.")
 @click.option("--residual-spikes/--no-residual-spikes", default=False, help="Spike encoders on real-input layers.")
 @click.option("--burst", default=1, help="Spikes per step B of the neurons and encoders (L = B x T).")
-def main(models, timesteps, steps, num_images, output, residual_spikes, burst) -> None:
+@click.option("--delta-spikes", is_flag=True, help="Also count each run with delta spikes (its own row).")
+def main(models, timesteps, steps, num_images, output, residual_spikes, burst, delta_spikes) -> None:
     torch.set_num_threads(1)
     rows = []
     for name in models:
@@ -96,8 +101,9 @@ def main(models, timesteps, steps, num_images, output, residual_spikes, burst) -
             qnet = calibrate_or_quantize(ann, levels=burst * T, timesteps=T, residual_spikes=residual_spikes).qnet
             snn = convert(qnet, spike_steps=T, burst=burst)
             scheduler = make_scheduler("ddim", scheduler_config)
-            report = measure_energy(snn, ann, scheduler, steps, num_images=num_images, seed=0)
-            rows.append(row(name, report, residual_spikes))
+            for delta in (False, True) if delta_spikes else (False,):
+                report = measure_energy(snn, ann, scheduler, steps, num_images=num_images, seed=0, delta_spikes=delta)
+                rows.append(row(name, report, residual_spikes))
             click.echo(f"{name} T={T}: {time.perf_counter() - start:.0f} s", err=True)
     click.echo(markdown(rows))
     if output:

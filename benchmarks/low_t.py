@@ -5,7 +5,9 @@ converts it, and samples the ANN, the QCFS network and the SNN from the same noi
 ``sdm-eval``'s evaluation. Printed per row: FD ratio to the ANN (whole set) and the mean +- std of the
 paired per-split ratios, paired PSNR against the ANN, the relative noise-prediction error at the smallest
 swept diffusion timestep and its mean over the sweep, the mean T per denoising step, calibration wall time,
-and the SNN / ANN energy ratio and spike-driven share of a counted DDIM sampling run (issue 6 accounting).
+and the SNN / ANN energy ratio and spike-driven share of a counted DDIM sampling run (issue 6 accounting),
+counted with every spike sent and with delta spikes (changes from the previous UNet evaluation: the same
+samples, see ``benchmarks/delta_spikes.py``).
 
 Rows (``--rows``, comma-separated keys):
 
@@ -164,14 +166,18 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
     )
     result = evaluate(snn, loaded.unet, scheduler_config, config)
     row = result.report["variants"][-1]
-    energy = measure_energy(
-        snn,
-        loaded.unet,
-        make_scheduler("ddim", scheduler_config),
-        options["steps"],
-        num_images=2,
-        snn_timesteps=schedule if recipe.schedule else None,
-    ).totals()
+    energy, delta = (
+        measure_energy(
+            snn,
+            loaded.unet,
+            make_scheduler("ddim", scheduler_config),
+            options["steps"],
+            num_images=2,
+            snn_timesteps=schedule if recipe.schedule else None,
+            delta_spikes=counted_with_delta,
+        ).totals()
+        for counted_with_delta in (False, True)
+    )
     cells = {
         "row": key,
         "recipe": recipe.label,
@@ -189,6 +195,8 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
         "calibration_seconds": calibration_seconds,
         "energy_ratio": energy["energy_ratio_snn_over_ann"],
         "spike_driven_fraction": energy["spike_driven_fraction"],
+        "energy_ratio_delta": delta["energy_ratio_snn_over_ann"],
+        "spike_driven_fraction_delta": delta["spike_driven_fraction"],
         "ann_fd": result.report["variants"][0]["fd"],
     }
     return cells, {"ANN": result.samples["ANN"], recipe.label: result.samples[row["name"]]}
@@ -197,15 +205,16 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| recipe | T (mean) | L | FD ratio | split ratio mean +- std | PSNR dB | noise err t=1 / mean "
-        "| calibration s | SNN/ANN energy | spike-driven |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| calibration s | SNN/ANN energy | spike-driven | with delta spikes: energy, spike-driven |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = f"{r['fd_ratio_split_mean']:.2f} +- {r['fd_ratio_split_std']:.2f}" if r["fd_ratio_split_mean"] else "-"
         lines.append(
             f"| {r['recipe']} | {r['T']} ({r['mean_T']:.1f}) | {r['L']} | {r['fd_ratio']:.2f} | {split} "
             f"| {r['psnr']:.1f} | {r['noise_error_small_t']:.3f} / {r['noise_error_mean']:.3f} "
-            f"| {r['calibration_seconds']:.0f} | {r['energy_ratio']:.2f} | {r['spike_driven_fraction']:.1%} |"
+            f"| {r['calibration_seconds']:.0f} | {r['energy_ratio']:.2f} | {r['spike_driven_fraction']:.1%} "
+            f"| {r['energy_ratio_delta']:.2f}, {r['spike_driven_fraction_delta']:.1%} |"
         )
     return "\n".join(lines)
 

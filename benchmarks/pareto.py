@@ -1,7 +1,9 @@
 """The quality-energy price list: every configuration worth choosing, and the frontier as ``pareto.png``.
 
 Each configuration is a row of ``benchmarks/low_t.py`` (calibrated with the recipe it names, converted,
-sampled from the same noise as the ANN, counted by the energy accounting); this script runs the rows it is
+sampled from the same noise as the ANN, counted by the energy accounting, with every spike sent and with
+delta spikes: a row counted both ways appears twice, the default is the delta-spikes twin of the ``default``
+row); this script runs the rows it is
 asked for (``--rows``) and/or reads rows already measured (``--reuse`` JSON files written by
 ``low_t.py --output``), prints the price list sorted by energy with the Pareto-optimal rows marked, and plots
 FD ratio (y) against SNN / ANN energy (x), the frontier joined and labelled, the default's point named.
@@ -16,7 +18,27 @@ from pathlib import Path
 
 import click
 
-DEFAULT_ROW = "default"
+DEFAULT_ROW = "default+delta"
+
+
+def with_delta_rows(rows: list[dict]) -> list[dict]:
+    """Each row, and after each row counted both ways (``low_t.py`` rows since delta spikes) its delta-spikes
+    twin: the same samples, the energy and spike-driven share counted with delta spikes."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if row.get("energy_ratio_delta") is not None:
+            out.append(
+                dict(
+                    row,
+                    row=f"{row['row']}+delta",
+                    recipe=f"{row['recipe']}, delta spikes",
+                    energy_ratio=row["energy_ratio_delta"],
+                    spike_driven_fraction=row["spike_driven_fraction_delta"],
+                    energy_ratio_delta=None,
+                )
+            )
+    return out
 
 
 def frontier(rows: list[dict]) -> list[dict]:
@@ -106,6 +128,7 @@ def main(reuse, rows, model, timesteps, num_images, plot_path, output) -> None:
             measured.append(low_t.run_row(key, low_t.recipe_for(key), loaded, timesteps, "4,12x2", options)[0])
     if not measured:
         raise click.UsageError("Nothing to show: pass --rows to measure and/or --reuse JSON files.")
+    measured = with_delta_rows(measured)
     click.echo(markdown(measured))
     plot(measured, plot_path)
     if output:

@@ -388,7 +388,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         threshold_groups: int | None = None,
         timesteps: int | None = None,
         nonlinear_steps: int | None = None,
-        delta_spikes: bool = False,
+        delta_spikes: bool = True,
     ) -> SpikingUNet2DModel:
         """Turn every QCFS unit of ``qnet`` into an IF neuron (threshold = lambda, initial membrane = phi * lambda).
 
@@ -406,9 +406,10 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         ``qnet``'s tables of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K =
         1). ``nonlinear_steps`` = E >= 2 computes the compensated real-valued ops (GroupNorm, LayerNorm, attention,
         gate products) at E of the T steps only, holding their value in between (still exact in the mean; see
-        :class:`~.temporal.TemporalOp`); ``None``: at every step. ``delta_spikes`` records that the links from
-        neurons to weight layers send the change of each time step's spikes from the previous UNet evaluation
-        (the layers keep their T input currents): the same outputs, fewer accumulates in the energy count.
+        :class:`~.temporal.TemporalOp`); ``None``: at every step. ``delta_spikes`` (default on) records that the
+        links from neurons to weight layers send the change of each time step's spikes from the previous UNet
+        evaluation (the layers keep their T input currents): the same outputs, fewer accumulates in the energy
+        count; ``False`` counts every spike as fired.
         """
         timesteps = renamed(spike_steps, timesteps, "spike_steps", "timesteps")
         timesteps = 8 if timesteps is None else timesteps
