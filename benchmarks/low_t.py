@@ -26,6 +26,7 @@ Rows (``--rows``, comma-separated keys):
 - ``default_schedule``: the default network sampled with the T schedule ``--schedule``;
 - ``heldE`` (e.g. ``held3``): the default network with its real-valued ops computed at E of the T steps
   (``nonlinear_steps``);
+- ``distillN`` (e.g. ``distill3000``): the default recipe with N QCFS distillation steps instead of 1000;
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -102,17 +103,24 @@ RECIPES = {
 
 
 def recipe_for(key: str) -> Recipe:
-    """The recipe of a ``--rows`` key: a name of :data:`RECIPES` or ``heldE``, optionally ``@T``."""
+    """The recipe of a ``--rows`` key: a name of :data:`RECIPES`, ``heldE`` or ``distillN``, optionally ``@T``."""
     name, _, at = key.partition("@")
     held = name.startswith("held") and name[4:].isdigit() and int(name[4:]) >= 2
-    if (name not in RECIPES and not held) or (at and not at.isdigit()):
+    longer = name.startswith("distill") and name[7:].isdigit() and int(name[7:]) >= 1
+    if (name not in RECIPES and not held and not longer) or (at and not at.isdigit()):
         raise click.BadParameter(
-            f"unknown row {key!r}; choose from {list(RECIPES)} or heldE (E >= 2), each optionally @T.", "--rows"
+            f"unknown row {key!r}; choose from {list(RECIPES)}, heldE (E >= 2) or distillN (N >= 1 distillation "
+            "steps), each optionally @T.",
+            "--rows",
         )
     if held:
         steps = int(name[4:])
         label = f"default, real-valued ops at {steps} of the T steps"
         recipe = Recipe(label, DEFAULT, calibrated_as="default", nonlinear_steps=steps)
+    elif longer:
+        steps = int(name[7:])
+        calibration = dataclasses.replace(DEFAULT, distill=dataclasses.replace(DEFAULT.distill, steps=steps))
+        recipe = Recipe(f"default, {steps} distillation steps", calibration)
     else:
         recipe = RECIPES[name]
     return dataclasses.replace(recipe, timesteps=int(at), label=f"{recipe.label}, T = {at}") if at else recipe
