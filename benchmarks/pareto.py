@@ -75,7 +75,9 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
     best = frontier(rows)
-    named = {id(r) for r in best}  # only the frontier and the default are labelled: the rest would overlap
+    # Only the frontier and the default are labelled, by number, with the key in a list: names next to the
+    # points would overlap where many configurations share an FD ratio.
+    labelled = [r for r in sorted(rows, key=lambda r: r["energy_ratio"]) if r in best or r["row"] == DEFAULT_ROW]
     for r in rows:
         is_default = r["row"] == DEFAULT_ROW
         ax.errorbar(
@@ -87,11 +89,24 @@ def plot(rows: list[dict], path: str) -> None:
             color="tab:red" if is_default else "tab:blue",
             capsize=2,
         )
-        if is_default or id(r) in named:
-            label = f"{r['recipe']} (T={r['T']})" + (" = default" if is_default else "")
-            ax.annotate(
-                label, (r["energy_ratio"], r["fd_ratio"]), fontsize=6, xytext=(5, 2), textcoords="offset points"
-            )
+    key = []
+    for number, r in enumerate(labelled, 1):
+        offset = (4, 6) if number % 2 else (4, -12)
+        ax.annotate(
+            str(number), (r["energy_ratio"], r["fd_ratio"]), fontsize=8, xytext=offset, textcoords="offset points"
+        )
+        default = " = the default" if r["row"] == DEFAULT_ROW else ""
+        key.append(f"{number}: {r['recipe']} (T={r['T']}){default}")
+    ax.text(
+        0.98,
+        0.97,
+        "\n".join(key),
+        transform=ax.transAxes,
+        fontsize=6.5,
+        va="top",
+        ha="right",
+        bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.8"),
+    )
     ax.plot([r["energy_ratio"] for r in best], [r["fd_ratio"] for r in best], "--", color="gray", lw=1)
     ax.axvline(1.0, color="black", lw=0.6, ls=":")
     ax.axvline(0.5, color="tab:green", lw=0.6, ls=":")  # the energy target of issue 13
