@@ -27,8 +27,6 @@ Rows (``--rows``, comma-separated keys):
 - ``heldE`` (e.g. ``held3``): the default network with its real-valued ops computed at E of the T steps
   (``nonlinear_steps``);
 - ``distillN`` (e.g. ``distill3000``): the default recipe with N QCFS distillation steps instead of 1000;
-- ``minsnr``: the default recipe with the distillation loss weighted by Min-SNR (gamma 5), which moves the
-  weight from the nearly clean inputs to the noisy end of the schedule;
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -97,14 +95,6 @@ RECIPES = {
         "plain + residual spikes, L = 2T, burst B = 2 after",
         dataclasses.replace(PLAIN, burst=2, residual_spikes=True),
         burst_after=2,
-    ),
-    "minsnr": Recipe(
-        "default + Min-SNR-5 loss weighting",
-        dataclasses.replace(
-            DEFAULT,
-            distill=dataclasses.replace(DEFAULT.distill, min_snr_gamma=5.0),
-            snn=dataclasses.replace(DEFAULT.snn, min_snr_gamma=5.0),
-        ),
     ),
     "burst2_residual": Recipe(
         "burst B = 2 + residual spikes", dataclasses.replace(DEFAULT, burst=2, residual_spikes=True)

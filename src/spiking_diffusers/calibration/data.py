@@ -180,7 +180,6 @@ class NoisedBatches:
         self.generator = generator
         self.conditioning = conditioning
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
-        self.alphas_cumprod = noise_scheduler.alphas_cumprod
 
     def stratified_timesteps(self, count: int) -> torch.Tensor:
         """One timestep per equal slice of the schedule, in random order."""
@@ -227,7 +226,6 @@ class CalibrationSet:
         timesteps: torch.Tensor,
         generator: torch.Generator,
         conditions: dict[str, torch.Tensor] | None = None,
-        alphas_cumprod: torch.Tensor | None = None,
     ):
         if len(x_t) != len(timesteps) or len(x_t) == 0:
             raise ValueError("A calibration set needs one timestep per input, and at least one input.")
@@ -236,7 +234,6 @@ class CalibrationSet:
         self.generator = generator
         self.conditions = conditions or {}  # per input: the UNet's conditioning keyword arguments
         self.targets: torch.Tensor | None = None
-        self.alphas_cumprod = alphas_cumprod  # of the noise schedule: the signal-to-noise ratio of each input
 
     @classmethod
     def draw(
@@ -260,8 +257,7 @@ class CalibrationSet:
         if conditioning is not None:
             labels = conditioning.input_labels(conditioning.pool_labels(len(x0))[index], generator)
             conditions = conditioning.kwargs(labels)
-        x_t = noise_scheduler.add_noise(clean, noise, timesteps)
-        return cls(x_t, timesteps, generator, conditions, noise_scheduler.alphas_cumprod)
+        return cls(noise_scheduler.add_noise(clean, noise, timesteps), timesteps, generator, conditions)
 
     def __len__(self) -> int:
         return len(self.x_t)

@@ -52,7 +52,6 @@ class DistillSettings:
     grad_clip: float = 1.0
     warmup_fraction: float = 0.05
     tsm_lr: float = 1e-2
-    min_snr_gamma: float | None = None  # Min-SNR weighting of the loss (see ``distill``); None: uniform
 
 
 @dataclass
@@ -200,24 +199,6 @@ def _draw(
     return x_t, timesteps, None, kwargs
 
 
-def _output_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    data: CalibrationSet | NoisedBatches,
-    min_snr_gamma: float | None,
-) -> torch.Tensor:
-    """The MSE of the noise prediction; with ``min_snr_gamma`` = g each input's squared error weighs
-    ``min(1, g / SNR(t))`` (Min-SNR, Hang et al. 2023, for a noise-predicting model), which leaves the noisy
-    end of the schedule at full weight and shrinks the nearly clean inputs whose errors dominate the plain MSE."""
-    if min_snr_gamma is None:
-        return nn.functional.mse_loss(prediction, target)
-    alphas = data.alphas_cumprod.to(prediction.device)[timesteps]
-    weight = (min_snr_gamma * (1 - alphas) / alphas).clamp(max=1.0).to(prediction.dtype)
-    per_input = (prediction - target).pow(2).flatten(1).mean(1)
-    return (weight * per_input).mean()
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -275,7 +256,7 @@ def distill(
         with _maybe_record(student.unet, use_blocks) as blocks:
             prediction = student(x_t, timesteps, **kwargs).sample
         # This process's part of the whole batch's loss: the parts (and their gradients) sum to the whole.
-        output_loss = _output_loss(prediction, target, timesteps, data, settings.min_snr_gamma) * fraction
+        output_loss = nn.functional.mse_loss(prediction, target) * fraction
         loss = output_loss
         if use_blocks:
             loss = loss + settings.block_loss_weight * _block_loss(blocks, teacher_blocks, fraction)
