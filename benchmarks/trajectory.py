@@ -28,11 +28,14 @@ BATCH = 100
 
 @torch.no_grad()
 def sample(ann, snn, scheduler_config: dict, num_images: int, steps: int, spike_steps) -> torch.Tensor:
-    """DDIM samples in [-1, 1]; ``spike_steps(i)`` is the SNN's T at denoising step i, or 0 for the ANN."""
+    """DDIM samples in [-1, 1]; ``spike_steps(i)`` is the SNN's T at denoising step i, or 0 for the ANN.
+
+    The denoising loop is written out because a pipeline runs one network throughout, and here the network
+    changes from step to step."""
     images = []
+    shape = (ann.config.in_channels, ann.config.sample_size, ann.config.sample_size)
     for start in range(0, num_images, BATCH):
         generators = image_generators(0, range(start, min(num_images, start + BATCH)))
-        shape = (ann.config.in_channels, ann.config.sample_size, ann.config.sample_size)
         x = torch.stack([torch.randn(shape, generator=g) for g in generators])
         scheduler = make_scheduler("ddim", scheduler_config)
         scheduler.set_timesteps(steps)
