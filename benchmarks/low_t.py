@@ -15,6 +15,7 @@ Rows (``--rows``, comma-separated keys):
 - ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
 - ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage, with residual spikes
   (burst encoders);
+- ``output4``: the default with the output activation at 4 x the levels and spikes per step (``output_precision``);
 - ``burst4`` / ``burst2`` / ``burst3``: burst neurons with B = 4, 2 (a previous default) or 3, no residual spikes;
 - ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
   channel (SiLU's negative lobe) / K = 4 timestep-aware thresholds / signed IF / residual spikes (signed
@@ -80,6 +81,7 @@ RECIPES = {
     ),
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
     "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes", DEFAULT),
+    "output4": Recipe("default + output precision 4", dataclasses.replace(DEFAULT, output_precision=4)),
     "burst4": Recipe("burst B = 4 (L = 4T)", BURST),
     "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(BURST, burst=2)),
     "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(BURST, burst=3)),

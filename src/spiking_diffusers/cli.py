@@ -294,7 +294,22 @@ def burst_option(own_model: bool = False) -> Callable:
         type=click.IntRange(1, 64),
         metavar="B",
         help="Burst neurons: up to B spikes per time step, B x T levels in T steps (L = B x T; plain IF only). "
-        f"Each spike is one accumulate [default: 2 for plain IF, 1 for signed IF or an -L other than 2T{own}].",
+        f"Each spike is one accumulate [default: 4 for plain IF, 1 for signed IF or an -L other than 4T{own}].",
+    )
+
+
+def output_precision_option(own_model: bool = False) -> Callable:
+    """``--output-precision P``: the output activation's levels (and spikes per step) as a multiple of the others';
+    ``None`` when not given (the recipe's default, or a QCFS or spiking model's own)."""
+    own = "; a QCFS or spiking model keeps its own" if own_model else ""
+    return click.option(
+        "--output-precision",
+        default=None,
+        type=click.IntRange(1, 64),
+        metavar="P",
+        help="Give the output activation (the unit in front of conv_out) P x the levels of the others, and its "
+        "neurons P x the spikes per step: the first denoising steps need its precision, and its spikes feed only "
+        f"the output convolution; plain IF only [default: 1{own}].",
     )
 
 
@@ -355,6 +370,7 @@ def calibration_config(
     threshold_groups: int | None = None,
     budget_minutes: float | None = None,
     burst: int | None = None,
+    output_precision: int | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -369,6 +385,8 @@ def calibration_config(
         config.residual_spikes = residual_spikes
     config.threshold_groups = threshold_groups or config.threshold_groups
     config.burst = burst
+    if output_precision is not None:
+        config.output_precision = output_precision
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config
@@ -384,6 +402,7 @@ def conversion_source(
     seed: int = 0,
     threshold_groups: int | None = None,
     offsets: bool | None = None,
+    output_precision: int | None = None,
 ) -> QCFSSource:
     """The QCFS network a command converts from what it loaded (one path for every command: see
     :func:`spiking_diffusers.calibration.policy.qcfs_network`), with a conflict between an option and the
@@ -417,6 +436,7 @@ def conversion_source(
             threshold_groups=threshold_groups,
             offsets=offsets,
             label_tokens=loaded.label_tokens,
+            output_precision=output_precision,
         )
     except ConversionSourceError as err:
         raise CommandError(f"{loaded.source}: {err} Leave the option out to use the model's own.", 2) from err

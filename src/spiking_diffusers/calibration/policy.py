@@ -31,6 +31,7 @@ def calibrate_or_quantize(
     threshold_groups: int | None = None,
     offsets: bool | None = None,
     label_tokens: LabelTokens | None = None,
+    output_precision: int | None = None,
 ) -> CalibrationResult:
     """The QCFS network that the commands convert when they are given an uncalibrated ANN, with the
     calibration report (``{}`` when only the percentile init ran).
@@ -42,7 +43,8 @@ def calibrate_or_quantize(
     convolutions and attention projections (``None``: as ``calibration`` says, else no). ``threshold_groups``
     is K, the timestep-aware thresholds per site (``None``: as ``calibration`` says, else 1); ``offsets`` gives
     the activation units an input shift and an output offset (``None``: as ``calibration`` says, else no).
-    ``label_tokens`` condition a label-conditional cross-attention UNet's calibration.
+    ``label_tokens`` condition a label-conditional cross-attention UNet's calibration. ``output_precision`` is
+    the output activation's multiple of the levels (``None``: as ``calibration`` says, else 1).
     """
     if residual_spikes is None:
         residual_spikes = calibration.residual_spikes if calibration else False
@@ -50,6 +52,8 @@ def calibrate_or_quantize(
         threshold_groups = calibration.threshold_groups if calibration else 1
     if offsets is None:
         offsets = calibration.offsets if calibration else False
+    if output_precision is None:
+        output_precision = calibration.output_precision if calibration else 1
     if calibration is None:
         qnet = quantize(
             unet,
@@ -60,6 +64,7 @@ def calibrate_or_quantize(
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
             offsets=offsets,
+            output_precision=output_precision,
         )
         return CalibrationResult(qnet, {})
     config = dataclasses.replace(
@@ -71,6 +76,7 @@ def calibrate_or_quantize(
         residual_spikes=residual_spikes,
         threshold_groups=threshold_groups,
         offsets=offsets,
+        output_precision=output_precision,
     )
     scheduler_config = scheduler_config or dict(DDPMScheduler().config)
     return calibrate(unet, scheduler_config, config, progress=progress, label_tokens=label_tokens)
@@ -115,6 +121,7 @@ def qcfs_network(
     threshold_groups: int | None = None,
     offsets: bool | None = None,
     label_tokens: LabelTokens | None = None,
+    output_precision: int | None = None,
 ) -> QCFSSource:
     """The one path from a loaded UNet to the QCFS network that every command converts.
 
@@ -137,6 +144,7 @@ def qcfs_network(
             ("residual_spikes", residual_spikes, bool(own.residual_spikes)),
             ("threshold_groups", threshold_groups, int(own.get("threshold_groups") or 1)),
             ("offsets", offsets, bool(own.get("offsets", False))),
+            ("output_precision", output_precision, int(own.get("output_precision") or 1)),
         ):
             if requested is not None and requested != value:
                 raise ConversionSourceError(f"{name}={requested} conflicts with the model's own {name}={value}.")
@@ -157,6 +165,7 @@ def qcfs_network(
         threshold_groups=threshold_groups,
         offsets=offsets,
         label_tokens=label_tokens,
+        output_precision=output_precision,
     )
     level = result.qnet.config.levels
     if calibration is None:

@@ -22,6 +22,7 @@ from ..cli import (
     get_device,
     model_option,
     output_options,
+    output_precision_option,
     residual_spikes_option,
     resolve_threshold_groups,
     sdm_command,
@@ -65,6 +66,7 @@ Examples:
     "--neuron", type=click.Choice(NEURON_TYPES), default=DEFAULTS.neuron, help="Neuron of the fine-tuned SNN."
 )
 @burst_option()
+@output_precision_option()
 @residual_spikes_option()
 @threshold_groups_option(DEFAULTS.threshold_groups)
 @click.option(
@@ -208,7 +210,7 @@ def build_config(
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
-    calibration_budget=None, burst=None,
+    calibration_budget=None, burst=None, output_precision=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -217,6 +219,7 @@ def build_config(
         per_channel=per_channel,
         neuron=neuron,
         burst=burst,
+        output_precision=1 if output_precision is None else output_precision,
         residual_spikes=residual_spikes,  # None: the recipe's default (on for a UNet2DModel)
         threshold_groups=threshold_groups,
         offsets=bool(offsets),

@@ -32,6 +32,7 @@ from ..cli import (
     offsets_option,
     option_given,
     output_options,
+    output_precision_option,
     residual_spikes_option,
     resolve_threshold_groups,
     sdm_command,
@@ -77,6 +78,7 @@ Examples:
 )
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
 @burst_option(own_model=True)
+@output_precision_option(own_model=True)
 @click.option(
     "--nonlinear-mode",
     type=click.Choice(NONLINEAR_MODES),
@@ -120,6 +122,7 @@ def main(
     levels,
     neuron,
     burst,
+    output_precision,
     nonlinear_mode,
     nonlinear_steps,
     threshold_form,
@@ -150,6 +153,7 @@ def main(
             neuron,
             budget_minutes=calibration_budget,
             burst=burst,
+            output_precision=output_precision,
         )
         if loaded.kind == "ann" and burst and burst > 1:
             if neuron != "if":
@@ -174,6 +178,7 @@ def main(
             threshold_groups=threshold_groups,
             offsets=offsets,
             seed=seed,
+            output_precision=output_precision,
         )
         qnet, ann, calibration_report = source.qnet, source.ann, source.calibration_report
         if reference is not None:

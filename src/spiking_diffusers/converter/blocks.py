@@ -35,11 +35,15 @@ def channel_view(values: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.
 
 # --- the root model -------------------------------------------------------------------------------------
 
+OUTPUT_SITE = "conv_act"
+"""The output activation: the unit in front of ``conv_out``, whose precision the first denoising steps need
+(``output_precision``: docs/calibration.md, "The output activation")."""
+
 
 def _unet_sites(unet: UNet2DModel | UNet2DConditionModel) -> list[SiteSpec]:
     if unet.conv_act is None:  # a conditional UNet built with norm_num_groups=None has no output norm
         return []
-    return [SiteSpec("conv_act", "conv_act", "conv_out", "conv_norm_out", "spatial")]
+    return [SiteSpec(OUTPUT_SITE, "conv_act", "conv_out", "conv_norm_out", "spatial")]
 
 
 def _conditional_unet_check(name: str, unet: UNet2DConditionModel) -> None:

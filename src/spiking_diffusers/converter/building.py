@@ -9,6 +9,7 @@ from typing import Any
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from .blocks import OUTPUT_SITE
 from .encoded_attention import is_encoded
 from .neurons import IFNeuron
 from .offsets import install_consumer_offsets
@@ -63,12 +64,14 @@ def build_qcfs_unet(
     threshold_groups: int = 1,
     offsets: bool = False,
     unet_class: type[nn.Module] = UNet2DModel,
+    output_precision: int = 1,
 ) -> nn.Module:
     """A freshly initialised ``unet_class`` (UNet2DModel or UNet2DConditionModel) of ``unet_config`` with a QCFS
     unit at every activation call site (with temporal factors for ``tsm_steps`` spiking steps when that is not
     0; with an input shift and an output offset with ``offsets``), and with ``residual_spikes`` a signed QCFS
     encoder in front of every residual-reading convolution and attention projection. With ``threshold_groups``
-    K > 1 every unit holds a table of K thresholds (see :mod:`.timestep_groups`)."""
+    K > 1 every unit holds a table of K thresholds (see :mod:`.timestep_groups`). The output activation (the unit
+    in front of ``conv_out``) gets ``output_precision`` times ``levels``."""
     unet = unet_class.from_config(dict(unet_config))
     check_structure(unet)
     swap_replaced_modules(unet)
@@ -79,7 +82,7 @@ def build_qcfs_unet(
         return QCFSActivation(
             original,
             channels,
-            levels=levels,
+            levels=levels * output_precision if name == OUTPUT_SITE else levels,
             phi=phi,
             per_channel=per_channel,
             tsm_steps=tsm_steps,
@@ -159,11 +162,14 @@ def install_neurons(
     time_embedding: str,
     analog_sites: Sequence[str] = (),
     burst: int = 1,
+    output_precision: int = 1,
 ) -> None:
     """Turn a QCFS UNet into its spiking form, in place: QCFS units become IF neurons (thresholds copied),
     except ``analog_sites``, signed input encoders ternary IF neurons, and every GroupNorm and attention
     module outside attention (the GroupNorm and core of a split attention) becomes a :class:`TemporalOp`.
-    A unit's input shift and output offset go to its neuron; the offset is added by the consumer layer."""
+    A unit's input shift and output offset go to its neuron; the offset is added by the consumer layer. The
+    output activation's neuron sends up to ``output_precision`` times ``burst`` spikes per step (its QCFS unit
+    has that many times the levels)."""
     spiking = spike_sites(unet, time_embedding, analog_sites)
     for parent_name, parent, spec in list(iter_site_specs(unet)):
         name = site_name(parent_name, spec)
@@ -179,7 +185,7 @@ def install_neurons(
             unit.phi,
             neuron,
             tsm_steps=tsm_steps,
-            burst=burst,
+            burst=burst * output_precision if name == OUTPUT_SITE else burst,
             groups=table_groups(unit),
             offsets=offsets,
             channels_last=unit.channels_last,

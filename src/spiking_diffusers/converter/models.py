@@ -134,6 +134,9 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     an input shift and an output offset, ``qcfs(z - shift) + offset`` (see
     :mod:`~spiking_diffusers.converter.offsets`). ``burst`` records the spikes per step of the neurons its
     calibration fine-tuned for (``levels = burst * T``); :meth:`SpikingUNet2DModel.from_qcfs` converts with it.
+    ``output_precision`` = P gives the output activation (the unit in front of ``conv_out``) P x ``levels``, and
+    its neurons P x ``burst`` spikes per step: the first denoising steps need its precision, and its spikes
+    feed only the output convolution (see :data:`~.blocks.OUTPUT_SITE`). Saved models without it load with 1.
     """
 
     config_name = "config.json"
@@ -153,11 +156,13 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         threshold_groups: int = 1,
         offsets: bool = False,
         burst: int = 1,
+        output_precision: int = 1,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
         check_threshold_groups(threshold_groups, unet_config)
         check_int(burst, "burst", low=1)
+        check_int(output_precision, "output_precision", low=1)
         _check_offsets_with_groups(offsets, threshold_groups)
         self.unet = build_qcfs_unet(
             unet_config,
@@ -169,6 +174,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             threshold_groups=int(threshold_groups),
             offsets=offsets,
             unet_class=self.unet_class,
+            output_precision=int(output_precision),
         )
 
     @classmethod
@@ -185,6 +191,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         residual_spikes: bool = False,
         threshold_groups: int = 1,
         offsets: bool = False,
+        output_precision: int = 1,
     ) -> QCFSUNet2DModel:
         """Replace every activation call site of ``unet`` by its own QCFS unit (``levels`` = L).
 
@@ -198,7 +205,8 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         its range (the probes of all ranges where it has none). Raises
         those layers spikes too. ``offsets=True`` gives every activation unit an input shift and an output
         offset, ``qcfs(z - shift) + offset``, initialised with the thresholds (offset = shift, fitted with
-        lambda; see :func:`~.thresholds.init_thresholds`; 0 with ``init=None``). Raises
+        lambda; see :func:`~.thresholds.init_thresholds`; 0 with ``init=None``). ``output_precision`` = P gives
+        the output activation P x ``levels`` (see the class). Raises
         :class:`~.registry.UnsupportedModuleError` naming any module that cannot be converted.
         """
         if isinstance(unet, QCFSUNet2DModel | SpikingUNet2DModel):
@@ -218,6 +226,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         check_int(seed, "seed", "seed")
         check_bool(residual_spikes, "residual_spikes")
         check_bool(offsets, "offsets")
+        check_int(output_precision, "output_precision", low=1)
         check_structure(unet)
         target = _QCFS_CLASSES[type(unet)]
         if not issubclass(target, cls):
@@ -236,6 +245,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             residual_spikes=residual_spikes,
             threshold_groups=threshold_groups,
             offsets=offsets,
+            output_precision=int(output_precision),
         )
         move_like(qnet, unet)
         missing, unexpected = qnet.unet.load_state_dict(unet.state_dict(), strict=False)
@@ -338,9 +348,17 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         offsets: bool = False,
         nonlinear_steps: int | None = None,
         delta_spikes: bool = False,
+        output_precision: int = 1,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
+        check_int(output_precision, "output_precision", low=1)
+        if output_precision > 1 and neuron != "if":
+            raise ValueError(
+                f"output_precision={output_precision} makes the output activation's neurons burst neurons, which "
+                f"need neuron='if' (got {neuron!r}); convert with neuron='if', or use a QCFS model with "
+                "output_precision=1."
+            )
         _check_flag("delta_spikes", delta_spikes)
         _check_nonlinear_steps(nonlinear_steps, nonlinear_mode)
         _check_choice("nonlinear_mode", nonlinear_mode, NONLINEAR_MODES)
@@ -365,8 +383,11 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             threshold_groups=threshold_groups,
             offsets=offsets,
             unet_class=self.unet_class,
+            output_precision=int(output_precision),
         )
-        install_neurons(self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst)
+        install_neurons(
+            self.unet, neuron, nonlinear_mode, time_embedding, analog_sites or (), burst, int(output_precision)
+        )
         self.temporal_modules = [m for m in self.unet.modules() if isinstance(m, TemporalModule)]
         for module in self.temporal_modules:
             if isinstance(module, TemporalOp):
@@ -402,7 +423,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         neuron a multi-threshold neuron emitting up to B spikes per step (B * T levels in T steps: match it with a QCFS
         network of ``levels = B * T``; default: the B ``qnet`` was calibrated for, else 1). ``qnet`` is unchanged.
         Residual spikes follow ``qnet``: its signed input encoders (if it was quantized with ``residual_spikes=True``)
-        become ternary IF neurons with their calibrated thresholds. So do timestep-aware thresholds: the neurons take
+        become ternary IF neurons with their calibrated thresholds, and its output precision: the output activation's
+        neurons send up to P x B spikes per step. So do timestep-aware thresholds: the neurons take
         ``qnet``'s tables of K thresholds (``threshold_groups``, if given, must be ``qnet``'s K; the unit form needs K =
         1). ``nonlinear_steps`` = E >= 2 computes the compensated real-valued ops (GroupNorm, LayerNorm, attention,
         gate products) at E of the T steps only, holding their value in between (still exact in the mean; see
@@ -422,6 +444,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         config = dict(qnet.config)
         burst = int(config.get("burst") or 1) if burst is None else check_int(burst, "burst", low=1)
         groups = int(config.get("threshold_groups") or 1)
+        precision = int(config.get("output_precision") or 1)
         if threshold_groups is not None and check_int(threshold_groups, "threshold_groups") != groups:
             raise ValueError(
                 f"threshold_groups={threshold_groups} does not match the QCFS model, which has threshold_groups="
@@ -459,11 +482,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             offsets=config.get("offsets", False),
             nonlinear_steps=nonlinear_steps,
             delta_spikes=delta_spikes,
+            output_precision=precision,
         )
         move_like(snn, qnet)
         converted = copy.deepcopy(qnet.unet)
         set_tsm_steps(converted, int(timesteps) if tsm else 0)
-        install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or (), burst)
+        install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or (), burst, precision)
         snn.unet.load_state_dict(converted.state_dict())
         if threshold_form == "unit":
             fold_unit_thresholds(snn.unet)
@@ -497,6 +521,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             threshold_groups=config.threshold_groups,
             offsets=config.offsets,
             burst=int(config.get("burst") or 1),
+            output_precision=int(config.get("output_precision") or 1),
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
@@ -608,10 +633,11 @@ class QCFSUNet2DConditionModel(QCFSUNet2DModel):
         burst: int = 1,
         cross_attention_dim: int | None = None,
         time_cond_proj_dim: int | None = None,
+        output_precision: int = 1,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, sample_size, in_channels, out_channels, tsm_steps,
-            residual_spikes, threshold_groups, offsets, burst,
+            residual_spikes, threshold_groups, offsets, burst, output_precision,
         )  # fmt: skip
 
     def forward(
@@ -668,11 +694,12 @@ class SpikingUNet2DConditionModel(SpikingUNet2DModel):
         time_cond_proj_dim: int | None = None,
         nonlinear_steps: int | None = None,
         delta_spikes: bool = False,
+        output_precision: int = 1,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, timesteps, neuron, nonlinear_mode, execution, threshold_form,
             time_embedding, sample_size, in_channels, out_channels, tsm, residual_spikes, analog_sites, burst,
-            threshold_groups, offsets, nonlinear_steps, delta_spikes,
+            threshold_groups, offsets, nonlinear_steps, delta_spikes, output_precision,
         )  # fmt: skip
 
     def forward(
