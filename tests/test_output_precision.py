@@ -106,3 +106,14 @@ def _calibrate_defaults() -> dict:
     for key in ("model", "output", "overwrite", "device", "checkpoint_every", "resume", "output_precision"):
         params.pop(key, None)
     return params
+
+
+def test_onnx_graphs_carry_the_finer_output_unit(tmp_path):
+    from spiking_diffusers.export import TOLERANCE, export_qcfs, export_step
+
+    qnet = quantize(
+        make_unet(TINY_CONFIGS["attention"], dtype=torch.float32), levels=4, num_samples=2, output_precision=4
+    )
+    assert export_qcfs(qnet, tmp_path / "qcfs.onnx").max_abs_error <= TOLERANCE
+    check, _ = export_step(convert(qnet, timesteps=4), tmp_path / "step.onnx")
+    assert check.passed and check.max_abs_error <= TOLERANCE
