@@ -95,6 +95,11 @@ def test_commands_take_and_check_it(tmp_path):
     assert result.exit_code == 2
     assert "output_precision=3 conflicts with the model's own output_precision=2" in result.output
     assert not (tmp_path / "out").exists()
+    result = runner.invoke(convert_command.main, ["--model", str(qcfs_dir), "--output", str(tmp_path / "snn")])
+    assert result.exit_code == 0, result.output
+    assert "output unit at 2 x the levels" in result.output  # the model's own P, said in the settings line
+    report = json.loads((tmp_path / "snn" / "conversion.json").read_text())
+    assert report["settings"]["output_precision"] == 2
     result = runner.invoke(calibrate_command.main, ["--output", str(tmp_path / "cal"), "--output-precision", "0"])
     assert result.exit_code == 2 and "--output-precision" in result.output
 

@@ -215,6 +215,7 @@ def main(
                 "residual_spikes": bool(qnet.config.residual_spikes),
                 "threshold_groups": int(qnet.config.threshold_groups),
                 "offsets": bool(qnet.config.offsets),
+                "output_precision": int(qnet.config.get("output_precision") or 1),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -279,6 +280,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         + (", residual spikes" if settings.get("residual_spikes") else "")
         + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
         + (", offsets" if settings.get("offsets") else "")
+        + (f", output unit at {p} x the levels" if (p := settings.get("output_precision", 1)) > 1 else "")
         + (f", real-valued ops at {steps} of the T steps" if (steps := settings.get("nonlinear_steps")) else "")
         + (", delta spikes" if settings.get("delta_spikes") else "")
     )
