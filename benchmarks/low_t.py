@@ -132,7 +132,7 @@ def recipe_for(key: str) -> Recipe:
 def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: dict) -> tuple[dict, dict]:
     """Calibrate, convert, evaluate and count one row; its table cells and its ANN and SNN samples."""
     T = recipe.timesteps or T
-    calibration = dataclasses.replace(recipe.calibration, timesteps=T, seed=options["calibration_seed"])
+    calibration = dataclasses.replace(recipe.calibration, timesteps=T)
     levels = calibration.resolved_levels
     if recipe.burst_after > 1:  # calibrated as a plain-IF network at T = L
         calibration = dataclasses.replace(calibration, burst=1, timesteps=levels)
@@ -156,6 +156,7 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
             scheduler_config=scheduler_config,
             calibration=calibration,
             progress=options["progress"],
+            seed=options["calibration_seed"],  # calibrate_or_quantize sets the calibration's seed
         ).qnet
         calibration_seconds = time.perf_counter() - start
         if saved is not None:
