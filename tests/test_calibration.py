@@ -215,7 +215,7 @@ def test_report_has_the_noise_prediction_sweep_before_and_after(tmp_path):
         assert all(len(errors) == 8 and all(e > 0 for e in errors) for errors in sweep[stage].values())
     assert sweep["after"]["snn"] != sweep["before"]["snn"]
     assert report["calibration_set"]["size"] == 64 and report["calibration_set"]["labelled_once"]
-    assert set(report["phase_wall_time_s"]) == {"samples", "statistics", "labels", "distill", "snn", "sweep"}
+    assert set(report["phase_wall_time_s"]) == {"samples", "statistics", "labels", "distill", "snn", "filter", "sweep"}
     write_calibration_report(report, tmp_path)
     from PIL import Image
 
@@ -255,7 +255,7 @@ def test_budget_run_is_recorded_in_the_report_and_resumes_with_its_plan(tmp_path
     unet = make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
     config = tiny_config(cache_dir=str(tmp_path), distill=DistillSettings(steps=200, batch_size=4))
     full = sum(p.seconds for p in plan_phases(config, FIXED_COSTS, samples_cached=False))
-    config.budget_minutes = full / 60 / 4
+    config.budget_minutes = full / 60 / 3  # above the floor of one SNN step
     result = calibrate(unet, SCHEDULER_CONFIG, config, progress=False)
     budget = result.report["budget"]
     before, after = budget["changes"]["distill_steps"]
@@ -305,6 +305,7 @@ def test_progress_shows_the_estimate_and_one_bar_for_the_whole_run(tmp_path, cap
         "labels",
         "distill",
         "snn",
+        "filter",
         "sweep",
     }
     a, b = quiet.qnet.state_dict(), shown.qnet.state_dict()  # timing the machine changes nothing

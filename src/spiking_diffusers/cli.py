@@ -313,6 +313,21 @@ def output_precision_option(own_model: bool = False) -> Callable:
     )
 
 
+def output_filter_option(own_model: bool = False) -> Callable:
+    """``--output-filter K``: the kernel size of the per-timestep output filter calibration fits (0: none);
+    ``None`` when not given (the recipe's default, or a QCFS or spiking model's own)."""
+    own = "; a QCFS or spiking model keeps its own" if own_model else ""
+    return click.option(
+        "--output-filter",
+        default=None,
+        type=click.IntRange(0, 15),
+        metavar="K",
+        help="Fit a K x K linear filter over the noise prediction and the input, one per range of the schedule, "
+        "to the original model's output (least squares, after distillation): it removes most of the error the "
+        f"first denoising steps amplify. Odd K, 0 for none; real-valued work, counted [default: 5{own}].",
+    )
+
+
 def resolve_threshold_groups(requested: int | None, loaded: LoadedModel) -> int:
     """K for ``loaded``: an ANN takes ``requested`` (1 when ``None``), which must fit its schedule; a QCFS or
     spiking model keeps its own, and asking for another K is a usage error."""
@@ -371,6 +386,7 @@ def calibration_config(
     budget_minutes: float | None = None,
     burst: int | None = None,
     output_precision: int | None = None,
+    output_filter: int | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -378,6 +394,11 @@ def calibration_config(
     from .calibration.calibrate import CalibrationConfig
 
     if not calibrate:
+        if output_filter:
+            raise CommandError(
+                f"--output-filter {output_filter} is fitted by calibration; leave out --no-calibrate (or the option).",
+                2,
+            )
         return None
     config = CalibrationConfig(num_samples=calibration_samples, budget_minutes=budget_minutes)
     config.neuron = neuron or config.neuron
@@ -387,6 +408,12 @@ def calibration_config(
     config.burst = burst
     if output_precision is not None:
         config.output_precision = output_precision
+    if output_filter is not None:
+        if output_filter % 2 == 0 and output_filter:
+            raise CommandError(
+                f"--output-filter must be 0 (none) or odd, a filter centred on each pixel; got {output_filter}.", 2
+            )
+        config.output_filter = output_filter
     config.distill = dataclasses.replace(config.distill, steps=calibration_steps)
     config.snn = dataclasses.replace(config.snn, steps=snn_steps)
     return config

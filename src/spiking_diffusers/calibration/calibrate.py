@@ -1,5 +1,6 @@
 """The calibration recipe: data-free inputs, threshold initialisation, distillation of the QCFS network,
-then fine-tuning of the spiking network itself at its target T. One code path for ``sdm-calibrate`` and
+then fine-tuning of the spiking network itself at its target T, then the least-squares fit of its output filter
+(:mod:`.output_filter`). One code path for ``sdm-calibrate`` and
 for the default calibration that ``sdm-convert`` runs on an uncalibrated model."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..converter import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
 from ..converter.encoders import SignedQCFS
+from ..converter.output_filter import DEFAULT_FILTER_GROUPS, check_output_filter
 from ..converter.probes import move_kwargs
 from ..converter.thresholds import (
     collect_group_site_inputs,
@@ -49,12 +51,19 @@ from .data import (
     sample_model_images,
 )
 from .distill import DistillHistory, DistillSettings, distill
+from .output_filter import fit_output_filter
 from .sweep import error_sweep, sweep_inputs
 
 DEFAULT_BURST = 4
 """Spikes per time step of the default (plain IF) neurons: B = 4 reaches 4T levels in T steps. Measured on both
 digits DDPMs at T = 4: 5 dB of paired PSNR over one spike per step and 2 dB over B = 2, for 25 % and 16 % more
 energy (benchmarks/low_t.py; docs/calibration.md, "Burst neurons")."""
+
+
+DEFAULT_OUTPUT_FILTER = 5
+"""Kernel size of the output filter fitted after distillation (0: none). A 5 x 5 filter per range of the schedule
+takes the noise prediction's error at the first denoising steps from about 0.04 to 0.01-0.02 of its norm on both
+digits DDPMs (docs/calibration.md, "The output filter")."""
 
 
 @dataclass
@@ -68,7 +77,10 @@ class CalibrationConfig:
     ``offsets`` gives every activation unit an input shift and an output offset, initialised with its threshold
     and trained with the thresholds. ``output_precision`` P > 1 gives the output activation P times the levels
     (and its neurons P times the spikes per step; plain IF only): +0.8 dB of paired PSNR for under 1 % energy,
-    but no steady FD gain, so 1 by default (docs/calibration.md, "The output activation").
+    but no steady FD gain, so 1 by default (docs/calibration.md, "The output activation"). ``output_filter`` K > 0
+    fits a K x K linear filter over the noise prediction and the input, one per ``output_filter_groups`` range of
+    the schedule, to the original model's outputs on the calibration set (on the SNN at T after its fine-tuning,
+    else on the QCFS network); 0: none.
 
     Distillation trains on a fixed calibration set of ``set_size`` noised inputs, labelled once by the
     original model, with timesteps stratified over the whole schedule. ``sweep_images`` images go into the
@@ -87,6 +99,8 @@ class CalibrationConfig:
     threshold_groups: int = 1
     offsets: bool = False
     output_precision: int = 1
+    output_filter: int = DEFAULT_OUTPUT_FILTER
+    output_filter_groups: int = DEFAULT_FILTER_GROUPS
     threshold_init: str = "mse"
     percentile: float = 99.9
     num_samples: int = 512
@@ -109,6 +123,11 @@ class CalibrationConfig:
             return int(self.burst)
         fits = self.levels is None or self.levels == DEFAULT_BURST * self.timesteps
         return DEFAULT_BURST if self.neuron == "if" and fits else 1
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether a phase uses the original model's outputs on the calibration set."""
+        return bool(self.distill.steps or self.snn.steps or self.output_filter)
 
     @property
     def resolved_levels(self) -> int:
@@ -136,6 +155,7 @@ class CalibrationConfig:
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1.")
         check_int(self.threshold_groups, "threshold_groups", "threshold_groups")
+        check_output_filter(self.output_filter, self.output_filter_groups)
         if self.set_size < 1 or self.sweep_images < 0:
             raise ValueError("set_size must be at least 1 and sweep_images at least 0.")
         if self.budget_minutes is not None and not (math.isfinite(self.budget_minutes) and self.budget_minutes > 0):
@@ -316,7 +336,7 @@ def _calibrate(
     tick = timed("statistics", tick)
 
     calibration_set = CalibrationSet.draw(x0, noise_scheduler, config.set_size, generator, conditioning)
-    if config.distill.steps or config.snn.steps:
+    if config.needs_labels:
         calibration_set.label(teacher, on_batch=bar.counter("labels"))
     tick = timed("labels", tick)
     sweep = _Sweep(config, teacher, x0, noise_scheduler, conditioning)
@@ -352,6 +372,15 @@ def _calibrate(
             qnet.enable_tsm(config.timesteps)
         load_snn_weights_into_qcfs(snn, qnet)
     tick = timed("snn", tick)
+    filter_report = None
+    if config.output_filter:  # fitted on the network that will run: the SNN at T where there is one
+        fitted = snn if snn is not None else qnet
+        qnet.set_output_filter(config.output_filter, config.output_filter_groups)
+        fitted.set_output_filter(config.output_filter, config.output_filter_groups)
+        filter_report = fit_output_filter(fitted, calibration_set, on_batch=bar.counter("filter"))
+        qnet.output_filter.load_state_dict(fitted.output_filter.state_dict())
+        filter_report["fitted_on"] = f"SNN at T = {config.timesteps}" if snn is not None else "QCFS network"
+    tick = timed("filter", tick)
 
     after = _site_report(
         qnet,
@@ -370,6 +399,7 @@ def _calibrate(
         "calibration_set": _set_report(calibration_set, config, noise_scheduler),
         "sites": {name: {"before": before[name], "after": after[name]} for name in before},
         "loss_curves": {phase: h.output_loss for phase, h in histories.items()},
+        "output_filter": filter_report,
         "noise_prediction_sweep": sweep.report,
         "phase_wall_time_s": {**wall, **{phase: h.wall_time_s for phase, h in histories.items()}},
         "wall_time_s": time.perf_counter() - start,
@@ -409,6 +439,9 @@ def run_fingerprint(
         settings.pop("threshold_groups")
     if settings["output_precision"] == 1:  # likewise
         settings.pop("output_precision")
+    if settings["output_filter"] == 0:  # likewise
+        settings.pop("output_filter")
+        settings.pop("output_filter_groups")
     fingerprint = {"model": model_fingerprint(unet), "noise_schedule": dict(scheduler_config), "settings": settings}
     if conditioning is not None:
         fingerprint["conditioning"] = conditioning.fingerprint

@@ -53,6 +53,7 @@ PHASE_LABELS = {
     "labels": "teacher outputs on the calibration set",
     "distill": "QCFS distillation",
     "snn": "SNN fine-tuning",
+    "filter": "output filter fit",
     "sweep": "noise-prediction error sweep",
 }
 
@@ -164,12 +165,15 @@ def plan_phases(
     snn_s = costs.snn_step_s + (snn_teacher if config.snn.block_loss_weight > 0 else 0.0)
     # teacher once, QCFS and SNN before and after: the SNN at T costs about T forwards
     sweep_s = costs.teacher_s * len_sweep(config) * (1 + 2 + 2 * config.timesteps * SNN_STEP_FACTOR)
+    filter_passes = config.timesteps * SNN_STEP_FACTOR if config.snn.steps else 1.0
     phases = [
         Phase("samples", config.num_samples if draw_images else 0, costs.teacher_s * config.sampler_steps),
         Phase("statistics", 1, stats_s),
-        Phase("labels", config.set_size if config.distill.steps or config.snn.steps else 0, costs.teacher_s),
+        Phase("labels", config.set_size if config.needs_labels else 0, costs.teacher_s),
         Phase("distill", config.distill.steps, distill_s),
         Phase("snn", config.snn.steps, snn_s),
+        # one pass over the set: of the SNN at T where there is one
+        Phase("filter", config.set_size if config.output_filter else 0, costs.teacher_s * filter_passes),
         Phase("sweep", 2 if config.sweep_images else 0, sweep_s / 2),  # before and after
     ]
     for phase in phases:
@@ -241,8 +245,8 @@ class BudgetFit:
 def fit_to_budget(config: CalibrationConfig, costs: UnitCosts, samples_cached: bool) -> BudgetFit:
     """``config`` scaled down so that its estimate fits ``config.budget_minutes``.
 
-    First the data phases (images to draw, calibration set, sweep), only if they take more than a third of
-    the budget, down to a third of it (not below :data:`MIN_SAMPLES`, :data:`MIN_SET_SIZE`,
+    First the data phases (images to draw, calibration set, sweep; the output filter's fit follows the set's
+    size), only if they take more than a third of the budget, down to a third of it (not below :data:`MIN_SAMPLES`, :data:`MIN_SET_SIZE`,
     :data:`MIN_SWEEP_IMAGES`; images already in the cache cost nothing and are kept); then the distillation
     and SNN fine-tuning steps, by the same factor, to fill what is left (at least one step each, where the
     recipe has any). Learning-rate schedules follow the new step counts.
@@ -256,7 +260,7 @@ def fit_to_budget(config: CalibrationConfig, costs: UnitCosts, samples_cached: b
     def seconds(names: tuple[str, ...]) -> float:
         return sum(p.seconds for p in plan_phases(fitted, costs, samples_cached) if p.name in names)
 
-    data_phases, training = ("samples", "labels", "sweep"), ("distill", "snn")
+    data_phases, training = ("samples", "labels", "sweep"), ("distill", "snn")  # the filter fit: fixed
     data_s = seconds(data_phases)
     if data_s > budget / 3:
         factor = budget / 3 / data_s

@@ -21,6 +21,7 @@ from ..cli import (
     device_option,
     get_device,
     model_option,
+    output_filter_option,
     output_options,
     output_precision_option,
     residual_spikes_option,
@@ -67,6 +68,7 @@ Examples:
 )
 @burst_option()
 @output_precision_option()
+@output_filter_option()
 @residual_spikes_option()
 @threshold_groups_option(DEFAULTS.threshold_groups)
 @click.option(
@@ -210,7 +212,7 @@ def build_config(
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
     snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
-    calibration_budget=None, burst=None, output_precision=None,
+    calibration_budget=None, burst=None, output_precision=None, output_filter=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
     return CalibrationConfig(
@@ -220,6 +222,7 @@ def build_config(
         neuron=neuron,
         burst=burst,
         output_precision=1 if output_precision is None else output_precision,
+        output_filter=DEFAULTS.output_filter if output_filter is None else output_filter,
         residual_spikes=residual_spikes,  # None: the recipe's default (on for a UNet2DModel)
         threshold_groups=threshold_groups,
         offsets=bool(offsets),
@@ -276,6 +279,13 @@ def print_summary(report: dict, output: str, qnet: QCFSUNet2DModel) -> None:
         click.echo(f"  relative noise-prediction error of the SNN (T={T}), before -> after calibration:")
         pairs = zip(sweep["timesteps"], sweep["before"]["snn"], sweep["after"]["snn"], strict=True)
         click.echo("    " + ", ".join(f"t={t}: {a:.3f} -> {b:.3f}" for t, a, b in pairs))
+    if filtered := report.get("output_filter"):
+        last, k = filtered["groups"][-1], filtered["kernel_size"]
+        click.echo(
+            f"  output filter ({k} x {k}, {len(filtered['groups'])} ranges, fitted on the {filtered['fitted_on']}): "
+            f"error at t = {last['timesteps'][0]}..{last['timesteps'][1]} {last['relative_error_before']:.3f} -> "
+            f"{last['relative_error_after']:.3f}"
+        )
     if "budget" in report and "message" in report["budget"]:
         click.echo(f"  {report['budget']['message']}")
     click.echo(f"Wrote {output} (model, {REPORT_FILE}, {PLOT_FILE}); convert it with: sdm-convert --model {output}")

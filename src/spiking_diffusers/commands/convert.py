@@ -31,6 +31,7 @@ from ..cli import (
     model_option,
     offsets_option,
     option_given,
+    output_filter_option,
     output_options,
     output_precision_option,
     residual_spikes_option,
@@ -79,6 +80,7 @@ Examples:
 @click.option("--neuron", type=click.Choice(NEURON_TYPES), default="if", help="Plain or signed (Fast-SNN) IF.")
 @burst_option(own_model=True)
 @output_precision_option(own_model=True)
+@output_filter_option(own_model=True)
 @click.option(
     "--nonlinear-mode",
     type=click.Choice(NONLINEAR_MODES),
@@ -123,6 +125,7 @@ def main(
     neuron,
     burst,
     output_precision,
+    output_filter,
     nonlinear_mode,
     nonlinear_steps,
     threshold_form,
@@ -154,7 +157,15 @@ def main(
             budget_minutes=calibration_budget,
             burst=burst,
             output_precision=output_precision,
+            output_filter=output_filter if loaded.kind == "ann" else None,
         )
+        own_filter = int(loaded.unet.config.get("output_filter_size") or 0) if loaded.kind != "ann" else None
+        if own_filter is not None and output_filter is not None and output_filter != own_filter:
+            raise CommandError(
+                f"--output-filter {output_filter}: {loaded.source} is a calibrated model with output filter size "
+                f"{own_filter}; it keeps its own (leave the option out, or calibrate the ANN again).",
+                2,
+            )
         if loaded.kind == "ann" and burst and burst > 1:
             if neuron != "if":
                 raise CommandError("--burst needs --neuron if: burst neurons are plain IF neurons.", 2)
@@ -216,6 +227,7 @@ def main(
                 "threshold_groups": int(qnet.config.threshold_groups),
                 "offsets": bool(qnet.config.offsets),
                 "output_precision": int(qnet.config.get("output_precision") or 1),
+                "output_filter_size": int(qnet.config.get("output_filter_size") or 0),
                 "seed": seed,
             },
             "summary": conversion_summary(qnet, snn),
@@ -281,6 +293,7 @@ def _print_report(report: dict[str, Any], output: str) -> None:
         + (f", {groups} timestep threshold groups" if (groups := settings.get("threshold_groups", 1)) > 1 else "")
         + (", offsets" if settings.get("offsets") else "")
         + (f", output unit at {p} x the levels" if (p := settings.get("output_precision", 1)) > 1 else "")
+        + (f", {k} x {k} output filter" if (k := settings.get("output_filter_size", 0)) else "")
         + (f", real-valued ops at {steps} of the T steps" if (steps := settings.get("nonlinear_steps")) else "")
         + (", delta spikes" if settings.get("delta_spikes") else "")
     )

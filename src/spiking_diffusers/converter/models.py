@@ -29,6 +29,7 @@ from .building import (
     unet_config_dict,
 )
 from .neurons import NEURON_TYPES, IFNeuron
+from .output_filter import DEFAULT_FILTER_GROUPS, OutputFilter, check_output_filter
 from .probes import noised_probe_batches, to_device
 from .qcfs import QuantizerUnit, set_tsm_steps
 from .registry import Site
@@ -49,6 +50,44 @@ class _SiteModelMixin:
     unet: torch.nn.Module
     unet_class: type[torch.nn.Module] = UNet2DModel
     """The diffusers UNet the model wraps (its forward runs unchanged inside)."""
+    output_filter: OutputFilter | None
+    """The fitted per-timestep filter on the noise prediction (see :mod:`.output_filter`), if the model has one."""
+    _filter_on: bool = True
+
+    def _make_output_filter(self, kernel_size: int, groups: int) -> None:
+        """Give the model an identity output filter of ``kernel_size`` over ``groups`` ranges (0: none)."""
+        kernel_size, groups = check_output_filter(kernel_size, groups)
+        config = self.config
+        self.output_filter = (
+            OutputFilter(
+                config.in_channels, config.out_channels, kernel_size, groups, schedule_length(config.unet_config)
+            )
+            if kernel_size
+            else None
+        )
+
+    def set_output_filter(self, kernel_size: int, groups: int = DEFAULT_FILTER_GROUPS) -> OutputFilter | None:
+        """Add (or replace, or with 0 remove) the output filter, starting as the identity; recorded in the
+        config. Calibration fits it (:func:`~spiking_diffusers.calibration.output_filter.fit_output_filter`)."""
+        self._make_output_filter(kernel_size, groups)
+        if self.output_filter is not None:
+            move_like(self.output_filter, self)
+        self.register_to_config(output_filter_size=int(kernel_size), output_filter_groups=int(groups))
+        return self.output_filter
+
+    @contextlib.contextmanager
+    def output_filter_disabled(self) -> Iterator[None]:
+        """Return the unfiltered noise prediction inside this context (what the filter is fitted on)."""
+        self._filter_on = False
+        try:
+            yield
+        finally:
+            self._filter_on = True
+
+    def _filtered(self, prediction: torch.Tensor, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+        if self.output_filter is None or not self._filter_on:
+            return prediction
+        return self.output_filter(prediction, sample, timestep)
 
     def sites(self) -> dict[str, torch.nn.Module]:
         """Every activation call site by name, mapped to its unit (QCFS unit or IF neuron), then every
@@ -157,6 +196,8 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         offsets: bool = False,
         burst: int = 1,
         output_precision: int = 1,
+        output_filter_size: int = 0,
+        output_filter_groups: int = DEFAULT_FILTER_GROUPS,
     ):
         super().__init__()
         _check_settings(unet_config, levels, phi)
@@ -176,6 +217,7 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             unet_class=self.unet_class,
             output_precision=int(output_precision),
         )
+        self._make_output_filter(output_filter_size, output_filter_groups)
 
     @classmethod
     def from_unet(
@@ -284,17 +326,20 @@ class QCFSUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
     ) -> UNet2DOutput | tuple:
         self._check_inputs(sample, timestep, class_labels)
         with self._timestep_groups(sample, timestep):
-            return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
+            out = self.unet(sample, timestep, class_labels=class_labels).sample
+        out = self._filtered(out, sample, timestep)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
 
     @contextlib.contextmanager
     def as_ann(self) -> Iterator[QCFSUNet2DModel]:
         """Run the original activations (SiLU, ...; the identity for input encoders) instead of the QCFS
-        units inside this context."""
+        units inside this context, and no output filter (it was fitted to the QCFS units' error)."""
         units = [unit for unit in self.unet.modules() if isinstance(unit, QuantizerUnit)]
         for unit in units:
             unit.mode = "ann"
         try:
-            yield self
+            with self.output_filter_disabled():
+                yield self
         finally:
             for unit in units:
                 unit.mode = "qcfs"
@@ -349,6 +394,8 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         nonlinear_steps: int | None = None,
         delta_spikes: bool = False,
         output_precision: int = 1,
+        output_filter_size: int = 0,
+        output_filter_groups: int = DEFAULT_FILTER_GROUPS,
     ):
         super().__init__()
         _check_choice("neuron", neuron, NEURON_TYPES)
@@ -392,6 +439,7 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         for module in self.temporal_modules:
             if isinstance(module, TemporalOp):
                 module.evaluations = nonlinear_steps
+        self._make_output_filter(output_filter_size, output_filter_groups)
 
     @classmethod
     def from_qcfs(
@@ -483,8 +531,12 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             nonlinear_steps=nonlinear_steps,
             delta_spikes=delta_spikes,
             output_precision=precision,
+            output_filter_size=int(config.get("output_filter_size") or 0),
+            output_filter_groups=int(config.get("output_filter_groups") or DEFAULT_FILTER_GROUPS),
         )
         move_like(snn, qnet)
+        if qnet.output_filter is not None:
+            snn.output_filter.load_state_dict(qnet.output_filter.state_dict())
         converted = copy.deepcopy(qnet.unet)
         set_tsm_steps(converted, int(timesteps) if tsm else 0)
         install_neurons(converted, neuron, nonlinear_mode, time_embedding, analog or (), burst, precision)
@@ -522,9 +574,13 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
             offsets=config.offsets,
             burst=int(config.get("burst") or 1),
             output_precision=int(config.get("output_precision") or 1),
+            output_filter_size=int(config.get("output_filter_size") or 0),
+            output_filter_groups=int(config.get("output_filter_groups") or DEFAULT_FILTER_GROUPS),
         )
         move_like(qnet, self)
         qnet.unet.load_state_dict(self.qcfs_state_dict())
+        if self.output_filter is not None:
+            qnet.output_filter.load_state_dict(self.output_filter.state_dict())
         return qnet.eval()
 
     def qcfs_state_dict(self) -> dict[str, torch.Tensor]:
@@ -586,11 +642,13 @@ class SpikingUNet2DModel(_SiteModelMixin, ModelMixin, ConfigMixin):
         try:
             with self._timestep_groups(sample, timestep, num_steps if execution == "batched" else 1):
                 if execution == "batched":
-                    return self._forward_batched(sample, timestep, conditioning, num_steps)
-                return self._forward_stepwise(sample, timestep, conditioning, num_steps)
+                    out = self._forward_batched(sample, timestep, conditioning, num_steps)
+                else:
+                    out = self._forward_stepwise(sample, timestep, conditioning, num_steps)
         finally:
             for module in self.temporal_modules:
                 module.reset_state()
+        return self._filtered(out, sample, timestep)
 
     def _forward_batched(self, sample, timestep, conditioning: dict, num_steps: int) -> torch.Tensor:
         batch = sample.shape[0]
@@ -634,10 +692,13 @@ class QCFSUNet2DConditionModel(QCFSUNet2DModel):
         cross_attention_dim: int | None = None,
         time_cond_proj_dim: int | None = None,
         output_precision: int = 1,
+        output_filter_size: int = 0,
+        output_filter_groups: int = DEFAULT_FILTER_GROUPS,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, sample_size, in_channels, out_channels, tsm_steps,
-            residual_spikes, threshold_groups, offsets, burst, output_precision,
+            residual_spikes, threshold_groups, offsets, burst, output_precision, output_filter_size,
+            output_filter_groups,
         )  # fmt: skip
 
     def forward(
@@ -658,7 +719,9 @@ class QCFSUNet2DConditionModel(QCFSUNet2DModel):
             cross_attention_kwargs, added_cond_kwargs, unsupported,
         )  # fmt: skip
         with self._timestep_groups(sample, timestep):
-            return self.unet(sample, timestep, **conditioning, return_dict=return_dict)
+            out = self.unet(sample, timestep, **conditioning).sample
+        out = self._filtered(out, sample, timestep)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
 class SpikingUNet2DConditionModel(SpikingUNet2DModel):
@@ -695,11 +758,14 @@ class SpikingUNet2DConditionModel(SpikingUNet2DModel):
         nonlinear_steps: int | None = None,
         delta_spikes: bool = False,
         output_precision: int = 1,
+        output_filter_size: int = 0,
+        output_filter_groups: int = DEFAULT_FILTER_GROUPS,
     ):
         super().__init__(
             unet_config, levels, phi, per_channel, timesteps, neuron, nonlinear_mode, execution, threshold_form,
             time_embedding, sample_size, in_channels, out_channels, tsm, residual_spikes, analog_sites, burst,
-            threshold_groups, offsets, nonlinear_steps, delta_spikes, output_precision,
+            threshold_groups, offsets, nonlinear_steps, delta_spikes, output_precision, output_filter_size,
+            output_filter_groups,
         )  # fmt: skip
 
     def forward(

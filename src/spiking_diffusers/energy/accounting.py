@@ -79,6 +79,10 @@ steps: the running input sum and the running sum of what was emitted (the held v
 _SPIKE_TAG = "_sdm_spike_source"
 
 
+OUTPUT_FILTER = "output_filter"
+"""The layer name of a model's output filter (real-valued work after the UNet, once per forward)."""
+
+
 @dataclass
 class LayerCount:
     """Work of one operation of one module, summed over every call seen."""
@@ -267,6 +271,10 @@ class OperationCounter(TorchFunctionMode):
                 self._hooks.append(module.register_forward_pre_hook(self._compensation))
             elif isinstance(module, (GateProduct, GEGLU)):  # the converted gate product, and the ANN's
                 self._hooks.append(module.register_forward_hook(self._gate_product))
+        output_filter = getattr(self.model, "output_filter", None)  # runs after the UNet, on real values
+        if isinstance(output_filter, nn.Module):
+            self._hooks.append(output_filter.register_forward_pre_hook(lambda *_: self._stack.append(OUTPUT_FILTER)))
+            self._hooks.append(output_filter.register_forward_hook(self._leave, always_call=True))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -385,7 +393,9 @@ class OperationCounter(TorchFunctionMode):
         self._layer("softmax").macs += SOFTMAX_OPS * scores
 
     def _bmm(self, args, kwargs, out) -> None:
-        self._layer("attention matmul").macs += _matmul_macs(args[0].shape, args[1].shape)
+        # The output filter runs as patches times each sample's filter (a convolution in a batched matmul).
+        op = "filter matmul" if self._stack[-1:] == [OUTPUT_FILTER] else "attention matmul"
+        self._layer(op).macs += _matmul_macs(args[0].shape, args[1].shape)
 
     def _baddbmm(self, args, kwargs, out) -> None:
         self._layer("attention matmul").macs += _matmul_macs(args[1].shape, args[2].shape)

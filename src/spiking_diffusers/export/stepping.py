@@ -61,7 +61,8 @@ class CompensatedStep(nn.Module):
 class SpikingStep(nn.Module):
     """``forward(sample, timestep, step, *state) -> (output, next_step, *next_state)`` for one time step.
 
-    ``output`` is this time step's output layer; the spiking model's output is its mean over the T steps.
+    ``output`` is this time step's output layer (through the output filter, if the model has one); the spiking
+    model's output is its mean over the T steps.
     ``snn`` is copied, not changed.
     """
 
@@ -89,6 +90,8 @@ class SpikingStep(nn.Module):
         self.threshold_groups = int(snn.config.threshold_groups)
         self.schedule_length = schedule_length(snn.config.unet_config)
         self.grouped = grouped_sites(self.unet)
+        # Linear, with a constant term: filtering each step's output gives the filter of their mean.
+        self.output_filter = copy.deepcopy(snn.output_filter)
 
     def _timestep_groups(self, sample: torch.Tensor, timestep: torch.Tensor) -> contextlib.AbstractContextManager:
         if self.threshold_groups == 1:
@@ -114,6 +117,8 @@ class SpikingStep(nn.Module):
         try:
             with self._timestep_groups(sample, timestep):
                 out = self.unet(sample, timestep).sample
+            if self.output_filter is not None:
+                out = self.output_filter(out, sample, timestep)
             return (out, step + 1, *self._state())
         finally:
             self._forget_state()

@@ -1,0 +1,116 @@
+"""Fit a model's output filter (:mod:`spiking_diffusers.converter.output_filter`) in closed form.
+
+Each range of the schedule gets the linear least-squares filter from ``[prediction, sample]`` to the original
+model's noise prediction, over the calibration set's inputs in that range. Least squares has an exact solution
+here (a few hundred unknowns per range), so no gradient steps: the normal equations are summed batch by batch
+in float64 (memory independent of the set size) and solved once per range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
+from ..converter.probes import move_kwargs
+from .data import CalibrationSet
+
+RIDGE = 1e-6
+"""Tikhonov term, relative to the mean diagonal of the normal matrix: keeps a range with few inputs (or
+constant borders) solvable without changing a well-posed fit."""
+
+
+def _rows(model: QCFSUNet2DModel | SpikingUNet2DModel, prediction: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The least-squares design: one row per output pixel, the k x k patch of ``[prediction, sample]`` and a 1."""
+    flt = model.output_filter
+    patches = F.unfold(flt.filter_inputs(prediction, sample).double(), flt.kernel_size)  # (N, D - 1, H * W)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return torch.cat([patches, torch.ones(len(patches), 1, dtype=patches.dtype, device=patches.device)], 1)
+
+
+@torch.no_grad()
+def fit_output_filter(
+    model: QCFSUNet2DModel | SpikingUNet2DModel,
+    calibration_set: CalibrationSet,
+    batch_size: int = 64,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Fit ``model.output_filter`` to ``calibration_set``'s targets (the original model's noise predictions) from
+    the model's own unfiltered predictions; return the report: per range, the inputs it saw and the relative
+    error of the prediction before and after the filter (on those inputs)."""
+    flt = model.output_filter
+    if flt is None:
+        raise ValueError("This model has no output filter; add one with model.set_output_filter(kernel_size).")
+    if calibration_set.targets is None:
+        raise ValueError("The calibration set has no targets; label it with the original model first.")
+    param = next(model.parameters())
+    size = flt.weight[0].numel() // flt.out_channels + 1
+    normal = torch.zeros(flt.groups, size, size, dtype=torch.float64)
+    moment = torch.zeros(flt.groups, size, flt.out_channels, dtype=torch.float64)
+    counts = torch.zeros(flt.groups, dtype=torch.long)
+    model.eval()
+    predictions = []
+    for start in range(0, len(calibration_set), batch_size):
+        batch = slice(start, start + batch_size)
+        x = calibration_set.x_t[batch].to(param.device, param.dtype)
+        t = calibration_set.timesteps[batch].to(param.device)
+        kwargs = move_kwargs({key: value[batch] for key, value in calibration_set.conditions.items()}, param)
+        with model.output_filter_disabled():
+            prediction = model(x, t, **kwargs).sample
+        predictions.append(prediction.cpu())
+        target = calibration_set.targets[batch].double()
+        rows = _rows(model, prediction, x).cpu().view(len(x), -1, size)
+        targets = target.permute(0, 2, 3, 1).reshape(len(x), -1, flt.out_channels)
+        group = flt.group_index(t, len(x), t.device).cpu()
+        for g in group.unique().tolist():
+            chosen = group == g
+            a, y = rows[chosen].reshape(-1, size), targets[chosen].reshape(-1, flt.out_channels)
+            normal[g] += a.T @ a
+            moment[g] += a.T @ y
+            counts[g] += int(chosen.sum())
+        if on_batch is not None:
+            on_batch(len(x))
+    for g in range(flt.groups):
+        if counts[g] == 0:  # no input in this range: it keeps the identity
+            continue
+        ridge = RIDGE * normal[g].diagonal().mean() * torch.eye(size, dtype=torch.float64)
+        solution = torch.linalg.solve(normal[g] + ridge, moment[g])  # (size, out)
+        flt.weight[g] = solution[:-1].T.reshape(flt.weight.shape[1:]).to(flt.weight)
+        flt.bias[g] = solution[-1].to(flt.bias)
+    return _report(model, calibration_set, torch.cat(predictions), counts, batch_size)
+
+
+@torch.no_grad()
+def _report(model, calibration_set: CalibrationSet, predictions: torch.Tensor, counts, batch_size: int) -> dict:
+    """Per range: inputs, and the mean relative error of the prediction before / after the fitted filter."""
+    flt = model.output_filter
+    before = torch.zeros(flt.groups, dtype=torch.float64)
+    after = torch.zeros(flt.groups, dtype=torch.float64)
+    param = next(model.parameters())
+    for start in range(0, len(calibration_set), batch_size):
+        batch = slice(start, start + batch_size)
+        x = calibration_set.x_t[batch].to(param.device, param.dtype)
+        t = calibration_set.timesteps[batch].to(param.device)
+        prediction, target = predictions[batch].to(x), calibration_set.targets[batch].to(x)
+        filtered = flt(prediction, x, t)
+        norm = target.flatten(1).norm(dim=1).clamp_min(1e-12)
+        group = flt.group_index(t, len(x), t.device).cpu()
+        before.index_add_(0, group, ((prediction - target).flatten(1).norm(dim=1) / norm).double().cpu())
+        after.index_add_(0, group, ((filtered - target).flatten(1).norm(dim=1) / norm).double().cpu())
+    seen = counts.clamp_min(1).double()
+    length = flt.schedule_length
+    return {
+        "kernel_size": flt.kernel_size,
+        "groups": [
+            {
+                "timesteps": [-(-g * length // flt.groups), -(-(g + 1) * length // flt.groups) - 1],
+                "inputs": int(counts[g]),
+                "relative_error_before": round(float(before[g] / seen[g]), 5),
+                "relative_error_after": round(float(after[g] / seen[g]), 5),
+            }
+            for g in range(flt.groups)
+        ],
+    }
