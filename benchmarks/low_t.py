@@ -14,9 +14,11 @@ Rows (``--rows``, comma-separated keys):
 - ``before``: the previous default: plain IF neurons (one spike per step), 2000 distillation steps;
 - ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
 - ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage, with residual spikes
-  (burst encoders);
+  (burst encoders) and the 5 x 5 output filter;
+- ``nofilter``: the default network without its output filter (the same calibration: a paired comparison);
 - ``output4``: the default with the output activation at 4 x the levels and spikes per step (``output_precision``);
 - ``burst4`` / ``burst2`` / ``burst3``: burst neurons with B = 4, 2 (a previous default) or 3, no residual spikes;
+  these and the rows below calibrate without the output filter, as when they were measured;
 - ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
   channel (SiLU's negative lobe) / K = 4 timestep-aware thresholds / signed IF / residual spikes (signed
   encoders in front of the real-valued layers; issue 13);
@@ -71,17 +73,20 @@ class Recipe:
     timesteps: int | None = None
     calibrated_as: str | None = None  # the row whose saved QCFS network this one reuses
     nonlinear_steps: int | None = None  # E: the real-valued ops computed at E of the T steps
+    output_filter: bool = True  # False: sample without the calibrated network's output filter
 
 
-PLAIN = dataclasses.replace(DEFAULT, burst=1, residual_spikes=False)
-BURST = dataclasses.replace(DEFAULT, residual_spikes=False)  # burst neurons, real values on the residual stream
+UNFILTERED = dataclasses.replace(DEFAULT, output_filter=0)  # the recipe before the output filter
+PLAIN = dataclasses.replace(UNFILTERED, burst=1, residual_spikes=False)
+BURST = dataclasses.replace(UNFILTERED, residual_spikes=False)  # burst neurons, real values on the residual stream
 RECIPES = {
     "before": Recipe(
         "before: plain IF, 2000 steps",
         dataclasses.replace(PLAIN, distill=dataclasses.replace(PLAIN.distill, steps=2000)),
     ),
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
-    "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes", DEFAULT),
+    "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes + output filter", DEFAULT),
+    "nofilter": Recipe("default without its output filter", DEFAULT, calibrated_as="default", output_filter=False),
     "output4": Recipe("default + output precision 4", dataclasses.replace(DEFAULT, output_precision=4)),
     "burst4": Recipe("burst B = 4 (L = 4T)", BURST),
     "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(BURST, burst=2)),
@@ -100,7 +105,7 @@ RECIPES = {
         burst_after=2,
     ),
     "burst2_residual": Recipe(
-        "burst B = 2 + residual spikes", dataclasses.replace(DEFAULT, burst=2, residual_spikes=True)
+        "burst B = 2 + residual spikes", dataclasses.replace(UNFILTERED, burst=2, residual_spikes=True)
     ),
 }
 
@@ -162,6 +167,8 @@ def run_row(key: str, recipe: Recipe, loaded, T: int, schedule: str, options: di
         if saved is not None:
             qnet.save_pretrained(saved)
             (saved / "calibration_seconds.json").write_text(json.dumps({"seconds": calibration_seconds}))
+    if not recipe.output_filter:
+        qnet.set_output_filter(0)
     burst = recipe.burst_after if recipe.burst_after > 1 else None  # None: as calibrated
     snn = SpikingUNet2DModel.from_qcfs(
         qnet, spike_steps=T, neuron=calibration.neuron, burst=burst, nonlinear_steps=recipe.nonlinear_steps
