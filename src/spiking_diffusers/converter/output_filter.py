@@ -70,13 +70,13 @@ class OutputFilter(nn.Module):
         return F.pad(stacked, (pad, pad, pad, pad), mode="replicate") if pad else stacked
 
     def forward(self, prediction: torch.Tensor, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
-        batch, _, height, width = prediction.shape
+        batch = prediction.shape[0]
         group = self.group_index(timestep, batch, prediction.device)
         weight = self.weight[group].to(prediction.dtype).flatten(2)  # (batch, out, D): one filter per sample
         # Patches times each sample's own filter in one batched matmul: a convolution whose kernel differs per
         # sample, which an exported graph can run for any batch (a grouped convolution cannot).
         patches = F.unfold(self.filter_inputs(prediction, sample), self.kernel_size)  # (batch, D, H * W)
-        out = torch.bmm(weight, patches).reshape(batch, self.out_channels, height, width)
+        out = torch.bmm(weight, patches).unflatten(2, prediction.shape[2:])  # the batch from the product: any in ONNX
         return out + self.bias[group].to(prediction.dtype)[:, :, None, None]
 
     def extra_repr(self) -> str:
