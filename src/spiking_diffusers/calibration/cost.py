@@ -246,8 +246,9 @@ def fit_to_budget(config: CalibrationConfig, costs: UnitCosts, samples_cached: b
     """``config`` scaled down so that its estimate fits ``config.budget_minutes``.
 
     First the data phases (images to draw, calibration set, sweep; the output filter's fit follows the set's
-    size), only if they take more than a third of the budget, down to a third of it (not below :data:`MIN_SAMPLES`, :data:`MIN_SET_SIZE`,
-    :data:`MIN_SWEEP_IMAGES`; images already in the cache cost nothing and are kept); then the distillation
+    size), only if they take more than a third of the budget, down to a third of it (not below
+    :data:`MIN_SAMPLES`, :data:`MIN_SET_SIZE`, :data:`MIN_SWEEP_IMAGES`; images already in the cache cost
+    nothing and are kept); then the distillation
     and SNN fine-tuning steps, by the same factor, to fill what is left (at least one step each, where the
     recipe has any). Learning-rate schedules follow the new step counts.
     """
