@@ -16,9 +16,9 @@ from __future__ import annotations
 import click
 import torch
 
+from ddim_loop import ddim_samples, initial_noise
 from spiking_diffusers.converter import QCFSUNet2DModel, SpikingUNet2DModel
 from spiking_diffusers.digits import load_digit_images
-from spiking_diffusers.evaluation.sampling import image_generators
 from spiking_diffusers.loading import load_model
 from spiking_diffusers.metrics import DigitFeatures, FrechetDistance, paired_psnr, reference_statistics
 from spiking_diffusers.pipelines import make_scheduler
@@ -31,33 +31,24 @@ def relative(error: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return error.flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
 
 
-@torch.no_grad()
 def sample(ann, scheduler_config: dict, num_images: int, steps: int, first: int, error: float) -> torch.Tensor:
     """DDIM samples in [-1, 1], the ANN's prediction at the first ``first`` steps off by a relative ``error``."""
-    images = []
-    shape = (ann.config.in_channels, ann.config.sample_size, ann.config.sample_size)
     perturbation = torch.Generator().manual_seed(99)
-    for start in range(0, num_images, BATCH):
-        generators = image_generators(0, range(start, min(num_images, start + BATCH)))
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        scheduler = make_scheduler("ddim", scheduler_config)
-        scheduler.set_timesteps(steps)
-        for i, t in enumerate(scheduler.timesteps):
-            eps = ann(x, t).sample
-            if i < first and error:
-                noise = torch.randn(eps.shape, generator=perturbation)
-                scale = error * relative(eps, noise).reshape(-1, 1, 1, 1)
-                eps = eps + scale * noise
-            x = scheduler.step(eps, t, x).prev_sample
-        images.append(x.clamp(-1, 1))
-    return torch.cat(images)
+
+    def predict(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        eps = ann(x, t).sample
+        if i < first and error:
+            noise = torch.randn(eps.shape, generator=perturbation)
+            eps = eps + error * relative(eps, noise).reshape(-1, 1, 1, 1) * noise
+        return eps
+
+    return ddim_samples(ann.config, scheduler_config, num_images, steps, predict, BATCH)
 
 
 @torch.no_grad()
 def snn_errors(ann, snn, scheduler_config: dict, steps: int, first: int, count: int = 128) -> list[float]:
     """The SNN's mean relative noise-prediction error at each of the first ``first`` steps of the ANN's DDIM."""
-    shape = (ann.config.in_channels, ann.config.sample_size, ann.config.sample_size)
-    x = torch.stack([torch.randn(shape, generator=g) for g in image_generators(0, range(count))])
+    x = initial_noise(ann.config, range(count))
     scheduler = make_scheduler("ddim", scheduler_config)
     scheduler.set_timesteps(steps)
     errors = []

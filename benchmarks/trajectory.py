@@ -16,35 +16,23 @@ from __future__ import annotations
 import click
 import torch
 
+from ddim_loop import ddim_samples
 from spiking_diffusers.converter import QCFSUNet2DModel, SpikingUNet2DModel
 from spiking_diffusers.digits import load_digit_images
-from spiking_diffusers.evaluation.sampling import image_generators
 from spiking_diffusers.loading import load_model
 from spiking_diffusers.metrics import DigitFeatures, FrechetDistance, paired_psnr, reference_statistics
-from spiking_diffusers.pipelines import make_scheduler
 
 BATCH = 100
 
 
-@torch.no_grad()
 def sample(ann, snn, scheduler_config: dict, num_images: int, steps: int, spike_steps) -> torch.Tensor:
-    """DDIM samples in [-1, 1]; ``spike_steps(i)`` is the SNN's T at denoising step i, or 0 for the ANN.
+    """DDIM samples in [-1, 1]; ``spike_steps(i)`` is the SNN's T at denoising step i, or 0 for the ANN."""
 
-    The denoising loop is written out because a pipeline runs one network throughout, and here the network
-    changes from step to step."""
-    images = []
-    shape = (ann.config.in_channels, ann.config.sample_size, ann.config.sample_size)
-    for start in range(0, num_images, BATCH):
-        generators = image_generators(0, range(start, min(num_images, start + BATCH)))
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        scheduler = make_scheduler("ddim", scheduler_config)
-        scheduler.set_timesteps(steps)
-        for i, t in enumerate(scheduler.timesteps):
-            T = spike_steps(i)
-            eps = snn(x, t, spike_steps=T).sample if T else ann(x, t).sample
-            x = scheduler.step(eps, t, x).prev_sample
-        images.append(x.clamp(-1, 1))
-    return torch.cat(images)
+    def predict(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T = spike_steps(i)
+        return snn(x, t, spike_steps=T).sample if T else ann(x, t).sample
+
+    return ddim_samples(ann.config, scheduler_config, num_images, steps, predict, BATCH)
 
 
 @click.command()

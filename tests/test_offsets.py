@@ -17,6 +17,7 @@ from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.distill import DistillSettings, _trainable_groups
 from spiking_diffusers.commands import calibrate as calibrate_command
 from spiking_diffusers.commands import convert as convert_command
+from spiking_diffusers.converter.blocks import OUTPUT_SITE
 from spiking_diffusers.converter.neurons import IFNeuron
 from spiking_diffusers.converter.offsets import ConsumerOffset
 from spiking_diffusers.converter.qcfs import QCFSActivation, broadcast_channels, qcfs
@@ -175,7 +176,7 @@ def test_threshold_guidance_and_analog_sites_keep_the_offsets():
     unet, qnet = offset_qnet("scale_shift")  # its time embedding stays analog: QCFS units with the offset inline
     snn = convert(qnet, timesteps=4)
     assert not isinstance(snn.sites()["time_embedding.act"], IFNeuron)
-    analog = convert(qnet, timesteps=4, filter_fn=lambda site: site.name != "conv_act")
+    analog = convert(qnet, timesteps=4, filter_fn=lambda site: site.name != OUTPUT_SITE)
     assert relative_error(run(analog, unet), run(snn, unet)) < 0.5
     from spiking_diffusers.pipelines.threshold_guidance import scaled_thresholds
 
