@@ -14,7 +14,7 @@ from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quan
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
 from spiking_diffusers.calibration.data import CalibrationSet
 from spiking_diffusers.calibration.distill import DistillSettings
-from spiking_diffusers.calibration.output_filter import fit_output_filter
+from spiking_diffusers.calibration.output_filter import fit_indices, fit_output_filter
 from spiking_diffusers.commands import convert as convert_command
 from spiking_diffusers.energy.accounting import OperationCounter
 
@@ -65,6 +65,29 @@ def test_the_fit_recovers_a_known_linear_map_per_range():
     assert [group["timesteps"] for group in report["groups"]] == [[0, 499], [500, 999]]
     assert sum(group["inputs"] for group in report["groups"]) == len(cset)
     assert all(group["relative_error_after"] < 1e-4 < group["relative_error_before"] for group in report["groups"])
+
+
+def test_a_fit_on_part_of_the_set_takes_an_even_spread_of_the_schedule():
+    qnet = _qnet()
+    qnet.set_output_filter(3, groups=2)
+    cset = _calibration_set(qnet)
+    assert torch.equal(fit_indices(cset, None), torch.arange(len(cset)))
+    assert torch.equal(fit_indices(cset, 1000), torch.arange(len(cset)))
+    chosen = fit_indices(cset, 16)
+    assert len(chosen.unique()) == 16
+    spread = cset.timesteps[chosen]
+    assert torch.equal(spread, spread.sort().values)  # in schedule order, from the first to the last
+    assert spread[0] == cset.timesteps.min() and spread[-1] == cset.timesteps.max()
+    assert int((spread >= 500).sum()) == 8  # the set is stratified: half of it in each half of the schedule
+    with pytest.raises(ValueError, match="max_inputs"):
+        fit_indices(cset, 0)
+    with torch.no_grad():
+        prediction = qnet(cset.x_t, cset.timesteps).sample
+    cset.targets = 0.5 * prediction - 0.2 * cset.x_t
+    report = fit_output_filter(qnet, cset, batch_size=5, max_inputs=16)
+    assert [group["inputs"] for group in report["groups"]] == [8, 8]
+    with torch.no_grad():  # an exact map: a quarter of the set recovers it everywhere
+        assert relative_error(qnet(cset.x_t, cset.timesteps).sample, cset.targets) < 1e-4
 
 
 def test_calibration_fits_it_and_the_spiking_model_keeps_it(tmp_path):

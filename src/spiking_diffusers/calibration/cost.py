@@ -26,6 +26,7 @@ from ..converter import quantize
 from ..converter.building import spatial_size
 from ..converter.probes import conditioning_kwargs, move_kwargs
 from .distill import _trainable_groups
+from .output_filter import FIT_INPUTS
 
 if TYPE_CHECKING:
     from .calibrate import CalibrationConfig
@@ -166,14 +167,15 @@ def plan_phases(
     # teacher once, QCFS and SNN before and after: the SNN at T costs about T forwards
     sweep_s = costs.teacher_s * len_sweep(config) * (1 + 2 + 2 * config.timesteps * SNN_STEP_FACTOR)
     filter_passes = config.timesteps * SNN_STEP_FACTOR if config.snn.steps else 1.0
+    filter_inputs = min(config.set_size, FIT_INPUTS) if config.output_filter else 0
     phases = [
         Phase("samples", config.num_samples if draw_images else 0, costs.teacher_s * config.sampler_steps),
         Phase("statistics", 1, stats_s),
         Phase("labels", config.set_size if config.needs_labels else 0, costs.teacher_s),
         Phase("distill", config.distill.steps, distill_s),
         Phase("snn", config.snn.steps, snn_s),
-        # one pass over the set: of the SNN at T where there is one
-        Phase("filter", config.set_size if config.output_filter else 0, costs.teacher_s * filter_passes),
+        # one pass over part of the set: of the SNN at T where there is one
+        Phase("filter", filter_inputs, costs.teacher_s * filter_passes),
         Phase("sweep", 2 if config.sweep_images else 0, sweep_s / 2),  # before and after
     ]
     for phase in phases:
