@@ -16,6 +16,7 @@ Rows (``--rows``, comma-separated keys):
 - ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage, with residual spikes
   (burst encoders) and the 5 x 5 output filter;
 - ``nofilter``: the default network without its output filter (the same calibration: a paired comparison);
+- ``nosnn``: the default recipe without its SNN-aware fine-tuning (the output filter still fitted on the SNN);
 - ``output4``: the default with the output activation at 4 x the levels and spikes per step (``output_precision``);
 - ``burst4`` / ``burst2`` / ``burst3``: burst neurons with B = 4, 2 (a previous default) or 3, no residual spikes;
   these and the rows below calibrate without the output filter, as when they were measured;
@@ -76,6 +77,7 @@ class Recipe:
     output_filter: bool = True  # False: sample without the calibrated network's output filter
 
 
+NO_SNN_STAGE = dataclasses.replace(DEFAULT.snn, steps=0)
 UNFILTERED = dataclasses.replace(DEFAULT, output_filter=0)  # the recipe before the output filter
 PLAIN = dataclasses.replace(UNFILTERED, burst=1, residual_spikes=False)
 BURST = dataclasses.replace(UNFILTERED, residual_spikes=False)  # burst neurons, real values on the residual stream
@@ -87,6 +89,7 @@ RECIPES = {
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
     "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes + output filter", DEFAULT),
     "nofilter": Recipe("default without its output filter", DEFAULT, calibrated_as="default", output_filter=False),
+    "nosnn": Recipe("default without SNN-aware fine-tuning", dataclasses.replace(DEFAULT, snn=NO_SNN_STAGE)),
     "output4": Recipe("default + output precision 4", dataclasses.replace(DEFAULT, output_precision=4)),
     "burst4": Recipe("burst B = 4 (L = 4T)", BURST),
     "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(BURST, burst=2)),

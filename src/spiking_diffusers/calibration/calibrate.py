@@ -79,8 +79,8 @@ class CalibrationConfig:
     (and its neurons P times the spikes per step; plain IF only): +0.8 dB of paired PSNR for under 1 % energy,
     but no steady FD gain, so 1 by default (docs/calibration.md, "The output activation"). ``output_filter`` K > 0
     fits a K x K linear filter over the noise prediction and the input, one per ``output_filter_groups`` range of
-    the schedule, to the original model's outputs on the calibration set (on the SNN at T after its fine-tuning,
-    else on the QCFS network); 0: none.
+    the schedule, to the original model's outputs on the calibration set, from the SNN's at T (after its
+    fine-tuning, where there is one); 0: none.
 
     Distillation trains on a fixed calibration set of ``set_size`` noised inputs, labelled once by the
     original model, with timesteps stratified over the whole schedule. ``sweep_images`` images go into the
@@ -363,9 +363,7 @@ def _calibrate(
         )
     tick = timed("distill", tick)
     if config.snn.steps:
-        snn = convert(
-            qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm, burst=config.resolved_burst
-        )
+        snn = _spiking(qnet, config)
         description = f"fine-tune SNN (T={config.timesteps})"
         histories["snn"] = distill(snn, teacher, calibration_set, config.snn, description, progress, **phase("snn"))
         if config.tsm:
@@ -373,13 +371,13 @@ def _calibrate(
         load_snn_weights_into_qcfs(snn, qnet)
     tick = timed("snn", tick)
     filter_report = None
-    if config.output_filter:  # fitted on the network that will run: the SNN at T where there is one
-        fitted = snn if snn is not None else qnet
+    if config.output_filter:  # fitted on the network that will run: the SNN at T
+        fitted = snn if snn is not None else _spiking(qnet, config)
         qnet.set_output_filter(config.output_filter, config.output_filter_groups)
         fitted.set_output_filter(config.output_filter, config.output_filter_groups)
         filter_report = fit_output_filter(fitted, calibration_set, on_batch=bar.counter("filter"))
         qnet.output_filter.load_state_dict(fitted.output_filter.state_dict())
-        filter_report["fitted_on"] = f"SNN at T = {config.timesteps}" if snn is not None else "QCFS network"
+        filter_report["fitted_on"] = f"SNN at T = {config.timesteps}"
     tick = timed("filter", tick)
 
     after = _site_report(
@@ -415,6 +413,13 @@ def _calibrate(
         report["budget"] = budget
         report["requested_settings"] = _settings(requested)
     return CalibrationResult(qnet.eval(), report)
+
+
+def _spiking(qnet: QCFSUNet2DModel, config: CalibrationConfig) -> SpikingUNet2DModel:
+    """The SNN that ``config``'s QCFS network converts into at T (the neurons the recipe calibrates for)."""
+    return convert(
+        qnet, spike_steps=config.timesteps, neuron=config.neuron, tsm=config.tsm, burst=config.resolved_burst
+    )
 
 
 def resolve_residual_spikes(requested: bool | None, unet: torch.nn.Module) -> bool:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..converter import quantize
 from ..converter.building import spatial_size
 from ..converter.probes import conditioning_kwargs, move_kwargs
-from .distill import _trainable_groups
+from .distill import _trainable_groups, make_optimizer
 from .output_filter import FIT_INPUTS
 
 if TYPE_CHECKING:
@@ -133,8 +133,8 @@ def measure_unit_costs(teacher: UNet2DModel, config: CalibrationConfig) -> UnitC
         student = qnet.eval()
         settings = dataclasses.replace(config.distill, train="weights")
         groups = _trainable_groups(student, settings)
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         params = [p for group in groups for p in group["params"]]
+        optimizer = make_optimizer(groups, params[0].device)
 
         def step() -> None:
             loss = student(x, t, **kwargs).sample.float().pow(2).mean()
@@ -166,7 +166,7 @@ def plan_phases(
     snn_s = costs.snn_step_s + (snn_teacher if config.snn.block_loss_weight > 0 else 0.0)
     # teacher once, QCFS and SNN before and after: the SNN at T costs about T forwards
     sweep_s = costs.teacher_s * len_sweep(config) * (1 + 2 + 2 * config.timesteps * SNN_STEP_FACTOR)
-    filter_passes = config.timesteps * SNN_STEP_FACTOR if config.snn.steps else 1.0
+    filter_passes = config.timesteps * SNN_STEP_FACTOR  # the filter is fitted on the SNN at T
     filter_inputs = min(config.set_size, FIT_INPUTS) if config.output_filter else 0
     phases = [
         Phase("samples", config.num_samples if draw_images else 0, costs.teacher_s * config.sampler_steps),
@@ -174,7 +174,7 @@ def plan_phases(
         Phase("labels", config.set_size if config.needs_labels else 0, costs.teacher_s),
         Phase("distill", config.distill.steps, distill_s),
         Phase("snn", config.snn.steps, snn_s),
-        # one pass over part of the set: of the SNN at T where there is one
+        # one pass of the SNN at T over part of the set
         Phase("filter", filter_inputs, costs.teacher_s * filter_passes),
         Phase("sweep", 2 if config.sweep_images else 0, sweep_s / 2),  # before and after
     ]
