@@ -9,7 +9,7 @@ Two models, both on scikit-learn's handwritten digits upsampled to 16x16 in [-1,
    8x8, 4x4 and in the mid block), DDPM-trained (1000 steps, epsilon prediction) with
    AdamW, linear warmup + cosine decay and an EMA of the weights. The EMA UNet is saved
    as a ``DDPMPipeline`` to ``assets/digits-ddpm``; a grid of 64 DDIM-50 samples goes
-   to ``docs/digits_samples.png``.
+   to ``docs/digits_samples.png`` (for a DDPM written elsewhere, ``samples.png`` beside it).
 
 With ``--eval-samples N`` the script also draws N DDIM-50 samples and reports the
 Fréchet distance of their classifier features to the real digits, and the rate of
@@ -453,7 +453,8 @@ def evaluate(unet: Any, scheduler_config: Any, classifier: DigitClassifier, n: i
     "--samples-png",
     type=click.Path(path_type=Path),
     default=None,
-    help="Sample grid (default: docs/digits_samples.png, or docs/digits_conditional_samples.png).",
+    help="Sample grid (default: docs/digits_samples.png or docs/digits_conditional_samples.png for the shipped "
+    "models, samples.png in --ddpm-out for any other).",
 )
 @click.option("--skip-classifier", is_flag=True, help="Do not train the classifier (load it from --classifier-out).")
 @click.option("--skip-ddpm", is_flag=True, help="Do not train the DDPM (load it from --ddpm-out).")
@@ -492,9 +493,12 @@ def main(
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     conditional = preset == "conditional"
-    ddpm_out = ddpm_out or Path(SHIPPED_CONDITIONAL_PATH if conditional else SHIPPED_MODEL_PATH)
+    shipped_dir = Path(SHIPPED_CONDITIONAL_PATH if conditional else SHIPPED_MODEL_PATH)
+    ddpm_out = Path(ddpm_out or shipped_dir)
     name = "digits_conditional_samples.png" if conditional else "digits_samples.png"
-    samples_png = samples_png or REPO_ROOT / "docs" / name
+    # the docs' grids show the shipped models: any other DDPM (the validation preset) gets its grid beside it
+    shipped = ddpm_out.resolve() == shipped_dir.resolve()
+    samples_png = samples_png or (REPO_ROOT / "docs" / name if shipped else ddpm_out / "samples.png")
 
     if skip_classifier:
         classifier = DigitClassifier.from_pretrained(classifier_out)
