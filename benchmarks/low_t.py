@@ -18,6 +18,8 @@ Rows (``--rows``, comma-separated keys):
 - ``nofilter``: the default network without its output filter (the same calibration: a paired comparison);
 - ``nosnn``: the default recipe without its SNN-aware fine-tuning (the output filter still fitted on the SNN);
 - ``output4``: the default with the output activation at 4 x the levels and spikes per step (``output_precision``);
+- ``burst8``: the default with B = 8 spikes per step (L = 8T: the levels of the default at 2T, with the real-valued
+  ops run T times);
 - ``burst4`` / ``burst2`` / ``burst3``: burst neurons with B = 4, 2 (a previous default) or 3, no residual spikes;
   these and the rows below calibrate without the output filter, as when they were measured;
 - ``offsets`` / ``groups4`` / ``signed`` / ``residual``: plain + learned input shift and output offset per
@@ -91,6 +93,7 @@ RECIPES = {
     "nofilter": Recipe("default without its output filter", DEFAULT, calibrated_as="default", output_filter=False),
     "nosnn": Recipe("default without SNN-aware fine-tuning", dataclasses.replace(DEFAULT, snn=NO_SNN_STAGE)),
     "output4": Recipe("default + output precision 4", dataclasses.replace(DEFAULT, output_precision=4)),
+    "burst8": Recipe("default with burst B = 8 (L = 8T)", dataclasses.replace(DEFAULT, burst=8)),
     "burst4": Recipe("burst B = 4 (L = 4T)", BURST),
     "burst2": Recipe("burst B = 2 (L = 2T)", dataclasses.replace(BURST, burst=2)),
     "burst3": Recipe("burst B = 3 (L = 3T)", dataclasses.replace(BURST, burst=3)),
