@@ -33,6 +33,7 @@ Rows (``--rows``, comma-separated keys):
 - ``heldE`` (e.g. ``held3``): the default network with its real-valued ops computed at E of the T steps
   (``nonlinear_steps``);
 - ``distillN`` (e.g. ``distill3000``): the default recipe with N QCFS distillation steps instead of 1000;
+- ``snnN`` (e.g. ``snn300``): the default recipe with N SNN-aware fine-tuning steps instead of 100;
 - any key with ``@N`` (e.g. ``default@8``): that row at T = N instead of ``-T``.
 
     OMP_NUM_THREADS=2 python benchmarks/low_t.py [--model DIR] [--rows default,offsets] [-T 4]
@@ -117,14 +118,16 @@ RECIPES = {
 
 
 def recipe_for(key: str) -> Recipe:
-    """The recipe of a ``--rows`` key: a name of :data:`RECIPES`, ``heldE`` or ``distillN``, optionally ``@T``."""
+    """The recipe of a ``--rows`` key: a name of :data:`RECIPES`, ``heldE``, ``distillN`` or ``snnN``, optionally
+    ``@T``."""
     name, _, at = key.partition("@")
     held = name.startswith("held") and name[4:].isdigit() and int(name[4:]) >= 2
     longer = name.startswith("distill") and name[7:].isdigit() and int(name[7:]) >= 1
-    if (name not in RECIPES and not held and not longer) or (at and not at.isdigit()):
+    snn_steps = name.startswith("snn") and name[3:].isdigit() and int(name[3:]) >= 1
+    if (name not in RECIPES and not held and not longer and not snn_steps) or (at and not at.isdigit()):
         raise click.BadParameter(
-            f"unknown row {key!r}; choose from {list(RECIPES)}, heldE (E >= 2) or distillN (N >= 1 distillation "
-            "steps), each optionally @T.",
+            f"unknown row {key!r}; choose from {list(RECIPES)}, heldE (E >= 2), distillN (N >= 1 distillation "
+            "steps) or snnN (N >= 1 SNN-aware steps), each optionally @T.",
             "--rows",
         )
     if held:
@@ -135,6 +138,10 @@ def recipe_for(key: str) -> Recipe:
         steps = int(name[7:])
         calibration = dataclasses.replace(DEFAULT, distill=dataclasses.replace(DEFAULT.distill, steps=steps))
         recipe = Recipe(f"default, {steps} distillation steps", calibration)
+    elif snn_steps:
+        steps = int(name[3:])
+        calibration = dataclasses.replace(DEFAULT, snn=dataclasses.replace(DEFAULT.snn, steps=steps))
+        recipe = Recipe(f"default, {steps} SNN-aware steps", calibration)
     else:
         recipe = RECIPES[name]
     return dataclasses.replace(recipe, timesteps=int(at), label=f"{recipe.label}, T = {at}") if at else recipe
