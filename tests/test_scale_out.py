@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from conftest import save_digit_sized_models
 from spiking_diffusers import QCFSUNet2DModel
+from spiking_diffusers.calibration.output_filter import FIT_INPUTS
 from spiking_diffusers.commands import calibrate, evaluate, sample
 
 BIN = Path(sys.executable).parent
@@ -133,11 +134,15 @@ def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_p
     with torch.no_grad():
         outputs = [model(sample, torch.tensor([10, 900])).sample for model in models_]
     assert ((outputs[0] - outputs[1]).norm() / outputs[0].norm()).item() < 1e-2  # weights 1e-4 apart flip a floor
-    curves = [
-        json.loads((tmp_path / run / "calibration_report.json").read_text())["loss_curves"] for run in ("one", "two")
-    ]
+    reports = [json.loads((tmp_path / run / "calibration_report.json").read_text()) for run in ("one", "two")]
     for phase in ("distill", "snn"):
-        assert curves[0][phase] == pytest.approx(curves[1][phase], rel=1e-5)
+        assert reports[0]["loss_curves"][phase] == pytest.approx(reports[1]["loss_curves"][phase], rel=1e-5)
+    # Each process fits the filter on its share of the inputs; the sums over processes see every input once.
+    ranges = [report["output_filter"]["groups"] for report in reports]
+    assert [g["inputs"] for g in ranges[0]] == [g["inputs"] for g in ranges[1]]
+    assert sum(g["inputs"] for g in ranges[1]) == FIT_INPUTS  # a quarter of the default set of 4096
+    errors = [[g["relative_error_after"] for g in r if g["inputs"]] for r in ranges]
+    assert errors[0] == pytest.approx(errors[1], rel=0.05, abs=1e-3)
     assert not (tmp_path / ".two.checkpoint").exists()
 
 

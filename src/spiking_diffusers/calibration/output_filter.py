@@ -3,7 +3,9 @@
 Each range of the schedule gets the linear least-squares filter from ``[prediction, sample]`` to the original
 model's noise prediction, over the calibration set's inputs in that range. Least squares has an exact solution
 here (a few hundred unknowns per range), so no gradient steps: the normal equations are summed batch by batch
-in float64 (memory independent of the set size) and solved once per range.
+in float64 (memory independent of the set size) and solved once per range. Under several processes each
+fits its round-robin share of the batches and the sums are all-reduced before the solve (sums of per-input
+terms: the same fit as one process, up to the order of float additions).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..converter.models import QCFSUNet2DModel, SpikingUNet2DModel
 from ..converter.probes import move_kwargs
 from .data import CalibrationSet
@@ -47,7 +50,7 @@ def fit_output_filter(
     """Fit ``model.output_filter`` to ``calibration_set``'s targets (the original model's noise predictions) from
     the model's own unfiltered predictions, on at most ``max_inputs`` of its inputs (see :func:`fit_indices`;
     ``None``: all); return the report: per range, the inputs it saw and the relative error of the prediction
-    before and after the filter (on those inputs)."""
+    before and after the filter (on those inputs). ``on_batch`` counts this process's inputs."""
     flt = model.output_filter
     if flt is None:
         raise ValueError("This model has no output filter; add one with model.set_output_filter(kernel_size).")
@@ -60,7 +63,7 @@ def fit_output_filter(
     counts = torch.zeros(flt.groups, dtype=torch.long)
     model.eval()
     chosen_inputs = fit_indices(calibration_set, max_inputs)
-    batches = chosen_inputs.split(batch_size)
+    batches = chosen_inputs.split(batch_size)[distributed.rank() :: distributed.world_size()]
     predictions = []
     for batch in batches:
         x = calibration_set.x_t[batch].to(param.device, param.dtype)
@@ -81,6 +84,9 @@ def fit_output_filter(
             counts[g] += int(chosen.sum())
         if on_batch is not None:
             on_batch(len(x))
+    seen = counts.double()
+    distributed.all_reduce_sum([normal, moment, seen])
+    counts = seen.long()
     for g in range(flt.groups):
         if counts[g] == 0:  # no input in this range: it keeps the identity
             continue
@@ -118,6 +124,7 @@ def _report(model, calibration_set: CalibrationSet, predictions: list, counts, b
         group = flt.group_index(t, len(x), t.device).cpu()
         before.index_add_(0, group, ((prediction - target).flatten(1).norm(dim=1) / norm).double().cpu())
         after.index_add_(0, group, ((filtered - target).flatten(1).norm(dim=1) / norm).double().cpu())
+    distributed.all_reduce_sum([before, after])
     seen = counts.clamp_min(1).double()
     length = flt.schedule_length
     return {
