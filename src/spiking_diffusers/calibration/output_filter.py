@@ -60,10 +60,12 @@ def fit_output_filter(
     size = flt.weight[0].numel() // flt.out_channels + 1
     normal = torch.zeros(flt.groups, size, size, dtype=torch.float64)
     moment = torch.zeros(flt.groups, size, flt.out_channels, dtype=torch.float64)
-    counts = torch.zeros(flt.groups, dtype=torch.long)
+    counts = torch.zeros(flt.groups, dtype=torch.float64)  # float: summed over processes with the sums above
     model.eval()
     chosen_inputs = fit_indices(calibration_set, max_inputs)
-    batches = chosen_inputs.split(batch_size)[distributed.rank() :: distributed.world_size()]
+    batches = [
+        chosen_inputs[share.start : share.stop] for share in distributed.my_batches(len(chosen_inputs), batch_size)
+    ]
     predictions = []
     for batch in batches:
         x = calibration_set.x_t[batch].to(param.device, param.dtype)
@@ -84,9 +86,7 @@ def fit_output_filter(
             counts[g] += int(chosen.sum())
         if on_batch is not None:
             on_batch(len(x))
-    seen = counts.double()
-    distributed.all_reduce_sum([normal, moment, seen])
-    counts = seen.long()
+    distributed.all_reduce_sum([normal, moment, counts])
     for g in range(flt.groups):
         if counts[g] == 0:  # no input in this range: it keeps the identity
             continue
@@ -125,7 +125,7 @@ def _report(model, calibration_set: CalibrationSet, predictions: list, counts, b
         before.index_add_(0, group, ((prediction - target).flatten(1).norm(dim=1) / norm).double().cpu())
         after.index_add_(0, group, ((filtered - target).flatten(1).norm(dim=1) / norm).double().cpu())
     distributed.all_reduce_sum([before, after])
-    seen = counts.clamp_min(1).double()
+    seen = counts.clamp_min(1)
     length = flt.schedule_length
     return {
         "kernel_size": flt.kernel_size,
