@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spiking_diffusers.converter.neurons import IFNeuron
-from spiking_diffusers.converter.qcfs import QCFSActivation, qcfs
+from spiking_diffusers.converter.qcfs import QCFSActivation, clip_floor, qcfs
 
 
 def simulate(neuron: IFNeuron, current: torch.Tensor, num_steps: int, execution: str = "batched") -> torch.Tensor:
@@ -51,6 +51,41 @@ def test_straight_through_gradients():
     # lambda: 1 from the saturated input, the quantization-error gradient from the two inside
     inside = sum((math.floor(v * 4 + 0.5) - v * 4) / 4 for v in (0.3, 0.6))  # LSQ: round(z/s) - z/s
     assert lam.grad.item() == pytest.approx(1.0 + inside, abs=1e-6)
+
+
+def _clip_floor_by_autograd(z, lam, levels, phi, low):
+    """The clip-floor as autograd's graph of it: floor with a straight-through residual, clamp, scale."""
+    u = z * levels / lam + phi
+    return lam / levels * torch.clamp(u + (torch.floor(u) - u).detach(), low, levels)
+
+
+@pytest.mark.parametrize(
+    "z_shape, lam_shape, low",
+    [
+        ((4, 6, 5, 5), (1, 6, 1, 1), 0),  # per-channel QCFS unit
+        ((4, 6, 5, 5), (), 0),  # one threshold per site
+        ((4, 6, 5, 5), (1, 6, 1, 1), -8),  # signed encoder, range [-L, L]
+        ((4, 7, 6), (6,), -8),  # token-major input, thresholds on the last dim
+        ((4, 6, 5, 5), (4, 6, 1, 1), 0),  # timestep-aware thresholds: one row per sample
+    ],
+)
+def test_clip_floor_matches_autograds_graph_of_the_expression(z_shape, lam_shape, low):
+    torch.manual_seed(0)
+    z0, lam0 = torch.randn(z_shape) * 3, torch.rand(lam_shape) + 0.5
+    grad = torch.randn(z_shape)
+    results = []
+    for function in (_clip_floor_by_autograd, clip_floor):
+        z, lam = z0.clone().requires_grad_(), lam0.clone().requires_grad_()
+        out = function(z, lam, 8, 0.5, low)
+        out.backward(grad)
+        results.append((out.detach(), z.grad, lam.grad))
+    (out_ref, gz_ref, glam_ref), (out, gz, glam) = results
+    assert torch.equal(out, out_ref)  # the same values, bit for bit
+    assert torch.allclose(gz, gz_ref, atol=1e-6)  # 1 inside the range, 0 where it saturates
+    assert (gz_ref == 0).any() and (gz_ref != 0).any()
+    assert torch.allclose(glam, glam_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the plain expression without gradients: the same values again
+        assert torch.equal(clip_floor(z0, lam0, 8, 0.5, low), out_ref)
 
 
 def test_unit_ann_mode_runs_the_original_activation():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qcfs import QuantizerUnit, broadcast_channels, floor_ste
+from .qcfs import QuantizerUnit, broadcast_channels, clip_floor
 
 
 def signed_qcfs(
@@ -37,9 +37,7 @@ def signed_qcfs(
     ``+-1`` where it saturates and the quantization-error gradient inside. Per-channel thresholds
     broadcast on dim 1, or on the last dim with ``channels_last`` (token-major attention inputs).
     """
-    lam = broadcast_channels(threshold, z, channels_last)
-    level = floor_ste(z * levels / lam + phi)
-    return lam / levels * torch.clamp(level, -levels, levels)
+    return clip_floor(z, broadcast_channels(threshold, z, channels_last), levels, phi, -levels)
 
 
 class SignedQCFS(QuantizerUnit):
