@@ -158,7 +158,11 @@ class TemporalOp(TemporalModule):
         counts = torch.arange(1, self.num_steps + 1, device=x.device, dtype=x.dtype)
         counts = counts.reshape(-1, *([1] * (steps.dim() - 1)))
         if torch.is_grad_enabled():
-            running_mean = steps.cumsum(0) / counts
+            # The running means as one (T x T) matrix product over the leading dim: cumsum there, and its
+            # backward (flip, cumsum, flip), took about 3x as long on CPU (SNN-aware fine-tuning).
+            averaging = torch.ones(self.num_steps, self.num_steps, device=x.device, dtype=x.dtype).tril_()
+            averaging = averaging / counts.reshape(-1, 1)
+            running_mean = (averaging @ steps.reshape(self.num_steps, -1)).reshape(steps.shape)
         else:  # in place: a step-by-step running sum is much faster than cumsum over the leading dim on CPU
             running_mean = steps.clone()
             for t in range(1, self.num_steps):
