@@ -25,9 +25,9 @@ class _ClipFloor(torch.autograd.Function):
 
     Autograd's graph of the same expression (a floor with a detached residual, a clamp, a division) runs about
     twenty passes over the tensor in forward and backward, several of them boolean masks, which are slow on
-    CPUs; it was about 45 % of a distillation step. This saves one float mask and one float tensor and
-    computes the same values and gradients (to float rounding) in about a third of the time. Hand-written
-    because torch has no fused kernel for it and compiling one (``torch.compile``) costs minutes per model.
+    CPUs: most of the elementwise work of a distillation step. This saves one float mask and one float tensor
+    and computes the same values, and the same gradients to float rounding, in a third to a half of the time.
+    Hand-written because torch has no fused kernel for it and compiling one (``torch.compile``) costs minutes.
     """
 
     @staticmethod
