@@ -27,7 +27,8 @@ Rows (``--rows``, comma-separated keys):
   encoders in front of the real-valued layers; issue 13);
 - ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
   to burst neurons (B = 2) afterwards (the first burst measurement);
-- ``default_offsets`` / ``burst2_residual``: B = 4 + offsets / B = 2 + residual spikes;
+- ``default_offsets``: the default + learned input shift and output offset per channel;
+- ``burst2_residual``: B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - ``default_schedule``: the default network sampled with the T schedule ``--schedule``;
 - ``heldE`` (e.g. ``held3``): the default network with its real-valued ops computed at E of the T steps
@@ -101,7 +102,7 @@ RECIPES = {
     "offsets": Recipe("plain + offsets", dataclasses.replace(PLAIN, offsets=True)),
     "groups4": Recipe("plain + K = 4 threshold groups", dataclasses.replace(PLAIN, threshold_groups=4)),
     "burst2_after": Recipe("plain, L = 2T, burst B = 2 after", dataclasses.replace(PLAIN, burst=2), burst_after=2),
-    "default_offsets": Recipe("burst B = 4 + offsets", dataclasses.replace(BURST, offsets=True)),
+    "default_offsets": Recipe("default + offsets", dataclasses.replace(DEFAULT, offsets=True)),
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
     "default_schedule": Recipe("default, T schedule", DEFAULT, schedule=True, calibrated_as="default"),

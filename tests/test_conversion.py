@@ -18,7 +18,7 @@ from spiking_diffusers import (
     quantize,
 )
 from spiking_diffusers.architectures import DDPM_CIFAR10_32
-from spiking_diffusers.converter.neurons import IFNeuron
+from spiking_diffusers.converter.neurons import IFNeuron, SpikingNeuron
 from spiking_diffusers.converter.qcfs import QCFSActivation
 from spiking_diffusers.converter.temporal import TemporalOp
 
@@ -98,6 +98,49 @@ def test_batched_equals_stepwise(name, neuron):
     batched = run(snn, unet)
     snn.set_execution("stepwise")
     assert torch.allclose(run(snn, unet), batched, atol=1e-10)
+
+
+def _emit_by_autograd(self, spikes, amplitude, current, mean):
+    """A neuron's output as autograd's graph of it: spikes times amplitude plus a zero-valued surrogate term."""
+    full_range = amplitude.detach() * self.spikes_per_step
+    passing = self.passes(mean.detach(), full_range).to(current.dtype)
+    return spikes * amplitude + (current - current.detach()) * passing
+
+
+def _compensated_by_autograd(self, x, *args, **kwargs):
+    """Expectation compensation as autograd's graph of it: cumsum means, slices of the running totals."""
+    steps = self.split_time(x)
+    counts = torch.arange(1, self.num_steps + 1, dtype=x.dtype).reshape(-1, *([1] * (steps.dim() - 1)))
+    totals = self.split_time(self.op((steps.cumsum(0) / counts).flatten(0, 1), *args, **kwargs)) * counts
+    return torch.cat([totals[:1], totals[1:] - totals[:-1]]).flatten(0, 1)
+
+
+@pytest.mark.parametrize("execution", ["batched", "stepwise"])
+@pytest.mark.parametrize("options", [dict(), dict(burst=2, residual_spikes=True, tsm=True)])
+def test_snn_aware_gradients_match_autograds_graph(monkeypatch, execution, options):
+    """The hand-written surrogate and compensation (SNN-aware fine-tuning) give autograd's values and gradients."""
+    unet = make_unet(TINY_CONFIGS["attention"])
+    burst, residual = options.get("burst", 1), options.get("residual_spikes", False)
+    qnet = quantize(unet, levels=3 * burst, per_channel=True, residual_spikes=residual)
+    snn = convert(qnet, timesteps=3, burst=burst, tsm=options.get("tsm", False))
+    snn.set_execution(execution)
+    sample, timestep, _ = make_inputs(unet)
+    results = []
+    for reference in (True, False):
+        if reference:
+            monkeypatch.setattr(SpikingNeuron, "_emit", _emit_by_autograd)
+            monkeypatch.setattr(TemporalOp, "_compensated_batched", _compensated_by_autograd)
+        else:
+            monkeypatch.undo()
+        snn.zero_grad(set_to_none=True)
+        out = snn(sample, timestep).sample
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), {name: p.grad for name, p in snn.named_parameters() if p.grad is not None}))
+    (out_ref, grads_ref), (out, grads) = results
+    assert torch.allclose(out, out_ref, atol=1e-12)
+    assert grads.keys() == grads_ref.keys() and any(name.endswith("threshold") for name in grads)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ref[name], rtol=1e-8, atol=1e-10), name
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -168,9 +168,13 @@ class TemporalOp(TemporalModule):
             for t in range(1, self.num_steps):
                 running_mean[t].add_(running_mean[t - 1])
             running_mean.div_(counts)
-        totals = self.split_time(self.op(running_mean.flatten(0, 1), *args, **kwargs)) * counts
+        values = self.op(running_mean.flatten(0, 1), *args, **kwargs)
         if torch.is_grad_enabled():
-            return torch.cat([totals[:1], totals[1:] - totals[:-1]]).flatten(0, 1)
+            # t * f(m_t) - (t - 1) * f(m_{t-1}) as one (T x T) product too: slicing and concatenating the
+            # steps costs a zero-filled tensor per slice in the backward.
+            emitting = torch.diag(counts.flatten()) - torch.diag(counts.flatten()[:-1], -1)
+            return (emitting @ values.reshape(self.num_steps, -1)).reshape(values.shape)
+        totals = self.split_time(values) * counts
         for t in range(self.num_steps - 1, 0, -1):
             totals[t].sub_(totals[t - 1])
         return totals.flatten(0, 1)
