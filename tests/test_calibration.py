@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
 from conftest import TINY_CONFIGS, make_unet
-from spiking_diffusers import QCFSUNet2DModel, convert, quantize
+from spiking_diffusers import QCFSUNet2DModel, convert, distributed, quantize
 from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate, load_snn_weights_into_qcfs
 from spiking_diffusers.calibration.checkpoint import CalibrationCheckpoints
-from spiking_diffusers.calibration.cost import UnitCosts, fit_to_budget, plan_phases
+from spiking_diffusers.calibration.cost import CalibrationProgress, Phase, UnitCosts, fit_to_budget, plan_phases
 from spiking_diffusers.calibration.data import CalibrationSet, NoisedBatches, sample_model_images, stratified_timesteps
 from spiking_diffusers.calibration.distill import DistillSettings, distill
 from spiking_diffusers.calibration.report import PLOT_FILE, write_calibration_report
@@ -310,6 +310,21 @@ def test_progress_shows_the_estimate_and_one_bar_for_the_whole_run(tmp_path, cap
     }
     a, b = quiet.qnet.state_dict(), shown.qnet.state_dict()  # timing the machine changes nothing
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_progress_counts_every_processs_share_of_the_data_phases(monkeypatch, processes):
+    """Data-parallel, each process labels its share: the main one's count stands for all of them."""
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    bar = CalibrationProgress([Phase("labels", 256, 0.01), Phase("distill", 10, 1.0)], enabled=True)
+    count = bar.counter("labels")
+    count(64)
+    assert bar.bar.n == pytest.approx(64 * processes * 0.01)
+    assert bar.bar.postfix.endswith(f"{64 * processes}/256")
+    for _ in range(4):  # never past the phase's own share
+        count(64)
+    assert bar.bar.n == pytest.approx(256 * 0.01) and bar.bar.postfix.endswith("256/256")
+    bar.close()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

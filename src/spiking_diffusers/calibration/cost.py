@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..converter import quantize
 from ..converter.building import spatial_size
 from ..converter.probes import conditioning_kwargs, move_kwargs
@@ -360,14 +361,17 @@ class CalibrationProgress:
             self.bar.set_postfix_str(PHASE_LABELS[following[0]])
 
     def counter(self, name: str) -> Callable[[int], None]:
-        """``callback(n)``: ``n`` more units of ``name`` done (the images and labelling batches)."""
+        """``callback(n)``: ``n`` more units of ``name`` done by this process (the images, labelling and filter
+        batches). Data-parallel, every process does its share at about the same pace, so the bar counts
+        ``n`` times the number of processes (the bar shows only on the main one)."""
         label = PHASE_LABELS[name]
         done = [0]
         total = self.phases[name].units if name in self.phases else 0
+        processes = distributed.world_size()
 
         def callback(units: int) -> None:
-            done[0] += units
-            self.advance(name, units, f"{label} {done[0]}/{total}")
+            done[0] = min(done[0] + units * processes, total)
+            self.advance(name, units * processes, f"{label} {done[0]}/{total}")
 
         return callback
 
