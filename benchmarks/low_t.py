@@ -14,7 +14,7 @@ Rows (``--rows``, comma-separated keys):
 - ``before``: the previous default: plain IF neurons (one spike per step), 2000 distillation steps;
 - ``plain``: plain IF neurons with today's recipe (stored teacher labels, uniform timesteps, 1000 steps);
 - ``default``: today's default, burst neurons (B = 4, L = 4T) through the SNN-aware stage, with residual spikes
-  (burst encoders) and the 5 x 5 output filter;
+  (burst encoders), offsets (an input shift and output offset per channel) and the 5 x 5 output filter;
 - ``nofilter``: the default network without its output filter (the same calibration: a paired comparison);
 - ``nosnn``: the default recipe without its SNN-aware fine-tuning (the output filter still fitted on the SNN);
 - ``output4``: the default with the output activation at 4 x the levels and spikes per step (``output_precision``);
@@ -27,7 +27,7 @@ Rows (``--rows``, comma-separated keys):
   encoders in front of the real-valued layers; issue 13);
 - ``burst2_after`` / ``residual_burst2_after``: plain(+ residual spikes) calibrated at T = L = 2T, converted
   to burst neurons (B = 2) afterwards (the first burst measurement);
-- ``default_offsets``: the default + learned input shift and output offset per channel;
+- ``nooffsets``: the default without offsets (the default until they became one; measured as ``default``);
 - ``burst2_residual``: B = 2 + residual spikes;
 - ``schedule``: the plain network sampled with the T schedule ``--schedule`` (more T at the last steps);
 - ``default_schedule``: the default network sampled with the T schedule ``--schedule``;
@@ -82,7 +82,7 @@ class Recipe:
 
 
 NO_SNN_STAGE = dataclasses.replace(DEFAULT.snn, steps=0)
-UNFILTERED = dataclasses.replace(DEFAULT, output_filter=0)  # the recipe before the output filter
+UNFILTERED = dataclasses.replace(DEFAULT, output_filter=0, offsets=False)  # the recipe before the output filter
 PLAIN = dataclasses.replace(UNFILTERED, burst=1, residual_spikes=False)
 BURST = dataclasses.replace(UNFILTERED, residual_spikes=False)  # burst neurons, real values on the residual stream
 RECIPES = {
@@ -91,7 +91,7 @@ RECIPES = {
         dataclasses.replace(PLAIN, distill=dataclasses.replace(PLAIN.distill, steps=2000)),
     ),
     "plain": Recipe("plain IF (B = 1), 1000 steps", PLAIN),
-    "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes + output filter", DEFAULT),
+    "default": Recipe("default: burst B = 4 (L = 4T) + residual spikes + offsets + output filter", DEFAULT),
     "nofilter": Recipe("default without its output filter", DEFAULT, calibrated_as="default", output_filter=False),
     "nosnn": Recipe("default without SNN-aware fine-tuning", dataclasses.replace(DEFAULT, snn=NO_SNN_STAGE)),
     "output4": Recipe("default + output precision 4", dataclasses.replace(DEFAULT, output_precision=4)),
@@ -102,7 +102,7 @@ RECIPES = {
     "offsets": Recipe("plain + offsets", dataclasses.replace(PLAIN, offsets=True)),
     "groups4": Recipe("plain + K = 4 threshold groups", dataclasses.replace(PLAIN, threshold_groups=4)),
     "burst2_after": Recipe("plain, L = 2T, burst B = 2 after", dataclasses.replace(PLAIN, burst=2), burst_after=2),
-    "default_offsets": Recipe("default + offsets", dataclasses.replace(DEFAULT, offsets=True)),
+    "nooffsets": Recipe("default without offsets", dataclasses.replace(DEFAULT, offsets=False)),
     "signed": Recipe("signed IF", dataclasses.replace(PLAIN, neuron="signed_if")),
     "schedule": Recipe("plain, T schedule", PLAIN, schedule=True, calibrated_as="plain"),
     "default_schedule": Recipe("default, T schedule", DEFAULT, schedule=True, calibrated_as="default"),

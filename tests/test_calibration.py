@@ -133,8 +133,10 @@ def test_report_has_every_field(tmp_path):
     assert set(report) >= {"settings", "sites", "loss_curves", "wall_time_s", "calibration_samples"}
     assert set(report["settings"]) >= {"timesteps", "levels", "per_channel", "threshold_init", "distill", "snn", "seed"}
     site = report["sites"]["down_blocks.0.resnets.0.temb_act"]
+    assert report["settings"]["offsets"] is True  # the default, resolved for a UNet2DModel, is what is recorded
     for stage in ("before", "after"):
-        assert set(site[stage]) == {"threshold", "threshold_mean", "clipped_fraction", "quantization_mse"}
+        fields = {"threshold", "threshold_mean", "clipped_fraction", "quantization_mse", "shift", "offset"}
+        assert set(site[stage]) == fields
     assert len(report["loss_curves"]["distill"]) == 6 and len(report["loss_curves"]["snn"]) == 3
     json.dumps(report)
 

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMScheduler
 
-from conftest import TINY_CONFIGS, make_inputs, make_unet, relative_error
+from conftest import TINY_CONFIGS, make_conditional, make_inputs, make_unet, relative_error
 from spiking_diffusers import QCFSUNet2DModel, SpikingUNet2DModel, convert, quantize
-from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate
+from spiking_diffusers.calibration.calibrate import CalibrationConfig, calibrate, resolve_offsets
 from spiking_diffusers.calibration.distill import DistillSettings, _trainable_groups
 from spiking_diffusers.commands import calibrate as calibrate_command
 from spiking_diffusers.commands import convert as convert_command
@@ -317,8 +317,20 @@ def test_sdm_convert_and_sdm_calibrate_options(tmp_path):
     )
     assert refused.exit_code == 2 and "without offsets" in refused.output
 
-    context = calibrate_command.main.make_context("sdm-calibrate", ["--output", "o", "--offsets"])
-    options = {k: v for k, v in context.params.items() if k not in ("model", "output", "overwrite", "device")}
-    options = {k: v for k, v in options.items() if k not in ("checkpoint_every", "resume")}
-    assert calibrate_command.build_config(**options).offsets is True
-    assert calibrate_command.DEFAULTS.offsets is False
+    for flags, expected in ((["--offsets"], True), (["--no-offsets"], False), ([], None)):
+        context = calibrate_command.main.make_context("sdm-calibrate", ["--output", "o", *flags])
+        options = {k: v for k, v in context.params.items() if k not in ("model", "output", "overwrite", "device")}
+        options = {k: v for k, v in options.items() if k not in ("checkpoint_every", "resume")}
+        assert calibrate_command.build_config(**options).offsets is expected  # None: resolved per model
+    assert calibrate_command.DEFAULTS.offsets is None
+
+
+@pytest.mark.parametrize(
+    "requested, groups, conditional, expected",
+    [(None, 1, False, True), (None, 4, False, False), (None, 1, True, False), (False, 1, False, False)],
+)
+def test_offsets_are_on_by_default_where_supported(requested, groups, conditional, expected):
+    """A UNet2DModel with one threshold group gets offsets unless told otherwise; a cross-attention UNet (its
+    feed-forward sites feed no weight layer) and timestep-aware thresholds do not."""
+    unet = make_conditional() if conditional else make_unet(TINY_CONFIGS["attention"], dtype=torch.float32)
+    assert resolve_offsets(requested, unet, groups) is expected

@@ -355,7 +355,8 @@ def offsets_option() -> Callable:
         default=None,
         help="Quantize an ANN with a learned input shift and output offset per activation unit, "
         "qcfs(z - shift) + offset, so that units reach below 0 like SiLU; free in the SNN (a bias current and "
-        "a bias map of the next layer) [default: off for an ANN; a QCFS or spiking model keeps its own].",
+        "a bias map of the next layer) [default: on for an ANN that is calibrated (a UNet2DModel with one threshold "
+        "group), off with --no-calibrate; a QCFS or spiking model keeps its own].",
     )
 
 

@@ -75,7 +75,8 @@ Examples:
     "--offsets/--no-offsets",
     default=DEFAULTS.offsets,
     help="Learn an input shift and an output offset per activation unit, qcfs(z - shift) + offset, so that "
-    "units reach below 0 like SiLU (free in the SNN: a bias current and a bias map of the next layer).",
+    "units reach below 0 like SiLU (free in the SNN: a bias current and a bias map of the next layer) "
+    "[default: on for a UNet2DModel with one threshold group, else off].",
 )
 @click.option("--threshold-init", type=click.Choice(["mse", "percentile"]), default=DEFAULTS.threshold_init)
 @click.option(
@@ -211,7 +212,7 @@ def build_config(
     timesteps, levels, per_channel, neuron, residual_spikes, threshold_groups, threshold_init, percentile, num_samples,
     sampler_steps,
     image_dir, distill_steps, batch_size, lr, threshold_lr, train, block_loss_weight, grad_clip, snn_steps,
-    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=False, set_size=DEFAULTS.set_size,
+    snn_batch_size, snn_lr, tsm, tsm_lr, snn_train, seed, cache_dir, offsets=None, set_size=DEFAULTS.set_size,
     calibration_budget=None, burst=None, output_precision=None, output_filter=None,
 ) -> CalibrationConfig:  # fmt: skip
     """The command's options as a :class:`CalibrationConfig` (the same object ``sdm-convert`` uses)."""
@@ -225,7 +226,7 @@ def build_config(
         output_filter=DEFAULTS.output_filter if output_filter is None else output_filter,
         residual_spikes=residual_spikes,  # None: the recipe's default (on for a UNet2DModel)
         threshold_groups=threshold_groups,
-        offsets=bool(offsets),
+        offsets=offsets,  # None: the recipe's default (on for a UNet2DModel with one threshold group)
         threshold_init=threshold_init,
         percentile=percentile,
         num_samples=num_samples,
