@@ -40,7 +40,7 @@ HUB_ID = "google/ddpm-cifar10-32"
 FAST = {
     "convert": ["--no-calibrate", "-T", "2"],
     "calibrate": ["-T", "2", "--num-samples", "4", "--sampler-steps", "2", "--distill-steps", "2", "--snn-steps", "1",
-                  "--batch-size", "2", "--snn-batch-size", "2", "--threshold-init", "percentile"],
+                  "--batch-size", "2", "--snn-batch-size", "2", "--threshold-init", "percentile", "--set-size", "16"],
     "sample": ["--steps", "2", "-n", "2"],
     "eval": ["-T", "2", "--no-calibrate", "--num-images", "4", "--batch-size", "4", "--steps", "2",
              "--noise-timesteps", "2", "--noise-images", "2", "--grid-rows", "2", "--no-progress"],

@@ -24,6 +24,7 @@ from spiking_diffusers.metrics import ConditionalAccuracy
 from spiking_diffusers.pipelines import make_scheduler
 
 FAST_CALIBRATION = ["--calibration-samples", 10, "--calibration-steps", 2, "--snn-steps", 1]
+FAST_CALIBRATION += ["--calibration-set-size", 64]
 
 
 def invoke(command, *args):

@@ -47,7 +47,7 @@ def snn_dir(models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "snn"
     result = invoke(
         convert, "--model", models["google"], "--timesteps", 2, "--output", out, "--device", "cpu",
-        "--calibration-samples", 8, "--calibration-steps", 3, "--snn-steps", 2,
+        "--calibration-samples", 8, "--calibration-steps", 3, "--snn-steps", 2, "--calibration-set-size", 64,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "calibrated here" in result.output
@@ -65,6 +65,7 @@ def test_convert_google_layout_writes_a_loadable_spiking_pipeline(snn_dir):
     report = json.loads((snn_dir / "conversion.json").read_text())
     calibration = json.loads((snn_dir / "calibration_report.json").read_text())
     assert len(calibration["loss_curves"]["distill"]) == 3 and (snn_dir / "calibration.png").is_file()
+    assert calibration["settings"]["set_size"] == 64  # --calibration-set-size reaches the recipe
     assert sum(report["summary"]["sites"].values()) == len(unet.sites())
     assert report["summary"]["sites"]["time-embedding IF"] > 0
     # residual spikes split each attention at its projections: its GroupNorm and its core are compensated apart

@@ -27,15 +27,18 @@ TIMING = re.compile(r"seconds|wall_time")
 
 RUNS = {
     "convert": (convert_cmd, ["--model", "{ann}", "-T", "2", "--calibration-samples", "8", "--calibration-steps", "3",
+                              "--calibration-set-size", "64",
                               "--snn-steps", "2", "--seed", "3"]),
     "calibrate": (calibrate, ["--model", "{ann}", "-T", "2", "--num-samples", "8", "--sampler-steps", "2",
                               "--distill-steps", "3", "--snn-steps", "2", "--batch-size", "4", "--snn-batch-size", "4",
+                              "--set-size", "64",
                               "--seed", "3", "--cache-dir", "{cache}"]),
     "sample": (sample, ["--model", "{snn}", "--scheduler", "ddpm", "--steps", "3", "-n", "3", "--batch-size", "2",
                         "--threshold-scale", "0.95,1", "--seed", "3"]),
     "eval": (evaluate, ["--model", "{ann}", "-T", "2", "--num-images", "4", "--batch-size", "4", "--steps", "2",
                         "--scheduler", "euler-a", "--noise-timesteps", "2", "--noise-images", "2", "--grid-rows", "2",
                         "--calibration-samples", "4", "--calibration-steps", "2", "--snn-steps", "1", "--seed", "3",
+                        "--calibration-set-size", "64",
                         "--no-progress", "--cache-dir", "{cache}"]),
     "energy": (energy, ["--model", "{ann}", "-T", "2", "--steps", "2", "--num-images", "2", "--seed", "3",
                         "--no-calibrate"]),

@@ -203,7 +203,7 @@ def test_sdm_energy_end_to_end(tmp_path, tiny_snn):
         energy_main,
         ["--model", str(tmp_path / "ann"), "--output", str(tmp_path / "out"), "-T", "2", "--steps", "2",
          "--num-images", "1", "--rows", "5", "--device", "cpu", "--calibration-samples", "4",
-         "--calibration-steps", "2", "--snn-steps", "1"],
+         "--calibration-steps", "2", "--snn-steps", "1", "--calibration-set-size", "64"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     # an ANN is measured as the network sdm-convert makes of it (calibrated), and the output says so

@@ -23,6 +23,7 @@ DIGIT_UNET = dict(TINY_CONFIGS["attention"], sample_size=16)
 FAST = ["--num-images", "6", "--batch-size", "4", "--steps", "2", "--noise-timesteps", "3", "--noise-images", "4"]
 FAST += ["--grid-rows", "2", "--no-progress", "--device", "cpu"]
 FAST += ["--calibration-samples", "4", "--calibration-steps", "2", "--snn-steps", "1"]  # the recipe, in miniature
+FAST += ["--calibration-set-size", "64"]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ def config(tmp_path: Path, **overrides) -> CalibrationConfig:
         num_samples=8,
         sampler_steps=2,
         stats_batches=1,
+        set_size=64,
         threshold_init="percentile",
         distill=DistillSettings(steps=6, batch_size=4, block_loss_weight=0.5),
         snn=DistillSettings(steps=4, batch_size=4, lr=1e-4),
@@ -155,7 +156,7 @@ def test_sigterm_mid_calibration_keeps_the_output_and_resume_finishes_it(ann_dir
     cache = tmp_path / "cache"
     args = ["--model", ann_dir, "-T", "2", "--num-samples", "8", "--sampler-steps", "2", "--distill-steps", "60",
             "--snn-steps", "3", "--batch-size", "4", "--snn-batch-size", "4", "--threshold-init", "percentile",
-            "--cache-dir", cache, "--checkpoint-every", "5", "--overwrite"]  # fmt: skip
+            "--cache-dir", cache, "--checkpoint-every", "5", "--set-size", "64", "--overwrite"]  # fmt: skip
     out = tmp_path / "out"
     _previous_result(out, "sdm-calibrate")
     checkpoint = checkpoint_dir(out) / CHECKPOINT_FILE

@@ -258,6 +258,7 @@ def test_tiny_calibration_learns_non_zero_offsets(tmp_path):
         num_samples=16,
         sampler_steps=2,
         stats_batches=1,
+        set_size=64,
         offsets=True,
         cache_dir=str(tmp_path),
         residual_spikes=False,  # the activation sites only: encoders have no offsets

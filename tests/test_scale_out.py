@@ -19,7 +19,6 @@ from click.testing import CliRunner
 
 from conftest import save_digit_sized_models
 from spiking_diffusers import QCFSUNet2DModel
-from spiking_diffusers.calibration.output_filter import FIT_INPUTS
 from spiking_diffusers.commands import calibrate, evaluate, sample
 
 BIN = Path(sys.executable).parent
@@ -121,7 +120,8 @@ def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_p
     run (as a different thread count does), see docs/scale-out.md."""
     args = ["--model", models["ann"], "-T", "2", "--num-samples", "16", "--sampler-steps", "2", "--distill-steps",
             "3", "--snn-steps", "2", "--batch-size", "8", "--snn-batch-size", "4", "--threshold-init", "percentile",
-            "--block-loss-weight", "0.5", "--cache-dir", models["cache"], "--burst", "1"]  # fmt: skip
+            "--block-loss-weight", "0.5", "--cache-dir", models["cache"], "--burst", "1",
+            "--set-size", "256"]  # fmt: skip
     launched = accelerate_launch("sdm-calibrate", *args, "--output", tmp_path / "two")
     assert launched.returncode == 0, launched.stderr[-3000:]
     single = CliRunner().invoke(calibrate.main, [*map(str, args), "--output", str(tmp_path / "one")])
@@ -140,7 +140,7 @@ def test_calibrate_two_processes_follow_one_within_float_tolerance(models, tmp_p
     # Each process fits the filter on its share of the inputs; the sums over processes see every input once.
     ranges = [report["output_filter"]["groups"] for report in reports]
     assert [g["inputs"] for g in ranges[0]] == [g["inputs"] for g in ranges[1]]
-    assert sum(g["inputs"] for g in ranges[1]) == FIT_INPUTS  # a quarter of the default set of 4096
+    assert sum(g["inputs"] for g in ranges[1]) == 256  # the whole set (under the fit's cap of 1024 inputs)
     errors = [[g["relative_error_after"] for g in r if g["inputs"]] for r in ranges]
     assert errors[0] == pytest.approx(errors[1], rel=0.05, abs=1e-3)
     assert not (tmp_path / ".two.checkpoint").exists()

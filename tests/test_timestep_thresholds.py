@@ -380,7 +380,7 @@ def test_sdm_calibrate_with_two_groups_writes_a_k2_model(saved, tmp_path):
     result = invoke(
         calibrate_command, "--model", saved["ann"], "--timesteps", 2, "--threshold-groups", 2, "--num-samples", 8,
         "--sampler-steps", 2, "--distill-steps", 2, "--batch-size", 4, "--snn-steps", 1, "--snn-batch-size", 4,
-        "--cache-dir", tmp_path / "cache", "--output", out,
+        "--set-size", 64, "--cache-dir", tmp_path / "cache", "--output", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert QCFSUNet2DModel.from_pretrained(out / "unet").config.threshold_groups == 2

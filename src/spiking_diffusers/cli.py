@@ -200,7 +200,7 @@ def device_option(help_text: str = "Where to run: auto picks CUDA, then MPS, the
 
 
 def calibration_options(command: Callable) -> Callable:
-    """``--calibrate/--no-calibrate``, the three calibration sizes and the time budget, for commands that may
+    """``--calibrate/--no-calibrate``, the four calibration sizes and the time budget, for commands that may
     calibrate an ANN."""
     from .calibration.calibrate import CalibrationConfig
 
@@ -218,6 +218,8 @@ def calibration_options(command: Callable) -> Callable:
                      help="QCFS distillation steps of the calibration."),
         click.option("--snn-steps", default=defaults.snn.steps, type=click.IntRange(min=0),
                      help="SNN-aware fine-tuning steps of the calibration."),
+        click.option("--calibration-set-size", default=defaults.set_size, type=BoundedInt("set_size"),
+                     help="Noised inputs (x_t, t) in the fixed calibration set, labelled once by the model."),
         calibration_budget_option(),
     ]  # fmt: skip
     for option in reversed(options):
@@ -388,6 +390,7 @@ def calibration_config(
     burst: int | None = None,
     output_precision: int | None = None,
     output_filter: int | None = None,
+    set_size: int | None = None,
 ) -> CalibrationConfig | None:
     """The :class:`CalibrationConfig` the :func:`calibration_options` ask for (``None``: do not calibrate)."""
     import dataclasses
@@ -402,6 +405,7 @@ def calibration_config(
             )
         return None
     config = CalibrationConfig(num_samples=calibration_samples, budget_minutes=budget_minutes)
+    config.set_size = set_size or config.set_size
     config.neuron = neuron or config.neuron
     if residual_spikes is not None:  # else the recipe's default (on where supported)
         config.residual_spikes = residual_spikes

@@ -86,8 +86,8 @@ Examples:
 @device_option()
 def main(
     model, output, overwrite, timesteps, levels, scheduler, steps, num_images, mac_pj, ac_pj, rows, seed,
-    residual_spikes, delta_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_budget,
-    guidance_scale, device,
+    residual_spikes, delta_spikes, calibrate, calibration_samples, calibration_steps, snn_steps, calibration_set_size,
+    calibration_budget, guidance_scale, device,
 ) -> None:  # fmt: skip
     """Count spikes, ACs and MACs layer by layer over a real sampling run, and compare the energy to the ANN."""
     check_output(output, overwrite, {"--model": model})  # before the measurement, which takes minutes
@@ -97,7 +97,12 @@ def main(
     sampler = make_scheduler(scheduler, dict(loaded.scheduler.config))
     check_scheduler_steps(sampler, steps, "--steps")
     calibration = calibration_config(
-        calibrate, calibration_samples, calibration_steps, snn_steps, budget_minutes=calibration_budget
+        calibrate,
+        calibration_samples,
+        calibration_steps,
+        snn_steps,
+        set_size=calibration_set_size,
+        budget_minutes=calibration_budget,
     )
     resolve_class_labels(None, loaded)  # a text-conditioned model has no conditioning to sample with here
     check_guidance([guidance_scale], loaded)

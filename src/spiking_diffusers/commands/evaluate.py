@@ -151,7 +151,7 @@ def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> li
 @device_option()
 def main(
     model, reference_model, output, overwrite, device, calibrate, calibration_samples, calibration_steps, snn_steps,
-    calibration_budget, **options,
+    calibration_set_size, calibration_budget, **options,
 ) -> None:  # fmt: skip
     """Sample from the ANN, its QCFS network and its spiking network at each T from the same noise, and
     report Fréchet distance, paired PSNR and noise-prediction error."""
@@ -181,6 +181,7 @@ def main(
         options["residual_spikes"],
         options["threshold_groups"],
         calibration_budget,
+        set_size=calibration_set_size,
     )
     options["progress"] = options["progress"] and is_main_process()
     guidance_scales = list(dict.fromkeys(parse_float_list(options.pop("guidance_scales"), "--guidance-scale")))

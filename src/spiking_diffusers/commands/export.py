@@ -84,14 +84,19 @@ def parse_which(value: str) -> list[str]:
 )
 def main(
     model, output, overwrite, timesteps, levels, which, seed, residual_spikes, calibrate, calibration_samples,
-    calibration_steps, snn_steps, calibration_budget, device,
+    calibration_steps, snn_steps, calibration_set_size, calibration_budget, device,
 ) -> None:  # fmt: skip
     """Export the QCFS network, the unrolled spiking network and its single time step to ONNX."""
     check_output(output, overwrite, {"--model": model})
     graphs = parse_which(which)
     loaded = load_model(model, get_device(device))
     calibration = calibration_config(
-        calibrate, calibration_samples, calibration_steps, snn_steps, budget_minutes=calibration_budget
+        calibrate,
+        calibration_samples,
+        calibration_steps,
+        snn_steps,
+        set_size=calibration_set_size,
+        budget_minutes=calibration_budget,
     )
     qnet, snn = _networks(loaded, timesteps, levels, seed, residual_spikes, calibration)
     if qnet is None:
